@@ -1,0 +1,364 @@
+"""Costs: genai-prices for tokens, plus a small configurable table for what it lacks.
+
+Token costs come from genai-prices, priced per request at the request's timestamp, so tiered and
+historic prices are right. `PriceTable` adds per-unit prices (images, video seconds, characters) and
+lets users override any model's token prices. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Literal
+
+import genai_prices
+
+from ._log import RateLimitedLog
+from .record import PricingStatus
+from .usage import TokenCounts
+
+__all__ = (
+    'UnitPrice',
+    'TokenPrice',
+    'PriceTable',
+    'Priced',
+    'EffectivePrice',
+    'DEFAULT_UNIT_PRICES',
+    'GENAI_PRICES_SOURCE',
+    'price_usage',
+    'effective_price',
+    'get_price_table',
+    'set_price_table',
+    'PRICES_ENV_VAR',
+)
+
+GENAI_PRICES_SOURCE = f'genai-prices {genai_prices.__version__}'
+"""`price_source` of rows priced by genai-prices."""
+CONFIG_SOURCE = 'config'
+"""`price_source` of rows priced by the `PriceTable`."""
+PRICES_ENV_VAR = 'PAI_USAGE_PRICES'
+"""Environment variable naming a TOML or JSON price file that replaces the default table."""
+
+_log = RateLimitedLog()
+_MTOK = Decimal(1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class UnitPrice:
+    """A price per non-token unit, for models genai-prices does not cover."""
+
+    model: str
+    """Model name, or a glob pattern such as `imagen-*`."""
+    unit_type: str
+    """The unit priced: `image`, `video_second`, `character`, ..."""
+    usd_per_unit: Decimal
+    """USD for one unit."""
+    _: KW_ONLY
+    provider: str = '*'
+    """Provider id or glob pattern (`google*` matches `google-gla` and `google-vertex`)."""
+
+    def matches(self, provider: str | None, model: str | None, unit_type: str | None) -> bool:
+        """Whether this price applies to the call."""
+        return (
+            unit_type == self.unit_type
+            and fnmatchcase(model or '', self.model)
+            and fnmatchcase(provider or '', self.provider)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPrice:
+    """USD per million tokens for one model, overriding genai-prices."""
+
+    model: str
+    """Model name, or a glob pattern."""
+    _: KW_ONLY
+    provider: str = '*'
+    """Provider id or glob pattern."""
+    input_mtok: Decimal = Decimal(0)
+    """Uncached input (and, unless priced separately, audio input)."""
+    output_mtok: Decimal = Decimal(0)
+    """Output text and reasoning (and, unless priced separately, audio and image output)."""
+    cache_read_mtok: Decimal | None = None
+    """Cached input reads; defaults to `input_mtok`."""
+    cache_write_mtok: Decimal | None = None
+    """Cache writes; defaults to `input_mtok`."""
+    output_image_mtok: Decimal | None = None
+    """Image output; defaults to `output_mtok`."""
+
+    def matches(self, provider: str | None, model: str | None) -> bool:
+        """Whether this price applies to the call."""
+        return fnmatchcase(model or '', self.model) and fnmatchcase(provider or '', self.provider)
+
+    def cost(self, tokens: TokenCounts) -> Decimal:
+        """The cost of `tokens` at these prices."""
+        input_cost = (
+            (tokens.input_tokens + tokens.input_audio_tokens) * self.input_mtok
+            + tokens.cache_read_tokens * _or(self.cache_read_mtok, self.input_mtok)
+            + tokens.cache_write_tokens * _or(self.cache_write_mtok, self.input_mtok)
+        )
+        output_cost = (
+            tokens.output_tokens + tokens.reasoning_tokens + tokens.output_audio_tokens
+        ) * self.output_mtok + tokens.output_image_tokens * _or(self.output_image_mtok, self.output_mtok)
+        return (input_cost + output_cost) / _MTOK
+
+
+def _or(value: Decimal | None, default: Decimal) -> Decimal:
+    return default if value is None else value
+
+
+DEFAULT_UNIT_PRICES: tuple[UnitPrice, ...] = (
+    UnitPrice('imagen-*', 'image', Decimal('0.02'), provider='google*'),
+    UnitPrice('veo-*', 'video_second', Decimal('0.05'), provider='google*'),
+    UnitPrice('*', 'character', Decimal('0.00003'), provider='elevenlabs'),
+)
+"""Defaults, not truth: check them against your contracts and override them in a price file."""
+
+
+@dataclass(frozen=True, slots=True)
+class PriceTable:
+    """Our own prices: per-unit prices and token-price overrides. The first matching entry wins."""
+
+    units: tuple[UnitPrice, ...] = DEFAULT_UNIT_PRICES
+    """Per-unit prices."""
+    tokens: tuple[TokenPrice, ...] = ()
+    """Token-price overrides; they win over genai-prices."""
+
+    def unit_price(self, provider: str | None, model: str | None, unit_type: str | None) -> UnitPrice | None:
+        """The unit price for the call, if any."""
+        return next((p for p in self.units if p.matches(provider, model, unit_type)), None)
+
+    def token_price(self, provider: str | None, model: str | None) -> TokenPrice | None:
+        """The token-price override for the model, if any."""
+        return next((p for p in self.tokens if p.matches(provider, model)), None)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, include_defaults: bool = True) -> PriceTable:
+        """Build a table from parsed TOML/JSON: `[[units]]` and `[[tokens]]` arrays of tables.
+
+        Entries from the file come first, so they override the defaults for the same model and unit.
+        Raises `ValueError` naming the bad entry.
+        """
+        unknown = set(data) - {'units', 'tokens'}
+        if unknown:
+            raise ValueError(f'unknown price table keys: {sorted(unknown)!r}; expected `units` and `tokens`')
+        units = tuple(_build(UnitPrice, entry, 'units', i) for i, entry in enumerate(data.get('units', [])))
+        tokens = tuple(_build(TokenPrice, entry, 'tokens', i) for i, entry in enumerate(data.get('tokens', [])))
+        if include_defaults:
+            units += DEFAULT_UNIT_PRICES
+        return cls(units=units, tokens=tokens)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], *, include_defaults: bool = True) -> PriceTable:
+        """Load a `.toml` or `.json` price file (see `from_mapping`)."""
+        path = Path(path)
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == '.json' else tomllib.loads(text)
+        try:
+            return cls.from_mapping(data, include_defaults=include_defaults)
+        except ValueError as exc:
+            raise ValueError(f'{path}: {exc}') from None
+
+
+_DECIMAL_FIELDS = frozenset(
+    {'usd_per_unit', 'input_mtok', 'output_mtok', 'cache_read_mtok', 'cache_write_mtok', 'output_image_mtok'}
+)
+
+
+def _build(kind: type[UnitPrice] | type[TokenPrice], entry: Mapping[str, Any], key: str, index: int) -> Any:
+    try:
+        values = {k: Decimal(str(v)) if k in _DECIMAL_FIELDS else v for k, v in entry.items()}
+        for name, value in values.items():
+            if isinstance(value, Decimal) and (not value.is_finite() or value < 0):
+                raise ValueError(f'{name} must be a non-negative number, got {value}')
+        return kind(**values)
+    except (TypeError, ArithmeticError, ValueError) as exc:
+        raise ValueError(f'bad entry `{key}[{index}]` {dict(entry)!r}: {exc}') from None
+
+
+_table: PriceTable | None = None
+
+
+def get_price_table() -> PriceTable:
+    """The process-wide table: set by `set_price_table`, else loaded from `$PAI_USAGE_PRICES`, else defaults."""
+    global _table
+    if _table is None:
+        path = os.environ.get(PRICES_ENV_VAR)
+        _table = PriceTable.from_file(path) if path else PriceTable()
+    return _table
+
+
+def set_price_table(table: PriceTable | None) -> None:
+    """Replace the process-wide table; `None` goes back to the environment / defaults."""
+    global _table
+    _table = table
+
+
+@dataclass(frozen=True, slots=True)
+class Priced:
+    """The outcome of pricing one event."""
+
+    cost_usd: Decimal | None
+    """Exact cost, or None when unknown."""
+    pricing_status: PricingStatus
+    """`priced`, `override` or `unpriced`."""
+    price_source: str | None
+    """Where the price came from."""
+
+
+def price_usage(
+    *,
+    provider: str | None,
+    model: str | None,
+    tokens: TokenCounts,
+    units: Decimal | None = None,
+    unit_type: str | None = None,
+    timestamp: datetime | None = None,
+    table: PriceTable | None = None,
+) -> Priced:
+    """Price one request. Never raises: an unknown model gives `Priced(None, 'unpriced', None)`.
+
+    Tokens are priced by a `TokenPrice` override if one matches, else by genai-prices at `timestamp`;
+    units by the table's `UnitPrice`. A call whose tokens or units have no price is unpriced as a whole,
+    never partly priced or zero.
+    """
+    table = table or get_price_table()
+    overridden = False
+    parts: list[Decimal] = []
+    sources: list[str] = []
+
+    if units is not None and unit_type is not None:
+        unit_price = table.unit_price(provider, model, unit_type)
+        if unit_price is not None:
+            parts.append(units * unit_price.usd_per_unit)
+            sources.append(CONFIG_SOURCE)
+            overridden = True
+        elif not tokens.total_tokens:
+            _warn_unpriced(provider, model, unit_type)
+            return Priced(None, 'unpriced', None)
+
+    if tokens.total_tokens or not parts:
+        override = table.token_price(provider, model)
+        if override is not None:
+            parts.append(override.cost(tokens))
+            sources.append(CONFIG_SOURCE)
+            overridden = True
+        else:
+            token_cost = _genai_prices_cost(provider, model, tokens, timestamp)
+            if token_cost is None:
+                return Priced(None, 'unpriced', None)
+            parts.append(token_cost)
+            sources.append(GENAI_PRICES_SOURCE)
+
+    source = ' + '.join(dict.fromkeys(sources))
+    return Priced(sum(parts, Decimal(0)), 'override' if overridden else 'priced', source)
+
+
+def _genai_prices_cost(
+    provider: str | None, model: str | None, tokens: TokenCounts, timestamp: datetime | None
+) -> Decimal | None:
+    if not model:
+        _warn_unpriced(provider, model, None)
+        return None
+    try:
+        return genai_prices.calc_price(
+            tokens.to_price_usage(), model, provider_id=provider, genai_request_timestamp=timestamp
+        ).total_price
+    except LookupError:
+        if provider is not None:
+            # genai-prices may know the model under another provider id (e.g. a reseller's name).
+            try:
+                return genai_prices.calc_price(
+                    tokens.to_price_usage(), model, genai_request_timestamp=timestamp
+                ).total_price
+            except LookupError:
+                pass
+        _warn_unpriced(provider, model, None)
+    except ValueError as exc:
+        _log.warning(f'inconsistent:{provider}:{model}', 'pai-usage: cannot price %s/%s: %s', provider, model, exc)
+    return None
+
+
+def _warn_unpriced(provider: str | None, model: str | None, unit_type: str | None) -> None:
+    what = f'`{unit_type}` units of ' if unit_type else ''
+    _log.warning(
+        f'unpriced:{provider}:{model}:{unit_type}',
+        'pai-usage: no price for %s%s/%s; recorded with cost_usd=NULL and pricing_status=unpriced. '
+        'Add it to your price table (%s).',
+        what,
+        provider,
+        model,
+        PRICES_ENV_VAR,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EffectivePrice:
+    """What `pai-usage prices MODEL` shows: the price that applies to a model and where it comes from."""
+
+    provider: str | None
+    """Provider the price belongs to."""
+    model: str
+    """The model asked about."""
+    source: Literal['config', 'genai-prices', 'none']
+    """Where the price comes from."""
+    token_prices: dict[str, Decimal] = field(default_factory=dict[str, Decimal])
+    """USD per million tokens, by kind (`input_mtok`, `output_mtok`, ...)."""
+    unit_prices: dict[str, Decimal] = field(default_factory=dict[str, Decimal])
+    """USD per unit, by unit type."""
+
+
+def effective_price(
+    model: str, provider: str | None = None, *, at: datetime | None = None, table: PriceTable | None = None
+) -> EffectivePrice:
+    """The price that applies to `model` now (or at `at`), from our table or genai-prices."""
+    table = table or get_price_table()
+    units = {p.unit_type: p.usd_per_unit for p in reversed(table.units) if fnmatchcase(model, p.model)}
+    override = table.token_price(provider, model)
+    if override is not None:
+        tokens = {
+            k: v
+            for k, v in {
+                'input_mtok': override.input_mtok,
+                'output_mtok': override.output_mtok,
+                'cache_read_mtok': override.cache_read_mtok,
+                'cache_write_mtok': override.cache_write_mtok,
+                'output_image_mtok': override.output_image_mtok,
+            }.items()
+            if v is not None
+        }
+        return EffectivePrice(provider, model, 'config', tokens, units)
+    try:
+        found_provider, info = genai_prices.data_snapshot.get_snapshot().find_provider_model(
+            model, provider=None, provider_id=provider, provider_api_url=None
+        )
+    except LookupError:
+        return EffectivePrice(provider, model, 'config' if units else 'none', {}, units)
+    model_price = info.get_prices(at or datetime.now().astimezone())
+    tokens = _price_fields(model_price)
+    return EffectivePrice(found_provider.id, model, 'genai-prices', tokens, units)
+
+
+def _price_fields(model_price: Any) -> dict[str, Decimal]:
+    prices: dict[str, Decimal] = {}
+    for name in ('input_mtok', 'output_mtok', 'cache_read_mtok', 'cache_write_mtok', 'output_image_mtok'):
+        value = getattr(model_price, name, None)
+        if isinstance(value, Decimal):
+            prices[name] = value
+        elif value is not None:  # tiered prices: show the base tier
+            base = getattr(value, 'base', None)
+            if isinstance(base, Decimal):
+                prices[name] = base
+    return prices
+
+
+def iter_price_fields() -> Iterable[str]:  # pragma: no cover - helper for docs
+    """Names of the token price fields shown by `effective_price`."""
+    return ('input_mtok', 'output_mtok', 'cache_read_mtok', 'cache_write_mtok', 'output_image_mtok')

@@ -1,0 +1,163 @@
+"""`UsageRecord`: one usage event, validated before it reaches the ledger."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+from uuid import UUID, uuid4
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+__all__ = (
+    'UsageRecord',
+    'Source',
+    'Status',
+    'PricingStatus',
+    'MAX_TOKENS',
+    'MAX_METADATA_BYTES',
+)
+
+Source = Literal['agent', 'direct']
+"""`agent` for rows recorded by the PydanticAI capability, `direct` for direct API calls."""
+Status = Literal['ok', 'error']
+"""Outcome of the call the row describes."""
+PricingStatus = Literal['priced', 'unpriced', 'override']
+"""`priced` by genai-prices, `override` by our configurable price table, `unpriced` when no price is known."""
+
+MAX_TOKENS = 1_000_000_000
+"""Upper bound for one token bucket of one request: larger counts are rejected as corrupt input."""
+MAX_METADATA_BYTES = 16_384
+"""Upper bound for the JSON-encoded `metadata` of one record."""
+
+_Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
+_Label = Annotated[str, Field(min_length=1, max_length=255)]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _finite(value: Decimal | None) -> Decimal | None:
+    if value is not None and not value.is_finite():
+        raise ValueError('must be a finite number')
+    return value
+
+
+_Amount = Annotated[Decimal, Field(ge=0, allow_inf_nan=False), AfterValidator(_finite)]
+
+
+class UsageRecord(BaseModel):
+    """One usage event: who spent what, on which model, for what, at what cost.
+
+    Token counts are in non-overlapping buckets (see `pai_usage.usage.TokenCounts`). When `cost_usd`
+    and `pricing_status` are left unset, the tracker prices the record in its background thread.
+    """
+
+    model_config = ConfigDict(extra='forbid', validate_assignment=False, str_strip_whitespace=True)
+
+    id: UUID = Field(default_factory=uuid4)
+    """Our own id for the event; inserting the same id twice stores one row."""
+    created_at: datetime = Field(default_factory=_utcnow)
+    """When the call happened (timezone-aware, stored as UTC); historic prices are looked up at this time."""
+
+    organization_id: _Label | None = None
+    """The organization billed, or None when the call carried no attribution."""
+    user_id: _Label | None = None
+    """The user who made the call, or None."""
+
+    provider: _Label | None = None
+    """Provider id as genai-prices knows it (`openai`, `anthropic`, `google-gla`, `google-vertex`, ...)."""
+    model: _Label | None = None
+    """Model name as the provider reported it."""
+    operation: _Label = 'request'
+    """What the call did: `agent_run`, `generate_image`, `analyze_text`, `text_to_speech`, ..."""
+    source: Source = 'direct'
+    """`agent` for PydanticAI runs, `direct` for direct API calls."""
+
+    run_id: _Label | None = None
+    """The PydanticAI run this event belongs to."""
+    parent_run_id: _Label | None = None
+    """The run that delegated to `run_id`, for sub-agents."""
+    agent_name: _Label | None = None
+    """Name of the agent that made the request."""
+    request_id: Annotated[str, Field(max_length=255)] | None = None
+    """The provider's response id; informative only, never a key."""
+
+    input_tokens: _Tokens = 0
+    """Uncached, non-audio input tokens."""
+    cache_read_tokens: _Tokens = 0
+    """Input tokens read from the prompt cache."""
+    cache_write_tokens: _Tokens = 0
+    """Input tokens written to the prompt cache."""
+    input_audio_tokens: _Tokens = 0
+    """Uncached audio input tokens."""
+    output_tokens: _Tokens = 0
+    """Output text tokens, excluding reasoning, audio and image tokens."""
+    reasoning_tokens: _Tokens = 0
+    """Reasoning tokens, billed as output."""
+    output_audio_tokens: _Tokens = 0
+    """Audio output tokens."""
+    output_image_tokens: _Tokens = 0
+    """Image output tokens."""
+    details: dict[str, _Tokens] = Field(default_factory=dict[str, int])
+    """Rare counts that refine a bucket without adding to it (e.g. `cache_write_1h_tokens`)."""
+
+    units: _Amount | None = None
+    """Billable non-token units (images, video seconds, characters), or None."""
+    unit_type: _Label | None = None
+    """What `units` counts: `image`, `video_second`, `character`, ..."""
+
+    cost_usd: _Amount | None = None
+    """Exact cost in USD; None when unknown, never 0 for unknown."""
+    price_source: Annotated[str, Field(max_length=100)] | None = None
+    """Where the price came from: `genai-prices 0.2.3`, `pydantic-ai`, `config`, ..."""
+    pricing_status: PricingStatus | None = None
+    """None until the tracker prices the record; then `priced`, `unpriced` or `override`."""
+
+    duration_ms: Annotated[int, Field(ge=0, le=86_400_000)] | None = None
+    """Wall time of the call in milliseconds."""
+    status: Status = 'ok'
+    """Whether the call succeeded."""
+    metadata: dict[str, Any] = Field(default_factory=dict[str, Any])
+    """Free-form JSON, at most 16 KiB; holds no prompt or response content unless the user puts it there."""
+
+    @field_validator('created_at')
+    @classmethod
+    def _to_utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError('must be timezone-aware')
+        return value.astimezone(UTC)
+
+    @field_validator('metadata')
+    @classmethod
+    def _bounded_json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            encoded = json.dumps(value, allow_nan=False, default=_reject)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f'must be JSON-serializable: {exc}') from None
+        if len(encoded.encode()) > MAX_METADATA_BYTES:
+            raise ValueError(f'is {len(encoded.encode())} bytes of JSON, more than the {MAX_METADATA_BYTES} allowed')
+        return value
+
+    @property
+    def total_tokens(self) -> int:
+        """Every token of the event, counted once."""
+        return (
+            self.input_tokens
+            + self.cache_read_tokens
+            + self.cache_write_tokens
+            + self.input_audio_tokens
+            + self.output_tokens
+            + self.reasoning_tokens
+            + self.output_audio_tokens
+            + self.output_image_tokens
+        )
+
+
+def _reject(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):  # pragma: no cover - json catches these first
+        raise ValueError('NaN')
+    raise TypeError(f'{type(value).__name__} is not JSON-serializable')

@@ -1,0 +1,162 @@
+"""Summaries of the ledger: totals and per-group rows over a time range, computed in SQL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import KW_ONLY, dataclass, field, fields
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal, get_args
+
+import sqlalchemy as sa
+
+from .table import TokenUsage
+from .usage import TOKEN_BUCKETS
+
+__all__ = ('GroupBy', 'GROUP_BY_DIMENSIONS', 'UsageTotals', 'SummaryRow', 'UsageSummary', 'query_summary', 'month_bounds')
+
+GroupBy = Literal['organization', 'user', 'provider', 'model', 'operation', 'source', 'day', 'month']
+"""A dimension summaries can be grouped by; `day` and `month` are UTC calendar periods."""
+GROUP_BY_DIMENSIONS: tuple[GroupBy, ...] = get_args(GroupBy)
+
+_t: sa.Table = TokenUsage.__table__  # pyright: ignore[reportAssignmentType]
+_COLUMNS: dict[str, str] = {'organization': 'organization_id', 'user': 'user_id'}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """Sums over a set of events. Token fields are the ledger's non-overlapping buckets."""
+
+    _: KW_ONLY
+    events: int = 0
+    """Number of events (rows)."""
+    cost_usd: Decimal = Decimal(0)
+    """Sum of known costs, exact."""
+    unpriced_events: int = 0
+    """Events whose cost is unknown: not included in `cost_usd`."""
+    error_events: int = 0
+    """Events with `status = 'error'`."""
+    input_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    output_audio_tokens: int = 0
+    output_image_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Every token once."""
+        return sum(getattr(self, name) for name in TOKEN_BUCKETS)
+
+    def __add__(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(UsageTotals)})
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRow:
+    """One group of a summary."""
+
+    group: dict[str, str | None]
+    """The group's value for each `group_by` dimension (None where the column is NULL)."""
+    totals: UsageTotals
+    """Sums over the group."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSummary:
+    """Usage between `start` (inclusive) and `end` (exclusive), optionally for one org or user."""
+
+    _: KW_ONLY
+    start: datetime
+    end: datetime
+    organization_id: str | None = None
+    user_id: str | None = None
+    group_by: tuple[GroupBy, ...] = ()
+    totals: UsageTotals = field(default_factory=UsageTotals)
+    """Sums over every row."""
+    rows: list[SummaryRow] = field(default_factory=list[SummaryRow])
+    """One row per group, ordered by the group values."""
+
+    @property
+    def total_cost_usd(self) -> Decimal:
+        """Total known cost."""
+        return self.totals.cost_usd
+
+
+def month_bounds(moment: datetime) -> tuple[datetime, datetime]:
+    """The UTC calendar month containing `moment`, as `[start, end)`."""
+    moment = moment.astimezone(UTC)
+    start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+    end = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
+    return start, end
+
+
+def _dimension(name: GroupBy, dialect: str) -> sa.ColumnElement[Any]:
+    if name in ('day', 'month'):
+        if dialect == 'postgresql':
+            fmt = 'YYYY-MM-DD' if name == 'day' else 'YYYY-MM'
+            return sa.func.to_char(sa.func.timezone('UTC', _t.c.created_at), fmt).label(name)
+        return sa.func.strftime('%Y-%m-%d' if name == 'day' else '%Y-%m', _t.c.created_at).label(name)
+    return _t.c[_COLUMNS.get(name, name)].label(name)
+
+
+def query_summary(
+    engine: sa.Engine,
+    start: datetime,
+    end: datetime,
+    *,
+    organization_id: str | None = None,
+    user_id: str | None = None,
+    group_by: Sequence[GroupBy] = ('model',),
+) -> UsageSummary:
+    """Sum the ledger over `[start, end)`, grouped by `group_by`. All values are bound parameters.
+
+    Raises `ValueError` for an unknown dimension or naive datetimes.
+    """
+    group_by = tuple(dict.fromkeys(group_by))
+    unknown = [g for g in group_by if g not in GROUP_BY_DIMENSIONS]
+    if unknown:
+        raise ValueError(f'cannot group by {unknown!r}; choose from {", ".join(GROUP_BY_DIMENSIONS)}')
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError('start and end must be timezone-aware')
+    dims = [_dimension(g, engine.dialect.name) for g in group_by]
+    measures = [
+        sa.func.count().label('events'),
+        sa.func.sum(_t.c.cost_usd).label('cost_usd'),
+        sa.func.sum(sa.case((_t.c.cost_usd.is_(None), 1), else_=0)).label('unpriced_events'),
+        sa.func.sum(sa.case((_t.c.status == 'error', 1), else_=0)).label('error_events'),
+        *(sa.func.sum(_t.c[name]).label(name) for name in TOKEN_BUCKETS),
+    ]
+    stmt = sa.select(*dims, *measures).where(_t.c.created_at >= start, _t.c.created_at < end)
+    if organization_id is not None:
+        stmt = stmt.where(_t.c.organization_id == organization_id)
+    if user_id is not None:
+        stmt = stmt.where(_t.c.user_id == user_id)
+    if dims:
+        stmt = stmt.group_by(*dims).order_by(*dims)
+    rows: list[SummaryRow] = []
+    totals = UsageTotals()
+    with engine.connect() as conn:
+        for result in conn.execute(stmt).mappings():
+            if not result['events']:
+                continue  # an ungrouped aggregate over no rows still returns one row
+            row_totals = UsageTotals(
+                events=int(result['events']),
+                cost_usd=Decimal(result['cost_usd'] or 0),
+                unpriced_events=int(result['unpriced_events'] or 0),
+                error_events=int(result['error_events'] or 0),
+                **{name: int(result[name] or 0) for name in TOKEN_BUCKETS},
+            )
+            rows.append(SummaryRow({g: result[g] for g in group_by}, row_totals))
+            totals += row_totals
+    return UsageSummary(
+        start=start,
+        end=end,
+        organization_id=organization_id,
+        user_id=user_id,
+        group_by=group_by,
+        totals=totals,
+        rows=rows,
+    )
