@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-__all__ = ('logger', 'RateLimitedLog')
+__all__ = ('RateLimitedLog', 'logger')
 
 logger = logging.getLogger('pai_usage')
 logger.addHandler(logging.NullHandler())

@@ -21,12 +21,11 @@ from ._log import RateLimitedLog
 from .migrate import migrate
 from .pricing import PriceTable, price_usage
 from .record import UsageRecord
-from .table import TokenUsage
+from .table import TOKEN_USAGE as _table
 from .usage import TokenCounts
 
 __all__ = ('Writer', 'WriterStats', 'to_row')
 
-_table: sa.Table = TokenUsage.__table__  # pyright: ignore[reportAssignmentType]
 _log = RateLimitedLog()
 
 
@@ -73,7 +72,11 @@ def _priced(record: UsageRecord, table: PriceTable | None) -> UsageRecord:
         table=table,
     )
     return record.model_copy(
-        update={'cost_usd': priced.cost_usd, 'pricing_status': priced.pricing_status, 'price_source': priced.price_source}
+        update={
+            'cost_usd': priced.cost_usd,
+            'pricing_status': priced.pricing_status,
+            'price_source': priced.price_source,
+        }
     )
 
 

@@ -7,7 +7,7 @@ Applications can set it themselves around any block of code with `usage_context(
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -46,7 +46,7 @@ def current_usage_context() -> UsageContext | None:
 
 
 @contextmanager
-def usage_context(context: UsageContext | None = None, /, **fields: Any) -> Iterator[UsageContext]:
+def usage_context(context: UsageContext | None = None, /, **fields: Any) -> Generator[UsageContext]:
     """Make a usage context current for the duration of the block.
 
     Fields not given are inherited from the enclosing context, so a nested block can add a user to an

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-__all__ = ('Migration', 'MigrationError', 'available_migrations', 'migrate', 'applied_migrations', 'MIGRATIONS_TABLE')
+__all__ = ('MIGRATIONS_TABLE', 'Migration', 'MigrationError', 'applied_migrations', 'available_migrations', 'migrate')
 
 MIGRATIONS_TABLE = 'pai_usage_migrations'
 """Where applied migrations are recorded."""

@@ -25,18 +25,18 @@ from .record import PricingStatus
 from .usage import TokenCounts
 
 __all__ = (
-    'UnitPrice',
-    'TokenPrice',
-    'PriceTable',
-    'Priced',
-    'EffectivePrice',
     'DEFAULT_UNIT_PRICES',
     'GENAI_PRICES_SOURCE',
-    'price_usage',
+    'PRICES_ENV_VAR',
+    'EffectivePrice',
+    'PriceTable',
+    'Priced',
+    'TokenPrice',
+    'UnitPrice',
     'effective_price',
     'get_price_table',
+    'price_usage',
     'set_price_table',
-    'PRICES_ENV_VAR',
 )
 
 GENAI_PRICES_SOURCE = f'genai-prices {genai_prices.__version__}'
@@ -174,7 +174,7 @@ _DECIMAL_FIELDS = frozenset(
 
 def _build(kind: type[UnitPrice] | type[TokenPrice], entry: Mapping[str, Any], key: str, index: int) -> Any:
     try:
-        values = {k: Decimal(str(v)) if k in _DECIMAL_FIELDS else v for k, v in entry.items()}
+        values: dict[str, Any] = {k: Decimal(str(v)) if k in _DECIMAL_FIELDS else v for k, v in entry.items()}
         for name, value in values.items():
             if isinstance(value, Decimal) and (not value.is_finite() or value < 0):
                 raise ValueError(f'{name} must be a non-negative number, got {value}')

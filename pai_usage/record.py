@@ -12,12 +12,12 @@ from uuid import UUID, uuid4
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 __all__ = (
-    'UsageRecord',
+    'MAX_METADATA_BYTES',
+    'MAX_TOKENS',
+    'PricingStatus',
     'Source',
     'Status',
-    'PricingStatus',
-    'MAX_TOKENS',
-    'MAX_METADATA_BYTES',
+    'UsageRecord',
 )
 
 Source = Literal['agent', 'direct']

@@ -10,16 +10,23 @@ from typing import Any, Literal, get_args
 
 import sqlalchemy as sa
 
-from .table import TokenUsage
+from .table import TOKEN_USAGE as _t
 from .usage import TOKEN_BUCKETS
 
-__all__ = ('GroupBy', 'GROUP_BY_DIMENSIONS', 'UsageTotals', 'SummaryRow', 'UsageSummary', 'query_summary', 'month_bounds')
+__all__ = (
+    'GROUP_BY_DIMENSIONS',
+    'GroupBy',
+    'SummaryRow',
+    'UsageSummary',
+    'UsageTotals',
+    'month_bounds',
+    'query_summary',
+)
 
 GroupBy = Literal['organization', 'user', 'provider', 'model', 'operation', 'source', 'day', 'month']
 """A dimension summaries can be grouped by; `day` and `month` are UTC calendar periods."""
 GROUP_BY_DIMENSIONS: tuple[GroupBy, ...] = get_args(GroupBy)
 
-_t: sa.Table = TokenUsage.__table__  # pyright: ignore[reportAssignmentType]
 _COLUMNS: dict[str, str] = {'organization': 'organization_id', 'user': 'user_id'}
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
-__all__ = ('TokenUsage', 'ExactDecimal', 'UTCDateTime', 'COST_SCALE', 'UNITS_SCALE')
+__all__ = ('COST_SCALE', 'TOKEN_USAGE', 'UNITS_SCALE', 'ExactDecimal', 'TokenUsage', 'UTCDateTime')
 
 COST_SCALE = 12
 """Decimal places kept for `cost_usd` (pico-dollars): enough for any per-token price in genai-prices."""
@@ -135,3 +135,7 @@ class TokenUsage(SQLModel, table=True):
     metadata_: dict[str, Any] = Field(
         default_factory=dict[str, Any], sa_column=sa.Column('metadata', _JSON, nullable=False)
     )
+
+
+TOKEN_USAGE: sa.Table = TokenUsage.__table__  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType, reportUnknownVariableType]
+"""The Core `Table` behind `TokenUsage`, for bulk writes and aggregate reads."""

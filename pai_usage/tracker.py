@@ -13,6 +13,7 @@ from typing import Any, Self
 from uuid import uuid4
 
 import sqlalchemy as sa
+from sqlalchemy import event
 
 from ._log import RateLimitedLog
 from ._writer import Writer, WriterStats
@@ -20,7 +21,7 @@ from .pricing import PriceTable
 from .record import UsageRecord
 from .summary import GroupBy, UsageSummary, month_bounds, query_summary
 
-__all__ = ('UsageTracker', 'TrackerStats', 'DATABASE_URL_ENV_VAR', 'DEFAULT_DATABASE_URL', 'configure', 'get_tracker')
+__all__ = ('DATABASE_URL_ENV_VAR', 'DEFAULT_DATABASE_URL', 'TrackerStats', 'UsageTracker', 'configure', 'get_tracker')
 
 DATABASE_URL_ENV_VAR = 'PAI_USAGE_DATABASE_URL'
 """Environment variable holding the default database URL."""
@@ -60,7 +61,7 @@ def _engine(database: str | sa.Engine | None) -> sa.Engine:
             url = 'postgresql+psycopg://' + url[len(prefix) :]
     engine = sa.create_engine(url)
     if engine.dialect.name == 'sqlite':
-        sa.event.listen(engine, 'connect', _sqlite_pragmas)
+        event.listen(engine, 'connect', _sqlite_pragmas)
     return engine
 
 

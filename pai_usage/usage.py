@@ -14,7 +14,7 @@ from typing import Any
 
 from genai_prices import Usage as PriceUsage
 
-__all__ = ('TokenCounts', 'TOKEN_BUCKETS')
+__all__ = ('TOKEN_BUCKETS', 'TokenCounts')
 
 TOKEN_BUCKETS = (
     'input_tokens',
@@ -80,9 +80,10 @@ class TokenCounts:
     @classmethod
     def from_columns(cls, row: Mapping[str, Any]) -> TokenCounts:
         """Read the buckets back from a record or row (missing or NULL buckets count as 0)."""
+        details: Mapping[str, Any] = row.get('details') or {}
         return cls(
             **{name: int(row.get(name) or 0) for name in TOKEN_BUCKETS},
-            details={k: int(v) for k, v in (row.get('details') or {}).items()},
+            details={str(k): int(v) for k, v in details.items()},
         )
 
     @classmethod

@@ -28,7 +28,7 @@ def _pg_available() -> str | None:
     return None
 
 
-_pg_error: str | None | bool = False
+_pg_error: str | bool | None = False
 
 
 def require_postgres() -> None:
