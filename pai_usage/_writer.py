@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,8 @@ class Writer:
     flush_interval: float = 0.2
     auto_migrate: bool = True
     price_table: PriceTable | None = None
+    listeners: Sequence[Callable[[UsageRecord], None]] = ()
+    """Called in the writer thread with each record once it is written (e.g. the OpenTelemetry exporter)."""
     retry_interval: float = 0.5
     _queue: queue.SimpleQueue[object] = field(default_factory=queue.SimpleQueue[object], init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
@@ -192,4 +194,13 @@ class Writer:
                 time.sleep(self.retry_interval)
                 continue
             self.stats.written += len(rows)
+            self._notify(records)
             return
+
+    def _notify(self, records: list[UsageRecord]) -> None:
+        for listener in self.listeners:
+            try:
+                for record in records:
+                    listener(record)
+            except Exception as exc:
+                _log.error(f'listener:{listener!r}', 'pai-usage: usage listener %r failed: %r', listener, exc)

@@ -6,7 +6,7 @@ import asyncio
 import atexit
 import os
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Self
@@ -90,6 +90,7 @@ class UsageTracker:
         auto_migrate: bool = True,
         price_table: PriceTable | None = None,
         close_timeout: float = 10.0,
+        listeners: Sequence[Callable[[UsageRecord], None]] = (),
     ) -> None:
         """Create a tracker.
 
@@ -101,6 +102,7 @@ class UsageTracker:
             auto_migrate: Apply pending migrations before the first write.
             price_table: Our own prices; defaults to the process-wide table (`pai_usage.pricing`).
             close_timeout: How long `close()` and the exit hook wait for the queue to drain.
+            listeners: Called in the writer thread with each record once written; failures are logged.
         """
         self.engine = _engine(database)
         self.close_timeout = close_timeout
@@ -112,6 +114,7 @@ class UsageTracker:
             flush_interval=flush_interval,
             auto_migrate=auto_migrate,
             price_table=price_table,
+            listeners=listeners,
         )
         self._closed = False
         _live_trackers.add(self)
