@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from importlib.metadata import version as _metadata_version
 
+from .capability import TrackUsage
 from .context import UsageContext, current_usage_context, usage_context
+from .deps import HasUsageAttribution, UsageDeps
 from .pricing import PriceTable, TokenPrice, UnitPrice, set_price_table
 from .record import UsageRecord
 from .summary import SummaryRow, UsageSummary, UsageTotals
@@ -14,14 +16,17 @@ from .usage import TokenCounts
 
 __version__ = _metadata_version('pai-usage')
 __all__ = (
+    'HasUsageAttribution',
     'PriceTable',
     'SummaryRow',
     'TokenCounts',
     'TokenPrice',
     'TokenUsage',
+    'TrackUsage',
     'TrackerStats',
     'UnitPrice',
     'UsageContext',
+    'UsageDeps',
     'UsageRecord',
     'UsageSummary',
     'UsageTotals',

@@ -1,44 +1,88 @@
 """The background writer: drains the tracker's queue and inserts batches, off the caller's thread.
 
 Records arrive as `UsageRecord`s or as raw field dicts; validation and pricing happen here, so that
-`track()` costs the caller a few microseconds. Inserts are idempotent on the record id.
+`track()` costs the caller a few microseconds. Inserts are idempotent on the record id, so every retry
+and every replay is safe.
+
+Delivery, in order of preference:
+
+1. A batch is inserted: PostgreSQL gets a binary `COPY` straight into `token_usage` (falling back to a
+   staging table and `INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING` when an id is already there);
+   SQLite gets one transaction with `executemany`.
+2. A failed write is retried with capped exponential backoff and jitter. When writes have failed for
+   `spill_after` seconds (or the queue is half full, or we are shutting down), the batch goes to the spill
+   file (`_spill.py`) and the writer switches to spilling: every batch goes to disk, and the database is
+   probed with growing intervals. When it answers, the spill files are replayed.
+3. If even the spill fails (disk full), the records are counted as `dropped` and logged.
+
+`track()` itself writes to the spill file only when the queue is full (a buffered append, fsynced by the
+writer thread), so a hung database can never make the caller wait or grow memory without bound.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any, cast
 
 import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ._log import RateLimitedLog
+from ._spill import SpillDir, encode
 from .migrate import migrate
 from .pricing import PriceTable, price_usage
 from .record import UsageRecord
+from .table import COST_SCALE, UNITS_SCALE
 from .table import TOKEN_USAGE as _table
 from .usage import TokenCounts
 
-__all__ = ('Writer', 'WriterStats', 'to_row')
+__all__ = ('Writer', 'WriterStats', 'insert_rows', 'to_row')
 
 _log = RateLimitedLog()
 
 
 @dataclass(slots=True)
 class WriterStats:
-    """Counters shared by the tracker and its writer (ints: `+=` under the GIL is good enough for stats)."""
+    """Counters shared by the tracker and its writer.
 
-    enqueued: int = 0
+    Only the writer thread updates most of them; the rare updates from other threads (queue overflow,
+    shutdown) hold `Writer._count_lock`. `track()` itself updates nothing: `enqueued` is derived.
+    """
+
+    taken: int = 0
+    """Records the writer took from the queue (or the shutdown drained from it)."""
+    overflowed: int = 0
+    """Records `track()` handled itself because the queue was full (or it failed)."""
     written: int = 0
+    """Records inserted straight from the queue."""
     invalid: int = 0
+    """Records rejected by validation, in the queue or in spill files."""
+    replay_invalid: int = 0
+    """The part of `invalid` found while replaying spill files."""
     failed_writes: int = 0
+    """Batch writes that failed (and were retried or spilled)."""
     dropped: int = 0
+    """Records lost: not written, and the spill failed too."""
     unpriced: int = 0
+    """Records written with no known price."""
+    spilled: int = 0
+    """Records appended to the spill file."""
+    replayed: int = 0
+    """Records re-sent to the database from spill files (any process's)."""
+
+    def reset(self) -> None:
+        """Zero every counter (a forked child starts its own)."""
+        for f in fields(self):
+            setattr(self, f.name, 0)
 
 
 @dataclass(slots=True)
@@ -46,7 +90,38 @@ class _Flush:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass(slots=True)
+class _Batch:
+    records: list[UsageRecord]
+    markers: list[_Flush]
+    stop: bool
+
+
+_IN_FLIGHT = 2
+"""Validated batches that may wait for the database thread: one being written, one ready."""
+
+
 _STOP = object()
+_COLUMNS: tuple[str, ...] = tuple(c.name for c in _table.columns)
+_COST_QUANTUM = Decimal(1).scaleb(-COST_SCALE)
+_UNITS_QUANTUM = Decimal(1).scaleb(-UNITS_SCALE)
+_PG_TYPES: tuple[str, ...] = tuple(
+    {
+        'id': 'uuid',
+        'created_at': 'timestamptz',
+        'details': 'jsonb',
+        'metadata': 'jsonb',
+        'units': 'numeric',
+        'cost_usd': 'numeric',
+        'duration_ms': 'int4',
+    }.get(name, 'int8' if name.endswith('_tokens') else 'text')
+    for name in _COLUMNS
+)
+_COLUMN_LIST = ', '.join(f'"{name}"' for name in _COLUMNS)
+_STAGE = 'pai_usage_stage'
+_COST_INDEX = _COLUMNS.index('cost_usd')
+_UNITS_INDEX = _COLUMNS.index('units')
+assert _COLUMNS[-1] == 'metadata', _COLUMNS
 
 
 def to_row(record: UsageRecord) -> dict[str, Any]:
@@ -54,6 +129,18 @@ def to_row(record: UsageRecord) -> dict[str, Any]:
     row = record.model_dump(exclude={'metadata'})
     row['metadata'] = record.metadata
     return row
+
+
+def _copy_row(record: UsageRecord) -> tuple[Any, ...]:
+    values = record.__dict__
+    row = [values[name] for name in _COLUMNS[:-1]]  # `metadata` is last, and named the same on the model
+    row.append(record.metadata)
+    # Round like `ExactDecimal` does for the Core path, not like PostgreSQL would (half away from zero).
+    if (cost := values['cost_usd']) is not None:
+        row[_COST_INDEX] = cost.quantize(_COST_QUANTUM, rounding=ROUND_HALF_EVEN)
+    if (units := values['units']) is not None:
+        row[_UNITS_INDEX] = units.quantize(_UNITS_QUANTUM, rounding=ROUND_HALF_EVEN)
+    return tuple(row)
 
 
 def _priced(record: UsageRecord, table: PriceTable | None) -> UsageRecord:
@@ -81,7 +168,7 @@ def _priced(record: UsageRecord, table: PriceTable | None) -> UsageRecord:
 
 
 def insert_rows(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert rows, ignoring ids already present."""
+    """Insert rows with SQLAlchemy Core, ignoring ids already present."""
     if not rows:
         return
     dialect = conn.dialect.name
@@ -94,32 +181,116 @@ def insert_rows(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     conn.execute(stmt, list(rows))
 
 
-@dataclass
+def _copy_records(conn: sa.Connection, records: Sequence[UsageRecord], *, staged: bool) -> None:
+    """Binary COPY into `token_usage`, or into a temp table and on with `ON CONFLICT (id) DO NOTHING`."""
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor() as cur:
+        if staged:
+            # Per-session temp table, emptied at each commit; `IF NOT EXISTS` makes reused connections cheap.
+            cur.execute(
+                f'CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE token_usage INCLUDING DEFAULTS) ON COMMIT DELETE ROWS'
+            )
+        target = _STAGE if staged else 'token_usage'
+        with cur.copy(f'COPY {target} ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)') as copy:
+            copy.set_types(_PG_TYPES)
+            for record in records:
+                copy.write_row(_copy_row(record))
+        if staged:
+            cur.execute(
+                f'INSERT INTO token_usage ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGE} '
+                'ON CONFLICT (id) DO NOTHING'
+            )
+
+
+def _is_unique_violation(exc: BaseException) -> bool:
+    return getattr(getattr(exc, 'orig', exc), 'sqlstate', None) == '23505'
+
+
+def _raw(item: object) -> dict[str, Any]:
+    if isinstance(item, UsageRecord):
+        return item.model_dump(mode='json')
+    if isinstance(item, dict):
+        return item  # pyright: ignore[reportUnknownVariableType]
+    raise TypeError(f'not a usage record: {type(item).__name__}')
+
+
+@dataclass(eq=False)
 class Writer:
-    """A named daemon thread that writes what `put()` enqueues, in batches."""
+    """A named daemon thread that writes what `put()` enqueues, in batches; see the module docstring."""
 
     engine: sa.Engine
     stats: WriterStats
     batch_size: int = 500
+    """Most records written in one transaction."""
     flush_interval: float = 0.2
+    """Longest a record waits for its batch to fill, in seconds."""
     auto_migrate: bool = True
+    """Apply pending migrations before the first write."""
     price_table: PriceTable | None = None
+    """Our prices; None for the process-wide table."""
     listeners: Sequence[Callable[[UsageRecord], None]] = ()
     """Called in the writer thread with each record once it is written (e.g. the OpenTelemetry exporter)."""
-    retry_interval: float = 0.5
+    retry_interval: float = 0.1
+    """First backoff after a failed write, in seconds; it doubles (with jitter) on each failure."""
+    max_retry_interval: float = 10.0
+    """Cap on the backoff, also the longest gap between two probes of a database that is down."""
+    spill_after: float = 2.0
+    """Seconds of failing writes after which batches go to the spill file instead of waiting in memory."""
+    max_queue: int = 10_000
+    """Records held in memory at most; beyond that `track()` appends to the spill file."""
+    spill: SpillDir | None = None
+    """Where records go when the database cannot take them; None to keep them in memory only (and drop)."""
+    replay_interval: float = 30.0
+    """How often an idle, healthy writer looks for spill files left by other (dead) processes."""
     _queue: queue.SimpleQueue[object] = field(default_factory=queue.SimpleQueue[object], init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
+    _db_thread: threading.Thread | None = field(default=None, init=False)
+    # Validated batches on their way from the preparing thread to the database thread; `_slots` bounds them.
+    _handoff: queue.SimpleQueue[_Batch] = field(default_factory=queue.SimpleQueue['_Batch'], init=False)
+    _slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(_IN_FLIGHT), init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _count_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _wake: threading.Event = field(default_factory=threading.Event, init=False)
     _migrated: bool = field(default=False, init=False)
+    _spilling: bool = field(default=False, init=False)
+    _probe_attempt: int = field(default=0, init=False)
+    _next_probe: float = field(default=0.0, init=False)
+    _next_replay: float = field(default=0.0, init=False)
+    _stopping: bool = field(default=False, init=False)
+    _deadline: float = field(default=float('inf'), init=False)
+    _inflight: list[UsageRecord] = field(default_factory=list[UsageRecord], init=False)
+    _ready: _Batch | None = field(default=None, init=False)
+    _abandoned: bool = field(default=False, init=False)
+    _pid: int = field(default_factory=os.getpid, init=False)
+
+    # --- called from the product's threads ---
 
     def put(self, item: UsageRecord | dict[str, Any]) -> None:
-        """Enqueue one record (never blocks)."""
+        """Enqueue one record; never blocks. A full queue sends the record to the spill file."""
         if self._thread is None:
             self._start()
-        self._queue.put(item)
+        if self._queue.qsize() >= self.max_queue:
+            self.spill_now(item)
+        else:
+            self._queue.put(item)
+
+    def enqueued(self) -> int:
+        """Records accepted so far (taken by the writer, still queued, or handled on overflow)."""
+        return self.stats.taken + self._queue.qsize() + self.stats.overflowed
+
+    def count_dropped(self, n: int = 1) -> None:
+        """Count records `track()` could not even hand over."""
+        with self._count_lock:
+            self.stats.overflowed += n
+            self.stats.dropped += n
+
+    def start_if_spilled(self) -> None:
+        """Start the thread now if spill files wait for replay (e.g. left by a process that was killed)."""
+        if self.spill is not None and self.spill.pending():
+            self._start()
 
     def flush(self, timeout: float | None) -> bool:
-        """Wait until everything put so far is written; returns False on timeout."""
+        """Wait until everything put so far is written (or spilled); returns False on timeout."""
         if self._thread is None:
             return True
         marker = _Flush()
@@ -127,34 +298,195 @@ class Writer:
         return marker.done.wait(timeout)
 
     def stop(self, timeout: float | None) -> bool:
-        """Write what is queued and stop the thread; returns False if it did not finish in time."""
+        """Write what is queued and stop the thread within `timeout`; spill whatever is left then.
+
+        Returns False if the writer did not finish in time (what it held was spilled, not lost).
+        """
         thread = self._thread
         if thread is None:
+            if self.spill is not None:
+                self.spill.close()
             return True
+        self._deadline = time.monotonic() + (timeout if timeout is not None else float('inf'))
+        self._stopping = True
         self._queue.put(_STOP)
+        self._wake.set()
         thread.join(timeout)
-        return not thread.is_alive()
+        if self._db_thread is not None:
+            self._db_thread.join(None if timeout is None else max(self._deadline - time.monotonic(), 0))
+        if thread.is_alive() or (self._db_thread is not None and self._db_thread.is_alive()):
+            self._spill_leftovers()
+            if self.spill is not None:
+                try:
+                    self.spill.rotate()  # unlock our file: the next start (or another process) replays it
+                except OSError as exc:
+                    _log.error('rotate', 'pai-usage: could not close the spill file: %r', exc)
+            return False
+        if self.spill is not None:
+            self.spill.close()
+        return True
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's queue, thread, locks, files and connections."""
+        self._queue = queue.SimpleQueue()
+        self._thread = self._db_thread = None
+        self._handoff = queue.SimpleQueue()
+        self._slots = threading.Semaphore(_IN_FLIGHT)
+        self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._spilling = self._stopping = False
+        self._deadline = float('inf')
+        self._inflight = []
+        self._ready = None
+        self._abandoned = False
+        self._pid = os.getpid()
+        self.stats.reset()
+        if self.spill is not None:
+            self.spill.after_fork()
+        # The parent's pooled connections belong to the parent: drop them without closing their sockets.
+        self.engine.dispose(close=False)
 
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
+                # Two stages, so that validating the next batch overlaps with the database writing this one.
+                self._db_thread = threading.Thread(target=self._run_db, name='pai-usage-writer-db', daemon=True)
+                self._db_thread.start()
                 self._thread = threading.Thread(target=self._run, name='pai-usage-writer', daemon=True)
                 self._thread.start()
 
+    def spill_now(self, item: object, *, closed: bool = False) -> None:
+        """Append one record to the spill file from the calling thread (buffered; the writer fsyncs it).
+
+        With `closed` (the writer is stopped), the file is fsynced and closed at once, so that the next
+        start can replay it.
+        """
+        with self._count_lock:
+            self.stats.overflowed += 1
+        self._spill_raw([item], sync=closed)
+        if closed and self.spill is not None:
+            try:
+                self.spill.rotate()
+            except OSError as exc:
+                _log.error('rotate', 'pai-usage: could not close the spill file: %r', exc)
+
+    def _spill_leftovers(self) -> None:
+        # The writer is stuck (hung database) past the deadline: save its batch and the queue from here.
+        # A record may end up both written by the writer and spilled; replay inserts it once.
+        inflight = self._inflight
+        if self.spill is not None and inflight:
+            # Not counted: the writer thread still owns (and counts) these; this copy is insurance.
+            try:
+                self.spill.append([encode(r.model_dump(mode='json')) for r in inflight])
+            except Exception as exc:
+                _log.error('leftovers', 'pai-usage: could not spill the batch being written: %r', exc)
+        self._abandoned = True
+        markers: list[_Flush] = []
+        ready: list[UsageRecord] = []
+        if (waiting := self._ready) is not None:
+            ready.extend(waiting.records)
+            markers.extend(waiting.markers)
+        while True:
+            try:
+                batch = self._handoff.get_nowait()
+            except queue.Empty:
+                break
+            ready.extend(batch.records)
+            markers.extend(batch.markers)
+        if ready:
+            self._spill_records(ready)
+        items: list[object] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Flush):
+                markers.append(item)
+            elif item is not _STOP:
+                items.append(item)
+        with self._count_lock:
+            self.stats.taken += len(items)
+        self._spill_raw(items, sync=True)
+        if self.spill is not None:
+            try:
+                self.spill.sync()
+            except OSError:  # pragma: no cover - counted by the append that follows, if any
+                pass
+        for marker in markers:
+            marker.done.set()
+
+    def _spill_raw(self, items: Sequence[object], *, sync: bool) -> None:
+        """Spill unvalidated items (validated on replay); used off the writer thread."""
+        lines: list[bytes] = []
+        for item in items:
+            try:
+                lines.append(encode(_raw(item)))
+            except (TypeError, ValueError) as exc:
+                self._reject(item, f'cannot be encoded as JSON: {exc}')
+        self._spill_lines(lines, sync=sync)
+
+    # --- the writer thread ---
+
     def _run(self) -> None:
+        """Stage 1: take batches from the queue, validate and price them, hand them to the database thread."""
         while True:
             items = self._take()
-            stop = any(item is _STOP for item in items)
-            records = [r for item in items if (r := self._validate(item)) is not None]
-            self._write(records)
+            batch = _Batch([], [], stop=False)
+            taken = 0
             for item in items:
-                if isinstance(item, _Flush):
-                    item.done.set()
-            if stop:
+                if item is _STOP:
+                    batch.stop = True
+                elif isinstance(item, _Flush):
+                    batch.markers.append(item)
+                else:
+                    taken += 1
+                    if (record := self._validate(item)) is not None:
+                        batch.records.append(record)
+            if taken:
+                with self._count_lock:
+                    self.stats.taken += taken
+            # Wait while the database thread is busy with earlier batches: the queue (bounded, spilling
+            # when full) holds the backlog, not an ever-growing list here.
+            self._ready = batch
+            while not self._slots.acquire(timeout=0.5):
+                if self._abandoned:
+                    return  # `stop()` gave up on the database and spilled this batch itself
+            self._ready = None
+            self._handoff.put(batch)
+            if batch.stop:
+                return
+
+    def _run_db(self) -> None:
+        """Stage 2: write batches (retrying, spilling), replay spill files, probe a database that is down."""
+        self._next_replay = time.monotonic() + self.replay_interval
+        self._replay()
+        while True:
+            timeout = 1.0
+            if self._spilling:
+                timeout = min(max(self._next_probe - time.monotonic(), 0.01), 1.0)
+            try:
+                batch = self._handoff.get(timeout=timeout)
+            except queue.Empty:
+                self._maintain()
+                continue
+            if batch.records:
+                self._inflight = batch.records
+                self._deliver(batch.records)
+                self._inflight = []
+            self._slots.release()
+            self._maintain()
+            for marker in batch.markers:
+                marker.done.set()
+            if batch.stop:
                 return
 
     def _take(self) -> list[object]:
-        items: list[object] = [self._queue.get()]
+        try:
+            items: list[object] = [self._queue.get(timeout=1.0)]
+        except queue.Empty:
+            return []
         deadline = time.monotonic() + self.flush_interval
         while len(items) < self.batch_size and not isinstance(items[-1], _Flush) and items[-1] is not _STOP:
             try:
@@ -163,39 +495,229 @@ class Writer:
                 break
         return items
 
-    def _validate(self, item: object) -> UsageRecord | None:
-        if isinstance(item, _Flush) or item is _STOP:
-            return None
+    def _validate(self, item: object, *, replay: bool = False) -> UsageRecord | None:
         try:
-            record = item if isinstance(item, UsageRecord) else UsageRecord.model_validate(item)
+            if isinstance(item, UsageRecord):
+                record = item
+            else:
+                raw: object = item
+                if isinstance(raw, dict) and self._caller_priced(fields_ := cast('dict[str, Any]', raw)):
+                    # Priced by the caller (pydantic-ai's cost): saying so now saves a model copy later.
+                    raw = {**fields_, 'pricing_status': 'priced'}
+                record = UsageRecord.model_validate(raw)
             record = _priced(record, self.price_table)
         except ValidationError as exc:
-            self.stats.invalid += 1
-            _log.error('invalid', 'pai-usage: invalid usage record dropped: %s', exc)
+            with self._count_lock:
+                self.stats.invalid += 1
+                self.stats.replay_invalid += replay
+            # One message per kind of problem per interval: clear, without flooding the product's log.
+            kind = ','.join(sorted({'.'.join(map(str, e['loc'])) for e in exc.errors()}))
+            _log.error(f'invalid:{kind}', 'pai-usage: invalid usage record rejected: %s', exc)
+            self._reject(item, str(exc))
             return None
-        if record.pricing_status == 'unpriced':
-            self.stats.unpriced += 1
         return record
 
-    def _write(self, records: list[UsageRecord]) -> None:
-        if not records:
+    def _caller_priced(self, item: dict[str, Any]) -> bool:
+        if item.get('cost_usd') is None or item.get('pricing_status') is not None:
+            return False
+        table = self.price_table
+        return table is None or table.token_price(item.get('provider'), item.get('model')) is None
+
+    def _reject(self, item: object, error: str) -> None:
+        if self.spill is None:
             return
-        rows = [to_row(r) for r in records]
+        try:
+            self.spill.reject(item, error)
+        except OSError as exc:
+            _log.error('reject', 'pai-usage: could not keep a rejected record in %s: %r', self.spill.path, exc)
+
+    def _deliver(self, records: list[UsageRecord]) -> None:
+        if self._spilling and not self._stopping and time.monotonic() < self._next_probe:
+            self._spill_records(records)
+            return
+        attempt = 0
+        failing_since: float | None = None
         while True:
             try:
-                if self.auto_migrate and not self._migrated:
-                    migrate(self.engine)
-                    self._migrated = True
-                with self.engine.begin() as conn:
-                    insert_rows(conn, rows)
+                self._write(records)
             except Exception as exc:
-                self.stats.failed_writes += 1
-                _log.error('write', 'pai-usage: writing %d usage records failed, retrying: %s', len(rows), exc)
-                time.sleep(self.retry_interval)
+                with self._count_lock:
+                    self.stats.failed_writes += 1
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                attempt += 1
+                if self.spill is not None and (
+                    self._spilling
+                    or self._stopping
+                    or now - failing_since >= self.spill_after
+                    or self._queue.qsize() >= self.max_queue // 2
+                ):
+                    _log.error('write', 'pai-usage: writing usage records failed, spilling to disk: %r', exc)
+                    self._enter_spilling()
+                    self._spill_records(records)
+                    return
+                _log.error('write', 'pai-usage: writing %d usage records failed, retrying: %r', len(records), exc)
+                if self._stopping and now >= self._deadline:  # no spill: nothing else to do with them
+                    self._count_lost(len(records), exc)
+                    return
+                self._sleep(self._backoff(attempt))
                 continue
-            self.stats.written += len(rows)
-            self._notify(records)
+            self._count_written(records)
+            if self._spilling:
+                self._recover()
             return
+
+    def _write(self, records: Sequence[UsageRecord], *, replay: bool = False) -> None:
+        if self.auto_migrate and not self._migrated:
+            migrate(self.engine)
+            self._migrated = True
+        if self.engine.dialect.name != 'postgresql':
+            with self.engine.begin() as conn:
+                insert_rows(conn, [to_row(r) for r in records])
+            return
+        if not replay:
+            # Fresh records are new ids: COPY straight into the table, the fastest path by far.
+            try:
+                with self.engine.begin() as conn:
+                    _copy_records(conn, records, staged=False)
+                return
+            except Exception as exc:  # the raw COPY raises psycopg's UniqueViolation, not SQLAlchemy's IntegrityError
+                if not _is_unique_violation(exc):
+                    raise
+        with self.engine.begin() as conn:
+            _copy_records(conn, records, staged=True)
+
+    def _count_written(self, records: list[UsageRecord], *, replay: bool = False) -> None:
+        unpriced = sum(r.pricing_status == 'unpriced' for r in records)
+        with self._count_lock:
+            if replay:
+                self.stats.replayed += len(records)
+            else:
+                self.stats.written += len(records)
+            self.stats.unpriced += unpriced
+        self._notify(records)
+
+    def _count_lost(self, n: int, exc: BaseException) -> None:
+        with self._count_lock:
+            self.stats.dropped += n
+        _log.error('dropped', 'pai-usage: %d usage records LOST (not written, not spilled): %r', n, exc)
+
+    def _spill_records(self, records: Sequence[UsageRecord]) -> None:
+        self._spill_lines([encode(r.model_dump(mode='json')) for r in records], sync=True)
+
+    def _spill_lines(self, lines: list[bytes], *, sync: bool) -> None:
+        if not lines:
+            return
+        if self.spill is None:
+            self._count_lost(len(lines), RuntimeError('spilling is disabled'))
+            return
+        try:
+            self.spill.append(lines, sync=sync)
+        except Exception as exc:
+            self._count_lost(len(lines), exc)
+            return
+        with self._count_lock:
+            self.stats.spilled += len(lines)
+
+    def _enter_spilling(self) -> None:
+        if not self._spilling:
+            self._spilling = True
+            self._probe_attempt = 0
+        self._probe_attempt += 1
+        self._next_probe = time.monotonic() + self._backoff(self._probe_attempt)
+
+    def _recover(self) -> None:
+        if self._spilling:
+            _log.warning('recovered', 'pai-usage: the database is back; replaying spilled usage records')
+        self._spilling = False
+        self._probe_attempt = 0
+        if self.spill is not None:
+            try:
+                self.spill.rotate()  # so our own file can be claimed and replayed too
+            except OSError as exc:
+                _log.error('rotate', 'pai-usage: could not close the spill file: %r', exc)
+        self._replay()
+
+    def _maintain(self) -> None:
+        spill = self.spill
+        if spill is None:
+            return
+        try:
+            spill.sync()  # what `track()` appended on overflow
+        except OSError as exc:
+            _log.error('sync', 'pai-usage: could not fsync the spill file: %r', exc)
+        if self._stopping:
+            return
+        now = time.monotonic()
+        if self._spilling:
+            if now >= self._next_probe:
+                try:
+                    if self.auto_migrate and not self._migrated:
+                        migrate(self.engine)
+                        self._migrated = True
+                    with self.engine.connect() as conn:
+                        conn.execute(sa.text('SELECT 1'))
+                except Exception:
+                    self._enter_spilling()
+                else:
+                    self._recover()
+        elif spill.has_own_file() and self._queue.qsize() < self.max_queue // 2:
+            # A burst overflowed the queue while the database was fine: we have caught up, put it in.
+            self._recover()
+        elif now >= self._next_replay:
+            self._next_replay = now + self.replay_interval
+            if spill.pending():
+                self._replay()
+
+    def _replay(self) -> None:
+        """Insert every claimable spill file, then delete it. Stops (keeping the file) if the database fails."""
+        if self.spill is None:
+            return
+        for claimed in self.spill.claim():
+            try:
+                batch: list[UsageRecord] = []
+                for line in claimed.lines():
+                    if (record := self._decode(line)) is not None:
+                        batch.append(record)
+                    if len(batch) >= self.batch_size:
+                        self._write(batch, replay=True)
+                        self._count_written(batch, replay=True)
+                        batch = []
+                if batch:
+                    self._write(batch, replay=True)
+                    self._count_written(batch, replay=True)
+            except Exception as exc:
+                claimed.release()
+                with self._count_lock:
+                    self.stats.failed_writes += 1
+                _log.error('replay', 'pai-usage: replaying %s failed, will retry: %r', claimed.path, exc)
+                self._enter_spilling()
+                return
+            claimed.done()
+
+    def _decode(self, line: bytes) -> UsageRecord | None:
+        try:
+            raw = json.loads(line)
+        except ValueError:
+            # A torn line: the process died mid-append, before the write (and its fsync) completed.
+            with self._count_lock:
+                self.stats.invalid += 1
+                self.stats.replay_invalid += 1
+            self._reject(line.decode(errors='replace'), 'torn line in a spill file')
+            return None
+        return self._validate(raw, replay=True)
+
+    def _backoff(self, attempt: int) -> float:
+        # Full jitter: spreads the retries of many processes; never 0, so never a busy loop.
+        cap = min(self.max_retry_interval, self.retry_interval * 2 ** min(attempt - 1, 30))
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stopping:  # `_wake` stays set once stopping: sleep for real, but not past the deadline
+            time.sleep(max(min(seconds, self._deadline - time.monotonic()), 0))
+            return
+        self._wake.wait(seconds)
+        self._wake.clear()
 
     def _notify(self, records: list[UsageRecord]) -> None:
         for listener in self.listeners:

@@ -1,7 +1,8 @@
 """Plain-SQL migrations from `migrations/<dialect>/NNNN_name.sql`, applied once each and recorded.
 
 `migrate(engine)` is idempotent and safe to run from many processes at once: on PostgreSQL it holds
-an advisory lock; on SQLite the write transaction serializes it.
+an advisory lock per schema (so migrating one schema never waits on another); on SQLite it takes the
+database's write lock up front (`BEGIN IMMEDIATE`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ __all__ = ('MIGRATIONS_TABLE', 'Migration', 'MigrationError', 'applied_migration
 MIGRATIONS_TABLE = 'pai_usage_migrations'
 """Where applied migrations are recorded."""
 
-_ADVISORY_LOCK_KEY = 0x7061695F75736167  # 'pai_usag'
+_ADVISORY_LOCK_CLASS = 0x70616975  # 'paiu': the first key of our two-key advisory lock
 _NAME = re.compile(r'^(\d{4})_[a-z0-9_]+\.sql$')
 
 
@@ -76,7 +77,14 @@ def migrate(engine: sa.Engine, *, root: Path | None = None) -> list[str]:
     applied_now: list[str] = []
     with engine.begin() as conn:
         if engine.dialect.name == 'postgresql':
-            conn.execute(sa.text('SELECT pg_advisory_xact_lock(:key)'), {'key': _ADVISORY_LOCK_KEY})
+            # Keyed by schema: the tables live in `current_schema()`, and other schemas migrate independently.
+            conn.execute(
+                sa.text('SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))'), {'key': _ADVISORY_LOCK_CLASS}
+            )
+        elif engine.dialect.name == 'sqlite':
+            # pysqlite has not begun a transaction yet (it only does so before DML): take the write lock now,
+            # so a concurrent migrate waits here and then sees what this one applied.
+            conn.exec_driver_sql('BEGIN IMMEDIATE')
         conn.execute(
             sa.text(
                 f'CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} '

@@ -10,21 +10,22 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import genai_prices
 
 from ._log import RateLimitedLog
-from .record import PricingStatus
+from .record import MAX_COST_USD, PricingStatus
 from .usage import TokenCounts
 
 __all__ = (
+    'CONFIG_SOURCE',
     'DEFAULT_UNIT_PRICES',
     'GENAI_PRICES_SOURCE',
     'PRICES_ENV_VAR',
@@ -149,8 +150,8 @@ class PriceTable:
         unknown = set(data) - {'units', 'tokens'}
         if unknown:
             raise ValueError(f'unknown price table keys: {sorted(unknown)!r}; expected `units` and `tokens`')
-        units = tuple(_build(UnitPrice, entry, 'units', i) for i, entry in enumerate(data.get('units', [])))
-        tokens = tuple(_build(TokenPrice, entry, 'tokens', i) for i, entry in enumerate(data.get('tokens', [])))
+        units = tuple(_build(UnitPrice, entry, 'units', i) for i, entry in enumerate(_entries(data, 'units')))
+        tokens = tuple(_build(TokenPrice, entry, 'tokens', i) for i, entry in enumerate(_entries(data, 'tokens')))
         if include_defaults:
             units += DEFAULT_UNIT_PRICES
         return cls(units=units, tokens=tokens)
@@ -159,12 +160,17 @@ class PriceTable:
     def from_file(cls, path: str | os.PathLike[str], *, include_defaults: bool = True) -> PriceTable:
         """Load a `.toml` or `.json` price file (see `from_mapping`)."""
         path = Path(path)
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == '.json' else tomllib.loads(text)
         try:
-            return cls.from_mapping(data, include_defaults=include_defaults)
-        except ValueError as exc:
-            raise ValueError(f'{path}: {exc}') from None
+            text = path.read_text()
+        except OSError as exc:
+            raise ValueError(f'cannot read price file {str(path)!r}: {exc.strerror or exc}') from None
+        try:
+            data: Any = json.loads(text) if path.suffix == '.json' else tomllib.loads(text)
+            if not isinstance(data, Mapping):
+                raise ValueError('expected a table (TOML) or an object (JSON) at the top level')
+            return cls.from_mapping(cast(Mapping[str, Any], data), include_defaults=include_defaults)
+        except ValueError as exc:  # includes TOMLDecodeError and JSONDecodeError
+            raise ValueError(f'bad price file {str(path)!r}: {exc}') from None
 
 
 _DECIMAL_FIELDS = frozenset(
@@ -172,15 +178,34 @@ _DECIMAL_FIELDS = frozenset(
 )
 
 
-def _build(kind: type[UnitPrice] | type[TokenPrice], entry: Mapping[str, Any], key: str, index: int) -> Any:
+def _entries(data: Mapping[str, Any], key: str) -> list[Any]:
+    entries = data.get(key, [])
+    if not isinstance(entries, list):
+        raise ValueError(f'`{key}` must be an array of tables, got {type(entries).__name__}')
+    return cast(list[Any], entries)
+
+
+def _build(kind: type[UnitPrice] | type[TokenPrice], entry: Any, key: str, index: int) -> Any:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f'bad entry `{key}[{index}]` {entry!r}: expected a table')
+    entry = cast(Mapping[str, Any], entry)
     try:
-        values: dict[str, Any] = {k: Decimal(str(v)) if k in _DECIMAL_FIELDS else v for k, v in entry.items()}
+        for name in ('model', 'unit_type', 'provider'):
+            if name in entry and not isinstance(entry[name], str):
+                raise ValueError(f'{name} must be a string')
+        values: dict[str, Any] = {k: _decimal(v) if k in _DECIMAL_FIELDS else v for k, v in entry.items()}
         for name, value in values.items():
             if isinstance(value, Decimal) and (not value.is_finite() or value < 0):
                 raise ValueError(f'{name} must be a non-negative number, got {value}')
         return kind(**values)
     except (TypeError, ArithmeticError, ValueError) as exc:
         raise ValueError(f'bad entry `{key}[{index}]` {dict(entry)!r}: {exc}') from None
+
+
+def _decimal(value: Any) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise ValueError(f'expected a number, got {value!r}')
+    return Decimal(str(value))
 
 
 _table: PriceTable | None = None
@@ -229,7 +254,13 @@ def price_usage(
     units by the table's `UnitPrice`. A call whose tokens or units have no price is unpriced as a whole,
     never partly priced or zero.
     """
-    table = table or get_price_table()
+    if table is None:
+        try:
+            table = get_price_table()
+        except ValueError as exc:
+            # A broken price file must not break the caller, nor price with a table the user did not mean.
+            _log.error('price-table', 'pai-usage: %s; usage is recorded unpriced until it is fixed', exc)
+            return Priced(None, 'unpriced', None)
     overridden = False
     parts: list[Decimal] = []
     sources: list[str] = []
@@ -258,7 +289,19 @@ def price_usage(
             sources.append(GENAI_PRICES_SOURCE)
 
     source = ' + '.join(dict.fromkeys(sources))
-    return Priced(sum(parts, Decimal(0)), 'override' if overridden else 'priced', source)
+    total = sum(parts, Decimal(0))
+    if total > MAX_COST_USD:
+        # Not believable for one event (corrupt counts or a mistyped price), and too large to store exactly.
+        _log.error(
+            f'absurd:{provider}:{model}',
+            'pai-usage: %s/%s priced at $%s, over the $%s limit per event; recorded unpriced',
+            provider,
+            model,
+            total,
+            MAX_COST_USD,
+        )
+        return Priced(None, 'unpriced', None)
+    return Priced(total, 'override' if overridden else 'priced', source)
 
 
 def _genai_prices_cost(
@@ -304,24 +347,42 @@ class EffectivePrice:
     """What `pai-usage prices MODEL` shows: the price that applies to a model and where it comes from."""
 
     provider: str | None
-    """Provider the price belongs to."""
+    """Provider the price belongs to (as genai-prices names it, when it found the model)."""
     model: str
     """The model asked about."""
     source: Literal['config', 'genai-prices', 'none']
-    """Where the price comes from."""
+    """Where the token prices come from; `config` also when only unit prices are known."""
     token_prices: dict[str, Decimal] = field(default_factory=dict[str, Decimal])
-    """USD per million tokens, by kind (`input_mtok`, `output_mtok`, ...)."""
+    """USD per million tokens, by kind (`input_mtok`, `output_mtok`, ...); the base tier when tiered."""
     unit_prices: dict[str, Decimal] = field(default_factory=dict[str, Decimal])
-    """USD per unit, by unit type."""
+    """USD per unit, by unit type, from our table, for this provider and model."""
+    token_tiers: dict[str, tuple[tuple[int, Decimal], ...]] = field(
+        default_factory=dict[str, tuple[tuple[int, Decimal], ...]]
+    )
+    """Tiered token prices: `(input tokens from which it applies, USD per million)` above the base tier."""
+    price_source: str | None = None
+    """The `price_source` rows priced this way get: `genai-prices 0.2.3`, `config`, or None."""
 
 
 def effective_price(
     model: str, provider: str | None = None, *, at: datetime | None = None, table: PriceTable | None = None
 ) -> EffectivePrice:
-    """The price that applies to `model` now (or at `at`), from our table or genai-prices."""
+    """The price that applies to `model` now (or at `at`), from our table or genai-prices.
+
+    Unit prices are those that `price_usage` would use for the same provider: without a provider (given,
+    or found by genai-prices), only unit prices naming the model itself apply, not provider-wide ones.
+    """
     table = table or get_price_table()
-    units = {p.unit_type: p.usd_per_unit for p in reversed(table.units) if fnmatchcase(model, p.model)}
-    override = table.token_price(provider, model)
+    try:
+        found_provider, info = genai_prices.data_snapshot.get_snapshot().find_provider_model(
+            model, provider=None, provider_id=provider, provider_api_url=None
+        )
+    except LookupError:
+        found_provider, info = None, None
+    resolved = provider or (found_provider.id if found_provider is not None else None)
+    units = {p.unit_type: p.usd_per_unit for p in reversed(table.units) if _unit_applies(p, resolved, model)}
+
+    override = table.token_price(resolved, model)
     if override is not None:
         tokens = {
             k: v
@@ -334,31 +395,34 @@ def effective_price(
             }.items()
             if v is not None
         }
-        return EffectivePrice(provider, model, 'config', tokens, units)
-    try:
-        found_provider, info = genai_prices.data_snapshot.get_snapshot().find_provider_model(
-            model, provider=None, provider_id=provider, provider_api_url=None
-        )
-    except LookupError:
-        return EffectivePrice(provider, model, 'config' if units else 'none', {}, units)
-    model_price = info.get_prices(at or datetime.now().astimezone())
-    tokens = _price_fields(model_price)
-    return EffectivePrice(found_provider.id, model, 'genai-prices', tokens, units)
+        return EffectivePrice(resolved, model, 'config', tokens, units, price_source=CONFIG_SOURCE)
+    if info is None or found_provider is None:
+        source = 'config' if units else 'none'
+        return EffectivePrice(resolved, model, source, {}, units, price_source=CONFIG_SOURCE if units else None)
+    model_price = info.get_prices(at or datetime.now(UTC))
+    tokens, tiers = _price_fields(model_price)
+    return EffectivePrice(found_provider.id, model, 'genai-prices', tokens, units, tiers, GENAI_PRICES_SOURCE)
 
 
-def _price_fields(model_price: Any) -> dict[str, Decimal]:
+def _unit_applies(price: UnitPrice, provider: str | None, model: str) -> bool:
+    if not fnmatchcase(model, price.model):
+        return False
+    if provider is None:
+        # Unknown provider: a catch-all model pattern (ElevenLabs' `*`) would claim every model.
+        return price.model != '*'
+    return fnmatchcase(provider, price.provider)
+
+
+def _price_fields(model_price: object) -> tuple[dict[str, Decimal], dict[str, tuple[tuple[int, Decimal], ...]]]:
     prices: dict[str, Decimal] = {}
-    for name in ('input_mtok', 'output_mtok', 'cache_read_mtok', 'cache_write_mtok', 'output_image_mtok'):
-        value = getattr(model_price, name, None)
+    tiers: dict[str, tuple[tuple[int, Decimal], ...]] = {}
+    attributes = vars(model_price)
+    for name, value in attributes.items():
+        if not name.endswith('_mtok'):
+            continue
         if isinstance(value, Decimal):
             prices[name] = value
-        elif value is not None:  # tiered prices: show the base tier
-            base = getattr(value, 'base', None)
-            if isinstance(base, Decimal):
-                prices[name] = base
-    return prices
-
-
-def iter_price_fields() -> Iterable[str]:  # pragma: no cover - helper for docs
-    """Names of the token price fields shown by `effective_price`."""
-    return ('input_mtok', 'output_mtok', 'cache_read_mtok', 'cache_write_mtok', 'output_image_mtok')
+        elif isinstance(value, genai_prices.types.TieredPrices):
+            prices[name] = value.base
+            tiers[name] = tuple((tier.start, tier.price) for tier in value.tiers)
+    return prices, tiers

@@ -12,8 +12,10 @@ from uuid import UUID, uuid4
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 __all__ = (
+    'MAX_COST_USD',
     'MAX_METADATA_BYTES',
     'MAX_TOKENS',
+    'MAX_UNITS',
     'PricingStatus',
     'Source',
     'Status',
@@ -31,6 +33,10 @@ MAX_TOKENS = 1_000_000_000
 """Upper bound for one token bucket of one request: larger counts are rejected as corrupt input."""
 MAX_METADATA_BYTES = 16_384
 """Upper bound for the JSON-encoded `metadata` of one record."""
+MAX_COST_USD = 1_000_000
+"""Upper bound for the cost of one event: larger values are corrupt input (and overflow SQLite's scaled integer)."""
+MAX_UNITS = 1_000_000_000
+"""Upper bound for the billable units of one event."""
 
 _Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
 _Label = Annotated[str, Field(min_length=1, max_length=255)]
@@ -47,6 +53,8 @@ def _finite(value: Decimal | None) -> Decimal | None:
 
 
 _Amount = Annotated[Decimal, Field(ge=0, allow_inf_nan=False), AfterValidator(_finite)]
+_Cost = Annotated[_Amount, Field(le=MAX_COST_USD)]
+_Units = Annotated[_Amount, Field(le=MAX_UNITS)]
 
 
 class UsageRecord(BaseModel):
@@ -105,12 +113,12 @@ class UsageRecord(BaseModel):
     details: dict[str, _Tokens] = Field(default_factory=dict[str, int])
     """Rare counts that refine a bucket without adding to it (e.g. `cache_write_1h_tokens`)."""
 
-    units: _Amount | None = None
+    units: _Units | None = None
     """Billable non-token units (images, video seconds, characters), or None."""
     unit_type: _Label | None = None
     """What `units` counts: `image`, `video_second`, `character`, ..."""
 
-    cost_usd: _Amount | None = None
+    cost_usd: _Cost | None = None
     """Exact cost in USD; None when unknown, never 0 for unknown."""
     price_source: Annotated[str, Field(max_length=100)] | None = None
     """Where the price came from: `genai-prices 0.2.3`, `pydantic-ai`, `config`, ..."""

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import hashlib
 import os
+import signal
+import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
 from typing import Any, Self
 from uuid import uuid4
 
@@ -16,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from ._log import RateLimitedLog
+from ._spill import SpillDir, default_spill_dir
 from ._writer import Writer, WriterStats
 from .pricing import PriceTable
 from .record import UsageRecord
@@ -49,6 +56,10 @@ class TrackerStats:
     """Lost: could not be queued, written or spilled. Always logged."""
     unpriced: int
     """Written with `cost_usd = NULL` because no price was known."""
+    spilled: int = 0
+    """Saved to the spill file (queue full, database failing, or shutdown deadline); replayed later."""
+    replayed: int = 0
+    """Re-sent to the database from spill files, this process's or others' (so it can exceed `spilled`)."""
 
 
 def _engine(database: str | sa.Engine | None) -> sa.Engine:
@@ -59,10 +70,23 @@ def _engine(database: str | sa.Engine | None) -> sa.Engine:
     for prefix in ('postgresql://', 'postgres://'):
         if url.startswith(prefix):
             url = 'postgresql+psycopg://' + url[len(prefix) :]
-    engine = sa.create_engine(url)
+    if url.startswith('postgresql'):
+        # Pre-ping drops connections a restart or network cut killed; the timeout bounds a connect to a hung host.
+        engine = sa.create_engine(url, pool_pre_ping=True, connect_args={'connect_timeout': 10})
+    else:
+        engine = sa.create_engine(url)
     if engine.dialect.name == 'sqlite':
         event.listen(engine, 'connect', _sqlite_pragmas)
     return engine
+
+
+def _spill_path(spill_dir: str | os.PathLike[str] | None, engine: sa.Engine) -> Path:
+    # One sub-directory per database, so that a shared spill directory never replays into the wrong one.
+    url = engine.url.render_as_string(hide_password=True)
+    return (
+        Path(spill_dir if spill_dir is not None else default_spill_dir())
+        / hashlib.sha256(url.encode()).hexdigest()[:16]
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -77,8 +101,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class UsageTracker:
     """Records usage events in the `token_usage` table without slowing or breaking the caller.
 
-    `track()` enqueues and returns; a background thread validates, prices and writes batches.
-    `flush()` waits for what was tracked so far; `close()` (also at interpreter exit) flushes and stops.
+    `track()` enqueues and returns; a background thread validates, prices and writes batches, retries
+    with backoff, and spills to a local file what the database cannot take (see `docs/delivery.md`).
+    `flush()` waits for what was tracked so far; `close()` (also at interpreter exit and on SIGTERM)
+    flushes within a deadline and spills whatever remains.
     """
 
     def __init__(
@@ -91,6 +117,13 @@ class UsageTracker:
         price_table: PriceTable | None = None,
         close_timeout: float = 10.0,
         listeners: Sequence[Callable[[UsageRecord], None]] = (),
+        max_queue: int = 10_000,
+        spill_dir: str | os.PathLike[str] | None = None,
+        spill: bool = True,
+        spill_after: float = 2.0,
+        retry_interval: float = 0.1,
+        max_retry_interval: float = 10.0,
+        handle_sigterm: bool = True,
     ) -> None:
         """Create a tracker.
 
@@ -101,11 +134,23 @@ class UsageTracker:
             flush_interval: Longest a record waits in the queue for its batch to fill, in seconds.
             auto_migrate: Apply pending migrations before the first write.
             price_table: Our own prices; defaults to the process-wide table (`pai_usage.pricing`).
-            close_timeout: How long `close()` and the exit hook wait for the queue to drain.
+            close_timeout: The shutdown deadline: how long `close()`, the exit hook and SIGTERM wait for the
+                queue to drain before spilling what is left.
             listeners: Called in the writer thread with each record once written; failures are logged.
+            max_queue: Records held in memory at most; beyond that, `track()` appends them to the spill file.
+            spill_dir: Where records go when the database cannot take them, replayed when it is back and at the
+                next start. Defaults to `$PAI_USAGE_SPILL_DIR`, else `./.pai_usage_spill`; each database gets
+                its own sub-directory.
+            spill: False to never touch the disk: what the queue cannot hold is dropped (and counted).
+            spill_after: Seconds of failing writes before batches go to the spill file.
+            retry_interval: First backoff after a failed write; doubles, with jitter, up to `max_retry_interval`.
+            max_retry_interval: Cap on the backoff and on the gap between probes of a database that is down.
+            handle_sigterm: Flush (within `close_timeout`) on SIGTERM, then call the previous handler. Installed
+                only from the main thread.
         """
         self.engine = _engine(database)
         self.close_timeout = close_timeout
+        self.handle_sigterm = handle_sigterm
         self._stats = WriterStats()
         self._writer = Writer(
             self.engine,
@@ -115,9 +160,22 @@ class UsageTracker:
             auto_migrate=auto_migrate,
             price_table=price_table,
             listeners=listeners,
+            retry_interval=retry_interval,
+            max_retry_interval=max_retry_interval,
+            spill_after=spill_after,
+            max_queue=max_queue,
+            spill=SpillDir(_spill_path(spill_dir, self.engine)) if spill else None,
         )
         self._closed = False
         _live_trackers.add(self)
+        if handle_sigterm:
+            _install_sigterm_handler()
+        self._writer.start_if_spilled()
+
+    @property
+    def spill_dir(self) -> Path | None:
+        """This tracker's spill directory (one per database), or None when spilling is off."""
+        return self._writer.spill.path if self._writer.spill is not None else None
 
     def track(self, record: UsageRecord | Mapping[str, Any] | None = None, /, **fields: Any) -> None:
         """Record one usage event, fire-and-forget. Never raises and never waits on I/O.
@@ -129,27 +187,37 @@ class UsageTracker:
             if record is None:
                 item: UsageRecord | dict[str, Any] = fields
             elif isinstance(record, UsageRecord):
-                item = record.model_copy(update=fields) if fields else record
+                # `model_copy(update=...)` would skip validation: overrides are validated with the rest.
+                item = {**dict(record), **fields} if fields else record
             else:
                 item = {**record, **fields}
             if isinstance(item, dict):
                 # Identity and time are fixed now, so a retried or replayed record is the same event.
-                item.setdefault('id', uuid4())
-                item.setdefault('created_at', datetime.now(UTC))
+                if 'id' not in item:
+                    item['id'] = uuid4()
+                if 'created_at' not in item:
+                    item['created_at'] = datetime.now(UTC)
             if self._closed:
-                raise RuntimeError('tracker is closed')
-            self._writer.put(item)
-            self._stats.enqueued += 1
+                # Late events (e.g. from a thread still running at exit) go straight to the spill file.
+                self._writer.spill_now(item, closed=True)
+            else:
+                self._writer.put(item)
         except Exception as exc:
-            self._stats.dropped += 1
+            self._writer.count_dropped()
             _log.error('track', 'pai-usage: could not track a usage record: %r', exc)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
-        """Wait until every record tracked so far is written. Returns False if `timeout` ran out."""
+        """Wait until every record tracked so far is written, or spilled if the database is failing.
+
+        Returns False if `timeout` ran out.
+        """
         return self._writer.flush(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush and stop the writer. Returns False if the queue did not drain in time."""
+        """Flush and stop the writer within `timeout` (default `close_timeout`); spill whatever remains.
+
+        Returns False if the queue did not drain into the database in time (the rest was spilled, not lost).
+        """
         if self._closed:
             return True
         self._closed = True
@@ -177,16 +245,20 @@ class UsageTracker:
         await self.aclose()
 
     def stats(self) -> TrackerStats:
-        """Counters of what happened to tracked records."""
+        """Counters of what happened to tracked records (in this process, since it started or forked)."""
         s = self._stats
+        enqueued = self._writer.enqueued()
+        settled = s.written + (s.invalid - s.replay_invalid) + s.spilled + s.dropped
         return TrackerStats(
-            enqueued=s.enqueued,
+            enqueued=enqueued,
             written=s.written,
-            pending=max(s.enqueued - s.written - s.invalid - s.dropped, 0),
+            pending=max(enqueued - settled, 0),
             invalid=s.invalid,
             failed_writes=s.failed_writes,
             dropped=s.dropped,
             unpriced=s.unpriced,
+            spilled=s.spilled,
+            replayed=s.replayed,
         )
 
     def get_usage_summary(
@@ -217,10 +289,55 @@ class UsageTracker:
 _live_trackers: weakref.WeakSet[UsageTracker] = weakref.WeakSet()
 
 
-@atexit.register
-def _close_all() -> None:
+def _close_all(*, sigterm: bool = False) -> None:
+    # One deadline for all trackers: the longest `close_timeout`, not their sum.
+    trackers = [t for t in list(_live_trackers) if t.handle_sigterm or not sigterm]
+    if not trackers:
+        return
+    deadline = time.monotonic() + max(t.close_timeout for t in trackers)
+    for tracker in trackers:
+        tracker.close(max(deadline - time.monotonic(), 0.0))
+
+
+atexit.register(_close_all)
+
+
+def _after_fork_in_child() -> None:
+    # The child must not share the parent's queue, thread, spill file or connections: give each tracker
+    # a fresh writer state. The parent still writes what it had queued.
     for tracker in list(_live_trackers):
-        tracker.close()
+        tracker._writer.after_fork()  # pyright: ignore[reportPrivateUsage]
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+_previous_sigterm: Any = None
+_sigterm_installed = False
+
+
+def _install_sigterm_handler() -> None:
+    global _previous_sigterm, _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        _previous_sigterm = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # pragma: no cover - e.g. an embedded interpreter without signals
+        return
+    _sigterm_installed = True
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    try:
+        _close_all(sigterm=True)
+    finally:
+        previous = _previous_sigterm
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            # The default action (terminate), as if we had never been here.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 _default: UsageTracker | None = None

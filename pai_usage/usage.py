@@ -147,7 +147,12 @@ class TokenCounts:
         for key in _PRICED_DETAILS:
             if self.details.get(key):
                 values[key] = self.details[key]
-        return PriceUsage(**{k: v for k, v in values.items() if v})
+        usage = {k: v for k, v in values.items() if v}
+        if values['input_audio_tokens'] and self.cache_read_tokens:
+            # Our buckets know exactly how much cached input was audio (0 unless noted); left out,
+            # genai-prices would have to guess, and refuses to.
+            usage['cache_audio_read_tokens'] = self.details.get('cache_audio_read_tokens', 0)
+        return PriceUsage(**usage)
 
     def __add__(self, other: TokenCounts) -> TokenCounts:
         summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != 'details'}

@@ -1,0 +1,100 @@
+"""The cost of `track()` to the caller, against a bare `queue.SimpleQueue.put` of the same object.
+
+Events are tracked in bursts of 1,000 with the writer thread running (it competes for the GIL, as in a real
+app) and a `flush()` between bursts, untimed, so that the queue never fills: this measures the hot path,
+not the spill-on-overflow path. Each call is timed on its own with `perf_counter_ns`, for both sides.
+
+    python -m benchmarks.hot_path [CALLS]
+"""
+
+from __future__ import annotations
+
+import gc
+import queue
+import sys
+import tempfile
+import time
+from typing import Any
+
+from pai_usage import UsageTracker
+
+CALLS = 50_000
+BURST = 1_000
+TARGET_P50_US = 10.0
+
+
+def fields() -> dict[str, Any]:
+    # What the PydanticAI capability passes for one model request.
+    return {
+        'organization_id': 'org-1',
+        'user_id': 'user-1',
+        'provider': 'openai',
+        'model': 'gpt-4o',
+        'operation': 'request',
+        'source': 'agent',
+        'run_id': 'run-1',
+        'agent_name': 'bench',
+        'input_tokens': 1200,
+        'cache_read_tokens': 200,
+        'output_tokens': 60,
+        'cost_usd': '0.00305',
+        'duration_ms': 850,
+    }
+
+
+def percentiles(ns: list[int]) -> tuple[float, float]:
+    ns.sort()
+    return ns[len(ns) // 2] / 1000, ns[int(len(ns) * 0.99)] / 1000
+
+
+def measure_track(calls: int) -> list[int]:
+    latencies: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker = UsageTracker(f'sqlite:///{tmp}/bench.db', spill_dir=tmp, handle_sigterm=False)
+        tracker.track(**fields())
+        tracker.flush()
+        clock = time.perf_counter_ns
+        gc.collect()
+        for _ in range(calls // BURST):
+            for _ in range(BURST):
+                f = fields()
+                start = clock()
+                tracker.track(**f)
+                latencies.append(clock() - start)
+            tracker.flush()
+        stats = tracker.stats()
+        tracker.close()
+        tracker.engine.dispose()
+    assert stats.spilled == 0 and stats.written == calls + 1, stats
+    return latencies
+
+
+def measure_put(calls: int) -> list[int]:
+    latencies: list[int] = []
+    q: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+    clock = time.perf_counter_ns
+    gc.collect()
+    for _ in range(calls // BURST):
+        for _ in range(BURST):
+            f = fields()
+            start = clock()
+            q.put(f)
+            latencies.append(clock() - start)
+        while not q.empty():
+            q.get_nowait()
+    return latencies
+
+
+def main() -> None:
+    calls = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else CALLS
+    put_p50, put_p99 = percentiles(measure_put(calls))
+    track_p50, track_p99 = percentiles(measure_track(calls))
+    print(f'hot_path: {calls} calls, per call (perf_counter_ns overhead included on both sides)')
+    print(f'  SimpleQueue.put: p50 {put_p50:6.2f} us   p99 {put_p99:6.2f} us')
+    print(f'  track():         p50 {track_p50:6.2f} us   p99 {track_p99:6.2f} us')
+    print(f'  ratio track/put: p50 {track_p50 / put_p50:6.1f} x    p99 {track_p99 / put_p99:6.1f} x')
+    print(f'  target p50 <= {TARGET_P50_US} us: {"OK" if track_p50 <= TARGET_P50_US else "OVER TARGET"}')
+
+
+if __name__ == '__main__':
+    main()

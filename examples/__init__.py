@@ -1,0 +1,1 @@
+"""Runnable examples of pai-usage (`python -m examples.ad_creator`)."""

@@ -1,0 +1,3 @@
+-- PostgreSQL only: the daily rollup (migrations/postgresql/0002_daily_rollup.sql) speeds up summaries over
+-- millions of rows, which an embedded SQLite ledger does not hold. This empty migration keeps the version
+-- numbers of both dialects aligned.

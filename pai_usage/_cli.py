@@ -1,0 +1,433 @@
+"""The `pai-usage` command: `summary`, `migrate` and `prices`.
+
+`cli()` is the console script; `cli_logic(args)` does the work and returns the exit code, for tests.
+Expected failures (a bad date, an unreachable database, a missing table, a bad price file) print one
+line to stderr and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, NoReturn, TextIO, cast
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from . import __version__
+from .migrate import MigrationError, applied_migrations, migrate
+from .pricing import (
+    DEFAULT_UNIT_PRICES,
+    GENAI_PRICES_SOURCE,
+    PRICES_ENV_VAR,
+    EffectivePrice,
+    PriceTable,
+    effective_price,
+    get_price_table,
+)
+from .summary import GROUP_BY_DIMENSIONS, GroupBy, UsageSummary, UsageTotals, month_bounds, query_summary
+from .table import COST_SCALE, TOKEN_USAGE
+from .tracker import (
+    DATABASE_URL_ENV_VAR,
+    DEFAULT_DATABASE_URL,
+    _engine,  # pyright: ignore[reportPrivateUsage]
+)
+from .usage import TOKEN_BUCKETS
+
+__all__ = ('cli', 'cli_logic')
+
+_PROG = 'pai-usage'
+_COST_QUANTUM = Decimal(1).scaleb(-COST_SCALE)
+_PG_CONNECT_TIMEOUT = 10
+"""Seconds to wait for PostgreSQL before reporting it unreachable (when the URL sets no `connect_timeout`)."""
+# Buckets always shown in the terminal table; the others only when some row uses them.
+_ALWAYS_SHOWN = ('input_tokens', 'output_tokens')
+
+
+class _Fail(Exception):
+    """An expected failure: its message is printed as one line and the exit code is 2."""
+
+
+def cli() -> NoReturn:  # pragma: no cover - exercised through `cli_logic`
+    """Run the `pai-usage` command line and exit with its status."""
+    sys.exit(cli_logic())
+
+
+def cli_logic(args: Sequence[str] | None = None) -> int:
+    """Run the command line with `args` (default: `sys.argv[1:]`) and return the exit code."""
+    parser = _parser()
+    try:
+        namespace = parser.parse_args(args)
+    except SystemExit as exc:  # argparse exits on `--help` and on usage errors (code 2)
+        return exc.code if isinstance(exc.code, int) else 2
+    command: Any = namespace.command
+    try:
+        return command(namespace)
+    except _Fail as exc:
+        _error(str(exc))
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG, description='The usage-and-cost ledger for PydanticAI apps and direct Gemini calls.'
+    )
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    commands = parser.add_subparsers(title='commands', required=True, metavar='COMMAND')
+    database_help = f'database URL (default: ${DATABASE_URL_ENV_VAR}, else {DEFAULT_DATABASE_URL})'
+
+    summary = commands.add_parser(
+        'summary',
+        help='show usage and cost over a time range',
+        description='Show usage and cost over a time range (default: the current UTC month).',
+    )
+    summary.add_argument('--database-url', metavar='URL', help=database_help)
+    summary.add_argument(
+        '--since', metavar='DATE', help='start, inclusive: YYYY-MM-DD or an ISO datetime (UTC unless it says)'
+    )
+    summary.add_argument(
+        '--until',
+        metavar='DATE',
+        help='end: YYYY-MM-DD includes that whole day; an ISO datetime is an exclusive bound',
+    )
+    summary.add_argument('--org', metavar='ID', help='only this organization')
+    summary.add_argument('--user', metavar='ID', help='only this user')
+    summary.add_argument(
+        '--by', metavar='DIMS', default='model', help=f'comma-separated, from {",".join(GROUP_BY_DIMENSIONS)}'
+    )
+    summary.add_argument('--format', choices=('table', 'json', 'csv'), default='table', help='output format')
+    summary.set_defaults(command=_summary)
+
+    migrate_cmd = commands.add_parser(
+        'migrate', help='create or upgrade the token_usage table', description='Apply pending migrations.'
+    )
+    migrate_cmd.add_argument('--database-url', metavar='URL', help=database_help)
+    migrate_cmd.set_defaults(command=_migrate)
+
+    prices = commands.add_parser(
+        'prices',
+        help='show the price of a model, or our configured prices',
+        description='Show the price that applies to MODEL and where it comes from; without MODEL, list the '
+        f'configured unit prices and token overrides (${PRICES_ENV_VAR}).',
+    )
+    prices.add_argument('model', nargs='?', metavar='MODEL', help='model name, e.g. gpt-4o')
+    prices.add_argument('--provider', metavar='P', help='provider id, e.g. openai, google-vertex, elevenlabs')
+    prices.set_defaults(command=_prices)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f'{_PROG}: error: {message}', file=sys.stderr)
+
+
+# --- database -----------------------------------------------------------------------------------
+
+
+def _database_url(given: str | None) -> str:
+    return given or os.environ.get(DATABASE_URL_ENV_VAR) or DEFAULT_DATABASE_URL
+
+
+def _open(given: str | None, *, must_exist: bool) -> tuple[sa.Engine, str]:
+    """An engine for the URL and the URL to show; with `must_exist`, refuse to create a missing SQLite file."""
+    url_text = _database_url(given)
+    try:
+        url = sa.make_url(url_text)
+    except sa_exc.ArgumentError:
+        raise _Fail(f'invalid database URL {url_text!r}') from None
+    if url.get_backend_name() == 'sqlite':
+        path = url.database
+        if must_exist and path and path != ':memory:' and not path.startswith('file:') and not Path(path).exists():
+            raise _Fail(f'no SQLite database at {path!r}; create it with `{_PROG} migrate --database-url {url_text}`')
+    elif url.get_backend_name() == 'postgresql' and 'connect_timeout' not in url.query:
+        url_text = url.update_query_dict({'connect_timeout': str(_PG_CONNECT_TIMEOUT)}).render_as_string(
+            hide_password=False
+        )
+    try:
+        return _engine(url_text), _safe(url)
+    except (sa_exc.SQLAlchemyError, ImportError) as exc:
+        raise _Fail(f'cannot use database {_safe(url)}: {_first_line(exc)}') from None
+
+
+def _safe(url: sa.URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    original = getattr(exc, 'orig', None)
+    text = str(original if original is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _connection_failure(shown: str, exc: BaseException) -> _Fail:
+    return _Fail(f'cannot reach database {shown}: {_first_line(exc)}')
+
+
+# --- summary ------------------------------------------------------------------------------------
+
+
+def _summary(args: argparse.Namespace) -> int:
+    group_by = _group_by(args.by)
+    start, end = _time_range(args.since, args.until, now=datetime.now(UTC))
+    engine, shown = _open(args.database_url, must_exist=True)
+    try:
+        try:
+            with engine.connect() as conn:
+                exists = sa.inspect(conn).has_table(TOKEN_USAGE.name)
+        except sa_exc.SQLAlchemyError as exc:
+            raise _connection_failure(shown, exc) from None
+        if not exists:
+            hint = f'{_PROG} migrate' + (f' --database-url {args.database_url}' if args.database_url else '')
+            raise _Fail(f'no `{TOKEN_USAGE.name}` table in {shown}; create it with `{hint}` (summary never creates it)')
+        try:
+            summary = query_summary(engine, start, end, organization_id=args.org, user_id=args.user, group_by=group_by)
+        except sa_exc.SQLAlchemyError as exc:
+            raise _Fail(f'cannot read {TOKEN_USAGE.name} in {shown}: {_first_line(exc)}') from None
+    finally:
+        engine.dispose()
+    if args.format == 'json':
+        _print_json(summary, sys.stdout)
+    elif args.format == 'csv':
+        _print_csv(summary, sys.stdout)
+    else:
+        _print_table(summary, sys.stdout)
+    return 0
+
+
+def _group_by(value: str) -> tuple[GroupBy, ...]:
+    names = [name.strip() for name in value.split(',') if name.strip()]
+    unknown = [name for name in names if name not in GROUP_BY_DIMENSIONS]
+    if unknown:
+        raise _Fail(f'cannot group by {", ".join(map(repr, unknown))}; choose from {",".join(GROUP_BY_DIMENSIONS)}')
+    return tuple(dict.fromkeys(cast(list[GroupBy], names)))
+
+
+def _parse_moment(option: str, value: str) -> tuple[datetime, bool]:
+    """The moment `value` names, and whether it was a bare date."""
+    try:
+        return datetime.combine(date.fromisoformat(value), datetime.min.time(), UTC), True
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise _Fail(f'{option}: {value!r} is not a date (YYYY-MM-DD) or an ISO datetime') from None
+    return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)), False
+
+
+def _time_range(since: str | None, until: str | None, *, now: datetime) -> tuple[datetime, datetime]:
+    """`[start, end)` from the options: the current UTC month by default; a bare `--until` date is inclusive."""
+    month_start, month_end = month_bounds(now)
+    end = month_end
+    if until is not None:
+        end, is_date = _parse_moment('--until', until)
+        if is_date:
+            end += timedelta(days=1)
+    if since is not None:
+        start, _ = _parse_moment('--since', since)
+    else:
+        start = month_start if until is None else month_bounds(end - timedelta(microseconds=1))[0]
+    if start >= end:
+        raise _Fail(f'the range is empty: --since {start.isoformat()} is not before the end {end.isoformat()}')
+    return start, end
+
+
+def _cost(value: Decimal) -> str:
+    """An exact decimal string with the ledger's 12 places, the same on every backend."""
+    return format(value.quantize(_COST_QUANTUM), 'f')
+
+
+def _known_cost(totals: UsageTotals) -> str | None:
+    """The group's known cost, or None when no event of the group has a price (unknown is not zero)."""
+    return None if totals.events and totals.unpriced_events == totals.events else _cost(totals.cost_usd)
+
+
+def _totals_dict(totals: UsageTotals) -> dict[str, Any]:
+    return {
+        'events': totals.events,
+        'unpriced_events': totals.unpriced_events,
+        'error_events': totals.error_events,
+        'cost_usd': _known_cost(totals),
+        **{name: getattr(totals, name) for name in TOKEN_BUCKETS},
+        'total_tokens': totals.total_tokens,
+    }
+
+
+def _print_json(summary: UsageSummary, out: TextIO) -> None:
+    totals = _totals_dict(summary.totals)
+    document: dict[str, Any] = {
+        'start': summary.start.isoformat(),
+        'end': summary.end.isoformat(),
+        'organization_id': summary.organization_id,
+        'user_id': summary.user_id,
+        'group_by': list(summary.group_by),
+        'total_cost_usd': _cost(summary.totals.cost_usd),
+        **{k: v for k, v in totals.items() if k != 'cost_usd'},
+        'rows': [{**row.group, **_totals_dict(row.totals)} for row in summary.rows],
+    }
+    json.dump(document, out, indent=2)
+    out.write('\n')
+
+
+def _print_csv(summary: UsageSummary, out: TextIO) -> None:
+    writer = csv.writer(out, lineterminator='\n')
+    columns = list(_totals_dict(UsageTotals()))
+    writer.writerow([*summary.group_by, *columns])
+    for row in summary.rows:
+        values = _totals_dict(row.totals)
+        writer.writerow([*(row.group[g] for g in summary.group_by), *(values[c] for c in columns)])
+
+
+def _display_cost(value: Decimal) -> str:
+    # Exact, without the trailing zeros of 12 fixed places, and never in exponent notation.
+    text = format(value.normalize(), 'f')
+    whole, _, fraction = text.partition('.')
+    return f'${whole}.{fraction.ljust(2, "0")}'
+
+
+def _print_table(summary: UsageSummary, out: TextIO) -> None:
+    buckets = [
+        name
+        for name in TOKEN_BUCKETS
+        if name in _ALWAYS_SHOWN or any(getattr(row.totals, name) for row in summary.rows)
+    ]
+    headers = [*summary.group_by, 'events', 'unpriced', *(b.removesuffix('_tokens') for b in buckets), 'tokens', 'cost']
+    numeric_from = len(summary.group_by)
+
+    def cells(group: list[str], totals: UsageTotals) -> list[str]:
+        return [
+            *group,
+            f'{totals.events:,}',
+            f'{totals.unpriced_events:,}',
+            *(f'{getattr(totals, b):,}' for b in buckets),
+            f'{totals.total_tokens:,}',
+            'unpriced' if _known_cost(totals) is None else _display_cost(totals.cost_usd),
+        ]
+
+    body = [
+        cells(['-' if row.group[g] is None else str(row.group[g]) for g in summary.group_by], row.totals)
+        for row in summary.rows
+    ]
+    widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
+
+    def render(line: list[str]) -> str:
+        return '  '.join(
+            cell.rjust(width) if i >= numeric_from else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+
+    scope = [f'{summary.start:%Y-%m-%d %H:%M} to {summary.end:%Y-%m-%d %H:%M} UTC (end exclusive)']
+    if summary.organization_id is not None:
+        scope.append(f'organization {summary.organization_id}')
+    if summary.user_id is not None:
+        scope.append(f'user {summary.user_id}')
+    out.write(f'Usage {", ".join(scope)}\n\n')
+    if body:
+        out.write(render(headers) + '\n')
+        out.write('  '.join('-' * width for width in widths) + '\n')
+        for line in body:
+            out.write(render(line) + '\n')
+        out.write('\n')
+    else:
+        out.write('No usage in this range.\n\n')
+    t = summary.totals
+    out.write(
+        f'Total: {_display_cost(t.cost_usd)} over {t.events:,} events'
+        f' ({t.unpriced_events:,} unpriced, not in the cost), {t.total_tokens:,} tokens\n'
+    )
+
+
+# --- migrate ------------------------------------------------------------------------------------
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    engine, shown = _open(args.database_url, must_exist=False)
+    try:
+        try:
+            applied = migrate(engine)
+            versions = applied_migrations(engine)
+        except MigrationError as exc:
+            raise _Fail(str(exc)) from None
+        except sa_exc.OperationalError as exc:
+            raise _connection_failure(shown, exc) from None
+        except sa_exc.SQLAlchemyError as exc:
+            raise _Fail(f'migrating {shown} failed: {_first_line(exc)}') from None
+    finally:
+        engine.dispose()
+    for name in applied:
+        print(f'applied {name}')
+    if not applied:
+        print(f'{shown} is up to date (version {versions[-1] if versions else "none"})')
+    return 0
+
+
+# --- prices -------------------------------------------------------------------------------------
+
+
+def _prices(args: argparse.Namespace) -> int:
+    try:
+        table = get_price_table()
+    except ValueError as exc:
+        raise _Fail(str(exc)) from None
+    if args.model is None:
+        _print_table_prices(table)
+        return 0
+    price = effective_price(args.model, args.provider, table=table)
+    _print_effective_price(price)
+    return 0 if price.source != 'none' else 1
+
+
+def _print_table_prices(table: PriceTable) -> None:
+    path = os.environ.get(PRICES_ENV_VAR)
+    print(f'Our price table: {f"${PRICES_ENV_VAR}={path}" if path else "built-in defaults"}')
+    print(f'Token prices of every other model come from {GENAI_PRICES_SOURCE}, offline.')
+    print('\nUnit prices (USD per unit; first match wins):')
+    for unit in table.units:
+        default = '  (default)' if unit in DEFAULT_UNIT_PRICES else ''
+        print(f'  {unit.provider}/{unit.model}  {unit.unit_type}  ${_plain(unit.usd_per_unit)}{default}')
+    print('\nToken price overrides (USD per million tokens):')
+    if not table.tokens:
+        print('  none')
+    for token in table.tokens:
+        fields = {
+            'input': token.input_mtok,
+            'output': token.output_mtok,
+            'cache_read': token.cache_read_mtok,
+            'cache_write': token.cache_write_mtok,
+            'output_image': token.output_image_mtok,
+        }
+        shown = ', '.join(f'{k} ${_plain(v)}' for k, v in fields.items() if v is not None)
+        print(f'  {token.provider}/{token.model}  {shown}')
+
+
+def _print_effective_price(price: EffectivePrice) -> None:
+    print(f'model:    {price.model}')
+    print(f'provider: {price.provider or "-"}')
+    if price.source == 'none':
+        print('source:   none: no price known; usage is recorded with cost_usd NULL and pricing_status unpriced')
+        print(f'          add it to a price file named by ${PRICES_ENV_VAR} (see docs/pricing.md)')
+        return
+    print(f'source:   {price.price_source}')
+    if price.token_prices:
+        print('token prices (USD per million tokens):')
+        width = max(len(name) for name in price.token_prices)
+        for name, value in price.token_prices.items():
+            tiers = ''.join(
+                f'; ${_plain(tier_price)} from {start:,} input tokens'
+                for start, tier_price in price.token_tiers.get(name, ())
+            )
+            print(f'  {name.removesuffix("_mtok").ljust(width - 5)}  ${_plain(value)}{tiers}')
+    if price.unit_prices:
+        print('unit prices (USD per unit, config):')
+        for unit_type, value in price.unit_prices.items():
+            print(f'  {unit_type}  ${_plain(value)}')
+
+
+def _plain(value: Decimal) -> str:
+    return format(value.normalize(), 'f')

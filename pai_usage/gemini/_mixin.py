@@ -1,0 +1,690 @@
+"""`GeminiUsageMixin`: usage tracking for any class that makes direct `google-genai` calls."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+from google import genai
+from google.genai import errors, types
+
+from .._log import RateLimitedLog
+from ..context import UsageContext, current_usage_context
+from ..tracker import UsageTracker, get_tracker
+from ..usage import TokenCounts
+from ._usage import merge_usage_metadata, token_counts
+
+__all__ = (
+    'DEFAULT_VEO_DURATION_SECONDS',
+    'GEMINI_API_PROVIDER',
+    'NOT_BILLED_SOURCE',
+    'VERTEX_PROVIDER',
+    'Contents',
+    'GeminiStats',
+    'GeminiUsageMixin',
+    'gemini_stats',
+)
+
+GEMINI_API_PROVIDER = 'google-gla'
+"""genai-prices provider id for the Gemini Developer API (`vertexai=False`)."""
+VERTEX_PROVIDER = 'google-vertex'
+"""genai-prices provider id for Vertex AI (`vertexai=True`)."""
+NOT_BILLED_SOURCE = 'not billed: call failed'
+"""`price_source` of the zero-cost rows recorded for calls the API rejected."""
+DEFAULT_VEO_DURATION_SECONDS = 8
+"""Video length Veo generates when `duration_seconds` is not given."""
+
+_log = RateLimitedLog()
+# "One-time" warnings: an infinite interval logs the first and counts the rest.
+_once = RateLimitedLog(interval=float('inf'))
+
+_R = TypeVar('_R')
+_P = ParamSpec('_P')
+
+Contents = Any
+"""What `generate_content` accepts (`google.genai.types.ContentListUnionDict`: text, parts, contents, files or PIL
+images). Spelled `Any` because the SDK's union is only partially typed (PIL is optional)."""
+
+
+class _HasAttribution(Protocol):
+    @property
+    def user_id(self) -> str | None: ...
+
+    @property
+    def organization_id(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GeminiStats:
+    """Process-wide counters of the direct Gemini calls tracked by `GeminiUsageMixin`."""
+
+    calls: int
+    """Calls that returned (successfully or not) and were handed to a tracker."""
+    errors: int
+    """Calls that raised; each was recorded as a zero-cost `status='error'` row and re-raised unchanged."""
+    missing_usage: int
+    """Successful token-billed calls whose response carried no `usage_metadata` (recorded unpriced)."""
+    tracking_failures: int
+    """Times building a record failed (a bug, logged); the call itself was unaffected."""
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.errors = 0
+        self.missing_usage = 0
+        self.tracking_failures = 0
+
+    def add(self, *, errors: int = 0, missing_usage: int = 0, tracking_failures: int = 0) -> None:
+        with self.lock:
+            self.calls += 1 - tracking_failures
+            self.errors += errors
+            self.missing_usage += missing_usage
+            self.tracking_failures += tracking_failures
+
+
+_counters = _Counters()
+
+
+def gemini_stats() -> GeminiStats:
+    """Counters of direct Gemini calls since the process started (see also `UsageTracker.stats()`)."""
+    with _counters.lock:
+        return GeminiStats(
+            calls=_counters.calls,
+            errors=_counters.errors,
+            missing_usage=_counters.missing_usage,
+            tracking_failures=_counters.tracking_failures,
+        )
+
+
+def _tracking_failed(exc: Exception) -> None:
+    _counters.add(tracking_failures=1)
+    _log.error('gemini:record', 'pai-usage: could not record a Gemini call: %r', exc, exc_info=True)
+
+
+def _never_raises(func: Callable[_P, None]) -> Callable[_P, None]:
+    """Tracking must never change the outcome of the call it tracks: failures are logged and counted."""
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            func(*args, **kwargs)
+        except Exception as exc:
+            _tracking_failed(exc)
+
+    return wrapper
+
+
+@dataclass(frozen=True, slots=True)
+class _Attribution:
+    organization_id: str | None
+    user_id: str | None
+    run_id: str | None
+    agent_name: str | None
+    tracker: UsageTracker
+    metadata: Mapping[str, Any] | None
+
+
+def _model_name(model: str) -> str:
+    # The SDK accepts `models/x` and `publishers/google/models/x`; prices and summaries want `x`.
+    return model.rsplit('/', 1)[-1]
+
+
+def _error_metadata(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, errors.APIError):
+        return {'error_code': exc.code, 'error_status': exc.status, 'error_type': type(exc).__name__}
+    return {'error_type': type(exc).__name__}
+
+
+class GeminiUsageMixin:
+    """Adds usage tracking to a class that holds a `google.genai.Client` as `self.client`.
+
+    Attribution is resolved per call, in this order:
+
+    1. the `deps=` (any object with `user_id` / `organization_id`, e.g. `UsageDeps`) or `usage_context=` given at
+       construction;
+    2. the current `UsageContext`, which the `TrackUsage` capability sets during an agent run; the row is then
+       also linked to that run (`run_id`, `agent_name`);
+    3. neither: the row is recorded with NULL attribution, and a warning is logged once per process.
+
+    The `tracked_*` methods call the SDK, time the call, and hand one record per call to the tracker
+    (fire-and-forget: no I/O on the caller's path). A call that raises is recorded as a zero-cost
+    `status='error'` row and the exception reaches the caller unchanged. Tracking never changes a result.
+
+    ```python
+    class MyService(GeminiUsageMixin):
+        def __init__(self, client: genai.Client, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.client = client
+    ```
+    """
+
+    client: genai.Client
+    """The SDK client the class calls; the mixin reads `client.vertexai` to pick the provider id."""
+
+    def __init__(
+        self,
+        *,
+        deps: _HasAttribution | None = None,
+        usage_context: UsageContext | None = None,
+        tracker: UsageTracker | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Set explicit attribution (Option B: "set context on service initialization").
+
+        Args:
+            deps: An object with `user_id` and `organization_id` (and optionally `tracker`), e.g. `UsageDeps`.
+            usage_context: A `UsageContext`; combined with `deps`, the deps' user and organization win.
+            tracker: Tracker to record to. Defaults to the deps', the context's, the ambient context's, then
+                `get_tracker()`.
+            **kwargs: Passed on to the next class in the MRO.
+        """
+        super().__init__(**kwargs)
+        explicit = usage_context
+        if deps is not None:
+            explicit = UsageContext(
+                organization_id=getattr(deps, 'organization_id', None) or None,
+                user_id=getattr(deps, 'user_id', None) or None,
+                run_id=usage_context.run_id if usage_context else None,
+                agent_name=usage_context.agent_name if usage_context else None,
+                tracker=getattr(deps, 'tracker', None) or (usage_context.tracker if usage_context else None),
+                metadata=usage_context.metadata if usage_context else None,
+            )
+        self.usage_context = explicit
+        """Explicit attribution given at construction, or None to follow the current `UsageContext`."""
+        self.usage_tracker = tracker
+        """Explicit tracker, or None."""
+
+    # --- attribution -----------------------------------------------------------------------------------------
+
+    @property
+    def usage_provider(self) -> str:
+        """`google-vertex` for a Vertex AI client, else `google-gla`."""
+        client = getattr(self, 'client', None)
+        return VERTEX_PROVIDER if client is not None and client.vertexai else GEMINI_API_PROVIDER
+
+    def _attribution(self) -> _Attribution:
+        explicit: UsageContext | None = getattr(self, 'usage_context', None)
+        ambient = current_usage_context()
+        # Explicit attribution wins; explicit deps that name nobody fall back to the run's.
+        chosen = explicit if explicit is not None and (explicit.organization_id or explicit.user_id) else ambient
+        tracker = (
+            getattr(self, 'usage_tracker', None)
+            or (explicit.tracker if explicit else None)
+            or (ambient.tracker if ambient else None)
+            or get_tracker()
+        )
+        if chosen is None or (chosen.organization_id is None and chosen.user_id is None):
+            _once.warning(
+                'gemini:unattributed',
+                'pai-usage: a direct Gemini call was made with no deps/usage_context and outside any agent run or '
+                '`usage_context()`; recorded with organization_id=NULL and user_id=NULL. Pass `deps=` to %s.',
+                type(self).__name__,
+            )
+        if chosen is None:
+            return _Attribution(None, None, None, None, tracker, None)
+        return _Attribution(
+            chosen.organization_id, chosen.user_id, chosen.run_id, chosen.agent_name, tracker, chosen.metadata
+        )
+
+    # --- recording -------------------------------------------------------------------------------------------
+
+    def _record(
+        self,
+        *,
+        operation: str,
+        model: str,
+        provider: str | None = None,
+        tokens: TokenCounts | None = None,
+        units: Decimal | int | None = None,
+        unit_type: str | None = None,
+        duration_ms: int | None = None,
+        request_id: str | None = None,
+        error: BaseException | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        try:
+            who = self._attribution()
+            meta: dict[str, Any] = {**(who.metadata or {}), **(metadata or {})}
+            fields: dict[str, Any] = {
+                'organization_id': who.organization_id,
+                'user_id': who.user_id,
+                'run_id': who.run_id,
+                'agent_name': who.agent_name,
+                'provider': provider or self.usage_provider,
+                'model': _model_name(model),
+                'operation': operation,
+                'source': 'direct',
+                'request_id': request_id,
+                'duration_ms': duration_ms,
+            }
+            missing = 0
+            if error is not None:
+                meta.update(_error_metadata(error))
+                fields['status'] = 'error'
+                if tokens is None and isinstance(error, errors.APIError):
+                    # The API rejected the call: Google bills nothing for it.
+                    fields.update(cost_usd=Decimal(0), pricing_status='priced', price_source=NOT_BILLED_SOURCE)
+                elif tokens is None:
+                    # A transport failure may or may not have been billed: say so rather than guess 0.
+                    fields.update(pricing_status='unpriced')
+                # With tokens (a stream that broke after output began), the tokens are priced as usual.
+            if tokens is not None:
+                fields.update(tokens.as_columns())
+            elif error is None and unit_type is None:
+                # Billed, but the response said nothing about how much: keep the call, leave the cost unknown.
+                missing = 1
+                meta['usage_missing'] = True
+                fields['pricing_status'] = 'unpriced'
+                _log.warning(
+                    f'gemini:usage-missing:{model}',
+                    'pai-usage: a %s response carried no usage_metadata; recorded unpriced with metadata.usage_missing',
+                    model,
+                )
+            if unit_type is not None:
+                fields['units'] = Decimal(units or 0)
+                fields['unit_type'] = unit_type
+            fields['metadata'] = meta
+            who.tracker.track(**fields)
+        except Exception as exc:
+            _tracking_failed(exc)
+            return
+        _counters.add(errors=1 if error is not None else 0, missing_usage=missing)
+
+    @_never_raises
+    def track_response(
+        self,
+        response: types.GenerateContentResponse,
+        *,
+        model: str,
+        operation: str = 'generate_content',
+        duration_ms: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record a `generate_content` response you obtained yourself: tokens from its `usage_metadata`."""
+        meta = dict(metadata or {})
+        version = response.model_version
+        if version and _model_name(version) != _model_name(model):
+            meta['model_version'] = version
+        self._record(
+            operation=operation,
+            model=model,
+            tokens=token_counts(response.usage_metadata),
+            duration_ms=duration_ms,
+            request_id=response.response_id,
+            metadata=meta,
+        )
+
+    @_never_raises
+    def track_units(
+        self,
+        provider: str,
+        model: str,
+        operation: str,
+        unit_type: str,
+        units: Decimal | int | float,
+        *,
+        duration_ms: int | None = None,
+        request_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record a non-token call priced per unit by the price table: ElevenLabs or Cloud TTS characters, ...
+
+        Example: `service.track_units('elevenlabs', 'eleven_multilingual_v2', 'text_to_speech', 'character', 1200)`.
+        """
+        self._record(
+            operation=operation,
+            model=model,
+            provider=provider,
+            units=Decimal(str(units)) if isinstance(units, float) else units,
+            unit_type=unit_type,
+            duration_ms=duration_ms,
+            request_id=request_id,
+            metadata=metadata,
+        )
+
+    # --- timing helpers --------------------------------------------------------------------------------------
+
+    def _timed(self, call: Callable[[], _R], on_error: Callable[[BaseException, int], None]) -> tuple[_R, int]:
+        start = time.perf_counter()
+        try:
+            result = call()
+        except Exception as exc:
+            on_error(exc, _ms(start))
+            raise
+        return result, _ms(start)
+
+    async def _atimed(
+        self, call: Callable[[], Awaitable[_R]], on_error: Callable[[BaseException, int], None]
+    ) -> tuple[_R, int]:
+        start = time.perf_counter()
+        try:
+            result = await call()
+        except Exception as exc:
+            on_error(exc, _ms(start))
+            raise
+        return result, _ms(start)
+
+    def _error_recorder(self, operation: str, model: str) -> Callable[[BaseException, int], None]:
+        def on_error(exc: BaseException, duration_ms: int) -> None:
+            self._record(operation=operation, model=model, error=exc, duration_ms=duration_ms)
+
+        return on_error
+
+    # --- generate_content ------------------------------------------------------------------------------------
+
+    def tracked_generate_content(
+        self,
+        *,
+        model: str,
+        contents: Contents,
+        config: types.GenerateContentConfigOrDict | None = None,
+        operation: str = 'generate_content',
+        metadata: Mapping[str, Any] | None = None,
+    ) -> types.GenerateContentResponse:
+        """`client.models.generate_content(...)`, recorded with its token usage."""
+        response, ms = self._timed(
+            lambda: self.client.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
+                model=model, contents=contents, config=config
+            ),
+            self._error_recorder(operation, model),
+        )
+        self.track_response(response, model=model, operation=operation, duration_ms=ms, metadata=metadata)
+        return response
+
+    async def atracked_generate_content(
+        self,
+        *,
+        model: str,
+        contents: Contents,
+        config: types.GenerateContentConfigOrDict | None = None,
+        operation: str = 'generate_content',
+        metadata: Mapping[str, Any] | None = None,
+    ) -> types.GenerateContentResponse:
+        """`client.aio.models.generate_content(...)`, recorded with its token usage."""
+        response, ms = await self._atimed(
+            lambda: self.client.aio.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
+                model=model, contents=contents, config=config
+            ),
+            self._error_recorder(operation, model),
+        )
+        self.track_response(response, model=model, operation=operation, duration_ms=ms, metadata=metadata)
+        return response
+
+    def tracked_generate_content_stream(
+        self,
+        *,
+        model: str,
+        contents: Contents,
+        config: types.GenerateContentConfigOrDict | None = None,
+        operation: str = 'generate_content_stream',
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Generator[types.GenerateContentResponse]:
+        """`client.models.generate_content_stream(...)`: yields the chunks, then records the last chunk's usage.
+
+        Chunk usage is a running total, so the stream's usage is the last one seen, never a sum. A stream
+        abandoned early is recorded with the usage seen so far and `metadata.stream_incomplete`.
+        """
+        stream = _StreamState(self, model, operation, metadata)
+        try:
+            chunks = self.client.models.generate_content_stream(  # pyright: ignore[reportUnknownMemberType]
+                model=model, contents=contents, config=config
+            )
+            for chunk in chunks:
+                stream.seen(chunk)
+                yield chunk
+        except Exception as exc:
+            stream.finish(exc)
+            raise
+        except BaseException:
+            stream.finish(None, incomplete=True)
+            raise
+        stream.finish(None)
+
+    async def atracked_generate_content_stream(
+        self,
+        *,
+        model: str,
+        contents: Contents,
+        config: types.GenerateContentConfigOrDict | None = None,
+        operation: str = 'generate_content_stream',
+        metadata: Mapping[str, Any] | None = None,
+    ) -> AsyncGenerator[types.GenerateContentResponse]:
+        """`client.aio.models.generate_content_stream(...)`, recorded like `tracked_generate_content_stream`."""
+        stream = _StreamState(self, model, operation, metadata)
+        try:
+            chunks = await self.client.aio.models.generate_content_stream(  # pyright: ignore[reportUnknownMemberType]
+                model=model, contents=contents, config=config
+            )
+            async for chunk in chunks:
+                stream.seen(chunk)
+                yield chunk
+        except Exception as exc:
+            stream.finish(exc)
+            raise
+        except BaseException:
+            stream.finish(None, incomplete=True)
+            raise
+        stream.finish(None)
+
+    # --- Imagen ----------------------------------------------------------------------------------------------
+
+    @_never_raises
+    def _track_images(
+        self, response: types.GenerateImagesResponse, model: str, operation: str, ms: int, metadata: Any
+    ) -> None:
+        generated = response.generated_images or []
+        delivered = sum(1 for g in generated if g.image is not None)
+        meta = dict(metadata or {})
+        if delivered < len(generated):
+            meta['filtered_images'] = len(generated) - delivered
+        self._record(
+            operation=operation, model=model, units=delivered, unit_type='image', duration_ms=ms, metadata=meta
+        )
+
+    def tracked_generate_images(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        config: types.GenerateImagesConfigOrDict | None = None,
+        operation: str = 'generate_image',
+        metadata: Mapping[str, Any] | None = None,
+    ) -> types.GenerateImagesResponse:
+        """Imagen `client.models.generate_images(...)`: no token usage, recorded as `image` units (one per image)."""
+        response, ms = self._timed(
+            lambda: self.client.models.generate_images(model=model, prompt=prompt, config=config),
+            self._error_recorder(operation, model),
+        )
+        self._track_images(response, model, operation, ms, metadata)
+        return response
+
+    async def atracked_generate_images(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        config: types.GenerateImagesConfigOrDict | None = None,
+        operation: str = 'generate_image',
+        metadata: Mapping[str, Any] | None = None,
+    ) -> types.GenerateImagesResponse:
+        """Async `tracked_generate_images`."""
+        response, ms = await self._atimed(
+            lambda: self.client.aio.models.generate_images(model=model, prompt=prompt, config=config),
+            self._error_recorder(operation, model),
+        )
+        self._track_images(response, model, operation, ms, metadata)
+        return response
+
+    # --- Veo -------------------------------------------------------------------------------------------------
+
+    @_never_raises
+    def _track_video(
+        self,
+        operation_result: types.GenerateVideosOperation,
+        config: types.GenerateVideosConfig,
+        model: str,
+        operation: str,
+        ms: int,
+        metadata: Mapping[str, Any] | None,
+    ) -> None:
+        meta = dict(metadata or {})
+        seconds = config.duration_seconds
+        if seconds is None:
+            seconds = DEFAULT_VEO_DURATION_SECONDS
+            meta['duration_seconds_assumed'] = True
+        requested = config.number_of_videos or 1
+        result = operation_result.result
+        filtered = (result.rai_media_filtered_count or 0) if result is not None else 0
+        if result is not None and result.generated_videos is not None:
+            delivered = len(result.generated_videos)
+        else:
+            delivered = max(requested - filtered, 0)
+        if filtered:
+            meta['filtered_videos'] = filtered
+        meta['videos'] = delivered
+        meta['duration_seconds'] = seconds
+        self._record(
+            operation=operation,
+            model=model,
+            units=seconds * delivered,
+            unit_type='video_second',
+            duration_ms=ms,
+            request_id=operation_result.name,
+            metadata=meta,
+        )
+
+    def tracked_generate_videos(
+        self,
+        *,
+        model: str,
+        source: types.GenerateVideosSourceOrDict,
+        config: types.GenerateVideosConfigOrDict | None = None,
+        operation: str = 'generate_video',
+        poll_interval: float = 10.0,
+        timeout: float | None = 600.0,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> types.GenerateVideosOperation:
+        """Veo `generate_videos(...)`, polled until done, recorded as `video_second` units.
+
+        Veo returns no usage: the seconds billed are the requested `duration_seconds` (default 8) times the
+        videos delivered (requested `number_of_videos` minus those filtered for safety). A failed operation
+        is recorded as an error row and raised as `google.genai.errors.APIError`.
+        """
+        cfg = _video_config(config)
+        on_error = self._error_recorder(operation, model)
+        start = time.perf_counter()
+        try:
+            op = self.client.models.generate_videos(model=model, source=source, config=cfg)
+            while not op.done:
+                if timeout is not None and time.perf_counter() - start > timeout:
+                    raise TimeoutError(f'Veo operation {op.name!r} not done after {timeout}s')
+                time.sleep(poll_interval)
+                op = self.client.operations.get(op)
+            _raise_for_operation(op)
+        except Exception as exc:
+            on_error(exc, _ms(start))
+            raise
+        self._track_video(op, cfg, model, operation, _ms(start), metadata)
+        return op
+
+    async def atracked_generate_videos(
+        self,
+        *,
+        model: str,
+        source: types.GenerateVideosSourceOrDict,
+        config: types.GenerateVideosConfigOrDict | None = None,
+        operation: str = 'generate_video',
+        poll_interval: float = 10.0,
+        timeout: float | None = 600.0,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> types.GenerateVideosOperation:
+        """Async `tracked_generate_videos`."""
+        cfg = _video_config(config)
+        on_error = self._error_recorder(operation, model)
+        start = time.perf_counter()
+        try:
+            op = await self.client.aio.models.generate_videos(model=model, source=source, config=cfg)
+            while not op.done:
+                if timeout is not None and time.perf_counter() - start > timeout:
+                    raise TimeoutError(f'Veo operation {op.name!r} not done after {timeout}s')
+                await asyncio.sleep(poll_interval)
+                op = await self.client.aio.operations.get(op)
+            _raise_for_operation(op)
+        except Exception as exc:
+            on_error(exc, _ms(start))
+            raise
+        self._track_video(op, cfg, model, operation, _ms(start), metadata)
+        return op
+
+
+class _StreamState:
+    """What a stream has shown so far; records exactly once."""
+
+    def __init__(self, owner: GeminiUsageMixin, model: str, operation: str, metadata: Mapping[str, Any] | None) -> None:
+        self.owner = owner
+        self.model = model
+        self.operation = operation
+        self.metadata = dict(metadata or {})
+        self.start = time.perf_counter()
+        self.usage: types.GenerateContentResponseUsageMetadata | None = None
+        self.last: types.GenerateContentResponse | None = None
+        self.chunks = 0
+        self.done = False
+
+    def seen(self, chunk: types.GenerateContentResponse) -> None:
+        self.chunks += 1
+        self.last = chunk
+        self.usage = merge_usage_metadata(self.usage, chunk.usage_metadata)
+
+    @_never_raises
+    def finish(self, error: BaseException | None, *, incomplete: bool = False) -> None:
+        if self.done:
+            return
+        self.done = True
+        ms = _ms(self.start)
+        meta = {**self.metadata, 'chunks': self.chunks}
+        if incomplete:
+            meta['stream_incomplete'] = True
+        version = self.last.model_version if self.last is not None else None
+        if version and _model_name(version) != _model_name(self.model):
+            meta['model_version'] = version
+        if error is not None and self.usage is not None:
+            # Output was generated (and billed) before the stream broke: the row keeps its tokens.
+            meta['stream_incomplete'] = True
+        self.owner._record(  # pyright: ignore[reportPrivateUsage]
+            operation=self.operation,
+            model=self.model,
+            tokens=token_counts(self.usage),
+            duration_ms=ms,
+            request_id=self.last.response_id if self.last is not None else None,
+            error=error,
+            metadata=meta,
+        )
+
+
+def _ms(start: float) -> int:
+    return max(round((time.perf_counter() - start) * 1000), 0)
+
+
+def _video_config(config: types.GenerateVideosConfigOrDict | None) -> types.GenerateVideosConfig:
+    if config is None:
+        return types.GenerateVideosConfig()
+    if isinstance(config, types.GenerateVideosConfig):
+        return config
+    return types.GenerateVideosConfig.model_validate(config)
+
+
+def _raise_for_operation(op: types.GenerateVideosOperation) -> None:
+    if op.error:
+        # Raised as the SDK's own error type, so callers handle one kind of failure.
+        error = dict(op.error)
+        code = error.get('code')
+        raise errors.APIError(code if isinstance(code, int) else 500, {'error': error})

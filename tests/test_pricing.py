@@ -1,0 +1,386 @@
+"""Pricing: stored costs equal genai-prices per request, our table covers units and overrides, unknown is NULL."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import genai_prices
+import pytest
+import sqlalchemy as sa
+
+from pai_usage import PriceTable, TokenPrice, UnitPrice, UsageRecord, UsageTracker, set_price_table
+from pai_usage.pricing import (
+    GENAI_PRICES_SOURCE,
+    PRICES_ENV_VAR,
+    effective_price,
+    get_price_table,
+    price_usage,
+)
+from pai_usage.table import TOKEN_USAGE
+from pai_usage.usage import TokenCounts
+
+WHEN = datetime(2026, 6, 1, 12, tzinfo=UTC)
+
+
+def _track_and_read(tracker: UsageTracker, **fields: Any) -> dict[str, Any]:
+    record = UsageRecord(created_at=fields.pop('created_at', WHEN), **fields)
+    tracker.track(record)
+    assert tracker.flush()
+    with tracker.engine.connect() as conn:
+        row = conn.execute(sa.select(TOKEN_USAGE).where(TOKEN_USAGE.c.id == record.id)).mappings().one()
+    return dict(row)
+
+
+def _buckets(inclusive: dict[str, int]) -> dict[str, int]:
+    """The ledger's buckets for inclusive counts, worked out by hand (not by `TokenCounts`)."""
+    cache = inclusive.get('cache_read_tokens', 0) + inclusive.get('cache_write_tokens', 0)
+    return {
+        'input_tokens': inclusive['input_tokens'] - cache,
+        'cache_read_tokens': inclusive.get('cache_read_tokens', 0),
+        'cache_write_tokens': inclusive.get('cache_write_tokens', 0),
+        'output_tokens': inclusive['output_tokens'] - inclusive.get('reasoning_tokens', 0),
+        'reasoning_tokens': inclusive.get('reasoning_tokens', 0),
+    }
+
+
+# Inclusive counts, as providers and genai-prices count them (input includes cache, output includes reasoning).
+PARITY_CASES = [
+    pytest.param('gpt-4o', 'openai', {'input_tokens': 12_000, 'cache_read_tokens': 4_000, 'output_tokens': 800}),
+    pytest.param(
+        'claude-sonnet-4',
+        'anthropic',
+        {
+            'input_tokens': 20_000,
+            'cache_read_tokens': 8_000,
+            'cache_write_tokens': 2_000,
+            'output_tokens': 1_500,
+            'reasoning_tokens': 500,
+        },
+    ),
+    pytest.param(
+        'gemini-2.5-pro', 'google-gla', {'input_tokens': 150_000, 'output_tokens': 2_000}, id='gemini-2.5-pro-low'
+    ),
+    pytest.param(
+        'gemini-2.5-pro',
+        'google-gla',
+        {'input_tokens': 250_000, 'cache_read_tokens': 50_000, 'output_tokens': 3_000, 'reasoning_tokens': 1_000},
+        id='gemini-2.5-pro-high',
+    ),
+    pytest.param(
+        'gemini-2.0-flash', 'google-gla', {'input_tokens': 10_000, 'cache_read_tokens': 4_000, 'output_tokens': 500}
+    ),
+]
+
+
+@pytest.mark.parametrize(('model', 'provider', 'inclusive'), PARITY_CASES)
+def test_stored_cost_equals_genai_prices(tracker: UsageTracker, model: str, provider: str, inclusive: dict[str, int]):
+    usage = genai_prices.Usage(**{k: v for k, v in inclusive.items() if k != 'reasoning_tokens'})
+    expected = genai_prices.calc_price(usage, model, provider_id=provider, genai_request_timestamp=WHEN).total_price
+    assert expected > 0
+
+    row = _track_and_read(tracker, model=model, provider=provider, **_buckets(inclusive))
+
+    assert row['cost_usd'] == expected
+    assert row['pricing_status'] == 'priced'
+    assert row['price_source'] == f'genai-prices {genai_prices.__version__}'
+
+
+def test_gemini_25_pro_tiers_differ():
+    def per_input_token(input_tokens: int) -> Decimal:
+        usage = genai_prices.Usage(input_tokens=input_tokens)
+        return genai_prices.calc_price(usage, 'gemini-2.5-pro', provider_id='google-gla').total_price / input_tokens
+
+    # The parity cases above straddle the 200k tier: make sure they really hit two prices.
+    assert per_input_token(250_000) > per_input_token(150_000)
+
+
+def test_historic_price_follows_the_request_timestamp(tracker: UsageTracker):
+    # genai-prices knows an o3 price cut on 2025-06-10.
+    before, after = datetime(2025, 6, 1, tzinfo=UTC), datetime(2025, 7, 1, tzinfo=UTC)
+    usage = genai_prices.Usage(input_tokens=100_000, output_tokens=10_000)
+    expected = {
+        when: genai_prices.calc_price(usage, 'o3', provider_id='openai', genai_request_timestamp=when).total_price
+        for when in (before, after)
+    }
+    assert expected[before] != expected[after]
+
+    for when in (before, after):
+        row = _track_and_read(
+            tracker, model='o3', provider='openai', input_tokens=100_000, output_tokens=10_000, created_at=when
+        )
+        assert row['cost_usd'] == expected[when]
+
+
+def test_unknown_model_is_unpriced_not_zero(tracker: UsageTracker, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.WARNING, logger='pai_usage')
+    model = f'no-such-model-{uuid4().hex[:8]}'  # a new name: the warning is rate-limited per model
+    row = _track_and_read(tracker, model=model, provider='acme-ai', input_tokens=1_000, output_tokens=10)
+    _track_and_read(tracker, model='gpt-4o', provider='openai', input_tokens=1_000, organization_id='o')
+
+    assert row['cost_usd'] is None
+    assert row['pricing_status'] == 'unpriced'
+    assert row['price_source'] is None
+    assert tracker.stats().unpriced == 1
+    summary = tracker.get_usage_summary(datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    assert summary.totals.unpriced_events == 1
+    assert summary.totals.events == 2
+    [unknown] = [r for r in summary.rows if r.group['model'] == model]
+    assert (unknown.totals.unpriced_events, unknown.totals.cost_usd) == (1, 0)
+    assert summary.totals.cost_usd == _track_cost_of_gpt_4o_1000_input()
+    assert any(model in message for message in caplog.messages)
+
+
+def _track_cost_of_gpt_4o_1000_input() -> Decimal:
+    usage = genai_prices.Usage(input_tokens=1_000)
+    return genai_prices.calc_price(usage, 'gpt-4o', provider_id='openai', genai_request_timestamp=WHEN).total_price
+
+
+def test_unpriced_warning_is_rate_limited(caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.WARNING, logger='pai_usage')
+    for _ in range(5):
+        priced = price_usage(provider='acme-ai', model='rate-limited-model', tokens=TokenCounts(input_tokens=1))
+        assert (priced.cost_usd, priced.pricing_status) == (None, 'unpriced')
+    assert sum('rate-limited-model' in message for message in caplog.messages) == 1
+
+
+PRICE_TOML = """
+[[tokens]]
+model = "gpt-4o"
+provider = "openai"
+input_mtok = 2
+output_mtok = 8
+cache_read_mtok = 0.5
+
+[[units]]
+model = "imagen-*"
+provider = "google*"
+unit_type = "image"
+usd_per_unit = 0.04
+
+[[units]]
+model = "veo-*"
+provider = "google*"
+unit_type = "video_second"
+usd_per_unit = "0.4"
+
+[[units]]
+model = "*"
+provider = "elevenlabs"
+unit_type = "character"
+usd_per_unit = 0.00018
+"""
+
+
+def _price_json() -> str:
+    import tomllib
+
+    return json.dumps(tomllib.loads(PRICE_TOML))
+
+
+@pytest.fixture(params=['toml-file', 'json-file', 'env-var'])
+def configured_prices(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prices of `PRICE_TOML`, loaded from a file in code or named by `$PAI_USAGE_PRICES`."""
+    if request.param == 'json-file':
+        path = tmp_path / 'prices.json'
+        path.write_text(_price_json())
+        set_price_table(PriceTable.from_file(path))
+    else:
+        path = tmp_path / 'prices.toml'
+        path.write_text(PRICE_TOML)
+        if request.param == 'toml-file':
+            set_price_table(PriceTable.from_file(path))
+        else:
+            monkeypatch.setenv(PRICES_ENV_VAR, str(path))
+            set_price_table(None)
+
+
+# Expected costs from the prices set in PRICE_TOML above, worked out here.
+CONFIGURED_CASES = [
+    pytest.param(
+        {
+            'model': 'gpt-4o',
+            'provider': 'openai',
+            'input_tokens': 8_000,
+            'cache_read_tokens': 4_000,
+            'output_tokens': 800,
+        },
+        (8_000 * Decimal(2) + 4_000 * Decimal('0.5') + 800 * Decimal(8)) / 1_000_000,
+        id='token-override',
+    ),
+    pytest.param(
+        {'model': 'imagen-4.0-generate-001', 'provider': 'google-vertex', 'units': Decimal(3), 'unit_type': 'image'},
+        3 * Decimal('0.04'),
+        id='imagen-image',
+    ),
+    pytest.param(
+        {
+            'model': 'veo-3.0-generate-001',
+            'provider': 'google-vertex',
+            'units': Decimal(16),
+            'unit_type': 'video_second',
+        },
+        16 * Decimal('0.4'),
+        id='veo-second',
+    ),
+    pytest.param(
+        {'model': 'eleven_multilingual_v2', 'provider': 'elevenlabs', 'units': Decimal(1234), 'unit_type': 'character'},
+        1234 * Decimal('0.00018'),
+        id='elevenlabs-character',
+    ),
+]
+
+
+@pytest.mark.usefixtures('configured_prices')
+@pytest.mark.parametrize(('fields', 'expected'), CONFIGURED_CASES)
+def test_configured_prices(tracker: UsageTracker, fields: dict[str, Any], expected: Decimal):
+    row = _track_and_read(tracker, **fields)
+    assert row['cost_usd'] == expected
+    assert (row['pricing_status'], row['price_source']) == ('override', 'config')
+
+
+# The documented defaults (issue #2): $0.02 per Imagen image, $0.05 per Veo second, $0.00003 per ElevenLabs character.
+@pytest.mark.parametrize(
+    ('fields', 'expected'),
+    [
+        ({'model': 'imagen-3.0-generate-002', 'provider': 'google-vertex', 'units': 4, 'unit_type': 'image'}, '0.08'),
+        ({'model': 'veo-2.0-generate-001', 'provider': 'google-gla', 'units': 8, 'unit_type': 'video_second'}, '0.40'),
+        ({'model': 'eleven_v3', 'provider': 'elevenlabs', 'units': 1000, 'unit_type': 'character'}, '0.03'),
+    ],
+)
+def test_default_unit_prices(tracker: UsageTracker, fields: dict[str, Any], expected: str):
+    row = _track_and_read(tracker, **fields)
+    assert row['cost_usd'] == Decimal(expected)
+    assert row['pricing_status'] == 'override'
+
+
+def test_units_without_a_price_are_unpriced(tracker: UsageTracker):
+    row = _track_and_read(tracker, model='dall-e-3', provider='openai', units=2, unit_type='image')
+    assert (row['cost_usd'], row['pricing_status']) == (None, 'unpriced')
+
+
+def test_token_override_beats_genai_prices():
+    table = PriceTable(
+        tokens=(TokenPrice('gemini-2.0-*', provider='google*', input_mtok=Decimal(1), output_mtok=Decimal(3)),)
+    )
+    priced = price_usage(
+        provider='google-gla',
+        model='gemini-2.0-flash',
+        tokens=TokenCounts(input_tokens=1_000, output_tokens=100, reasoning_tokens=100),
+        table=table,
+    )
+    assert priced.cost_usd == (1_000 * 1 + 200 * 3) / Decimal(1_000_000)
+    assert (priced.pricing_status, priced.price_source) == ('override', 'config')
+
+
+def test_first_matching_unit_price_wins():
+    table = PriceTable(
+        units=(
+            UnitPrice('imagen-4*', 'image', Decimal('0.06'), provider='google*'),
+            UnitPrice('imagen-*', 'image', Decimal('0.02'), provider='google*'),
+        )
+    )
+    assert table.unit_price('google-vertex', 'imagen-4.0-ultra', 'image') == table.units[0]
+    assert table.unit_price('google-vertex', 'imagen-3.0', 'image') == table.units[1]
+    assert table.unit_price('openai', 'imagen-3.0', 'image') is None
+
+
+def test_absurd_computed_cost_is_unpriced(caplog: pytest.LogCaptureFixture):
+    table = PriceTable(units=(UnitPrice('veo-*', 'video_second', Decimal(1000)),))
+    priced = price_usage(
+        provider='google-vertex',
+        model='veo-3',
+        tokens=TokenCounts(),
+        units=Decimal(10_000),
+        unit_type='video_second',
+        table=table,
+    )
+    assert (priced.cost_usd, priced.pricing_status) == (None, 'unpriced')
+
+
+@pytest.mark.parametrize(
+    ('name', 'content', 'message'),
+    [
+        ('prices.toml', '[[tokens]\nmodel = "x"', 'bad price file'),
+        ('prices.json', '{"units": [', 'bad price file'),
+        ('prices.json', '[1, 2]', 'expected a table'),
+        ('prices.toml', 'currency = "EUR"', 'unknown price table keys'),
+        ('prices.toml', 'units = "imagen"', '`units` must be an array of tables'),
+        ('prices.toml', 'units = [1]', r'bad entry `units\[0\]`'),
+        ('prices.toml', '[[tokens]]\nmodel = "x"\ninput_mtok = -1', 'input_mtok must be a non-negative number'),
+        ('prices.toml', '[[tokens]]\nmodel = "x"\ninput_mtok = "cheap"', r'bad entry `tokens\[0\]`'),
+        ('prices.toml', '[[tokens]]\nmodel = "x"\ninput_mtok = true', 'expected a number'),
+        ('prices.toml', '[[tokens]]\nmodel = "x"\nprice = 1', "unexpected keyword argument 'price'"),
+        ('prices.toml', '[[units]]\nmodel = "x"\nunit_type = "image"', 'missing 1 required positional argument'),
+        ('prices.toml', '[[units]]\nmodel = 5\nunit_type = "image"\nusd_per_unit = 1', 'model must be a string'),
+    ],
+)
+def test_bad_price_file_is_a_clear_value_error(tmp_path: Path, name: str, content: str, message: str):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as exc_info:
+        PriceTable.from_file(path)
+    assert str(path) in str(exc_info.value)
+
+
+def test_missing_price_file_is_a_clear_value_error(tmp_path: Path):
+    with pytest.raises(ValueError, match=r'cannot read price file .*nope\.toml'):
+        PriceTable.from_file(tmp_path / 'nope.toml')
+
+
+def test_bad_price_file_in_env_leaves_usage_unpriced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    path = tmp_path / 'prices.toml'
+    path.write_text('[[tokens]\n')
+    monkeypatch.setenv(PRICES_ENV_VAR, str(path))
+    set_price_table(None)
+    with pytest.raises(ValueError, match='bad price file'):
+        get_price_table()
+    priced = price_usage(provider='openai', model='gpt-4o', tokens=TokenCounts(input_tokens=10))
+    assert (priced.cost_usd, priced.pricing_status) == (None, 'unpriced')
+    assert any('bad price file' in message for message in caplog.messages)
+
+
+def test_effective_price_of_a_gemini_model_has_no_foreign_unit_prices():
+    price = effective_price('gemini-2.5-pro', 'google-gla', at=WHEN)
+    assert price.source == 'genai-prices'
+    assert price.price_source == GENAI_PRICES_SOURCE
+    assert price.unit_prices == {}  # not ElevenLabs' per-character price
+
+    def per_mtok(input_tokens: int) -> Decimal:
+        usage = genai_prices.Usage(input_tokens=input_tokens)
+        calc = genai_prices.calc_price(usage, 'gemini-2.5-pro', provider_id='google-gla', genai_request_timestamp=WHEN)
+        return calc.total_price * 1_000_000 / input_tokens
+
+    assert price.token_prices['input_mtok'] == per_mtok(100_000)
+    assert price.token_tiers['input_mtok'] == ((200_000, per_mtok(1_000_000)),)
+    assert effective_price('gemini-2.5-pro').unit_prices == {}
+
+
+@pytest.mark.parametrize(
+    ('model', 'provider', 'unit_type', 'usd'),
+    [
+        ('imagen-3.0-generate-002', 'google-vertex', 'image', '0.02'),
+        ('imagen-3.0-generate-002', None, 'image', '0.02'),
+        ('veo-3.0-generate-001', 'google-gla', 'video_second', '0.05'),
+        ('eleven_multilingual_v2', 'elevenlabs', 'character', '0.00003'),
+    ],
+)
+def test_effective_unit_prices_match_the_provider(model: str, provider: str | None, unit_type: str, usd: str):
+    price = effective_price(model, provider)
+    assert price.unit_prices == {unit_type: Decimal(usd)}
+    assert (price.source, price.price_source) == ('config', 'config')
+
+
+def test_effective_price_shows_overrides_and_unknowns():
+    table = PriceTable(tokens=(TokenPrice('gpt-4o', input_mtok=Decimal(2), output_mtok=Decimal(8)),))
+    price = effective_price('gpt-4o', 'openai', table=table)
+    assert (price.source, price.token_prices) == ('config', {'input_mtok': Decimal(2), 'output_mtok': Decimal(8)})
+    unknown = effective_price('no-such-model-7b')
+    assert (unknown.source, unknown.token_prices, unknown.unit_prices) == ('none', {}, {})

@@ -1,0 +1,117 @@
+"""`UsageRecord` validation: every kind of bad input is a clear error, never a silently wrong row."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from pai_usage import UsageRecord, UsageTracker
+from pai_usage.record import MAX_COST_USD, MAX_METADATA_BYTES, MAX_TOKENS, MAX_UNITS
+
+
+@pytest.mark.parametrize(
+    ('fields', 'field_name', 'message'),
+    [
+        pytest.param({'input_tokens': -1}, 'input_tokens', 'greater than or equal to 0', id='negative-tokens'),
+        pytest.param(
+            {'output_tokens': MAX_TOKENS + 1},
+            'output_tokens',
+            f'less than or equal to {MAX_TOKENS}',
+            id='absurd-tokens',
+        ),
+        pytest.param({'reasoning_tokens': True}, 'reasoning_tokens', 'valid integer', id='bool-tokens'),
+        pytest.param({'cache_read_tokens': '10'}, 'cache_read_tokens', 'valid integer', id='str-tokens'),
+        pytest.param({'input_tokens': 1.0}, 'input_tokens', 'valid integer', id='float-tokens'),
+        pytest.param({'details': {'x': -5}}, 'details.x', 'greater than or equal to 0', id='negative-detail'),
+        pytest.param({'cost_usd': Decimal('NaN')}, 'cost_usd', 'finite number', id='nan-cost'),
+        pytest.param({'cost_usd': float('nan')}, 'cost_usd', 'finite number', id='nan-float-cost'),
+        pytest.param({'cost_usd': Decimal('Infinity')}, 'cost_usd', 'finite number', id='infinite-cost'),
+        pytest.param({'cost_usd': Decimal('-0.01')}, 'cost_usd', 'greater than or equal to 0', id='negative-cost'),
+        pytest.param({'cost_usd': MAX_COST_USD + 1}, 'cost_usd', 'less than or equal to 1000000', id='absurd-cost'),
+        pytest.param({'units': Decimal(-1)}, 'units', 'greater than or equal to 0', id='negative-units'),
+        pytest.param({'units': MAX_UNITS * 2}, 'units', 'less than or equal to', id='absurd-units'),
+        pytest.param(
+            {'metadata': {'blob': 'x' * MAX_METADATA_BYTES}},
+            'metadata',
+            f'more than the {MAX_METADATA_BYTES}',
+            id='big',
+        ),
+        pytest.param({'metadata': {'when': datetime.now(UTC)}}, 'metadata', 'JSON-serializable', id='non-json'),
+        pytest.param({'metadata': {'ratio': float('nan')}}, 'metadata', 'JSON-serializable', id='nan-metadata'),
+        pytest.param({'created_at': datetime(2026, 1, 1)}, 'created_at', 'timezone-aware', id='naive-datetime'),
+        pytest.param({'source': 'batch'}, 'source', "'agent' or 'direct'", id='bad-source'),
+        pytest.param({'status': 'maybe'}, 'status', "'ok' or 'error'", id='bad-status'),
+        pytest.param({'pricing_status': 'free'}, 'pricing_status', "'priced', 'unpriced' or 'override'", id='bad-ps'),
+        pytest.param({'organization_id': ''}, 'organization_id', 'at least 1 character', id='empty-org'),
+        pytest.param({'model': 'm' * 256}, 'model', 'at most 255 characters', id='long-model'),
+        pytest.param({'prompt': 'hello'}, 'prompt', 'Extra inputs are not permitted', id='unknown-field'),
+    ],
+)
+def test_invalid_records_are_rejected_clearly(fields: dict[str, Any], field_name: str, message: str):
+    with pytest.raises(ValidationError) as exc_info:
+        UsageRecord(**fields)
+    [error] = exc_info.value.errors()
+    assert '.'.join(str(part) for part in error['loc']) == field_name
+    assert message in str(exc_info.value)
+
+
+@pytest.mark.parametrize('tokens', [0, 1, MAX_TOKENS])
+def test_token_bounds_are_inclusive(tokens: int):
+    assert UsageRecord(input_tokens=tokens).input_tokens == tokens
+
+
+def test_created_at_is_converted_to_utc():
+    record = UsageRecord(created_at=datetime(2026, 3, 1, 1, 30, tzinfo=timezone(timedelta(hours=2))))
+    assert record.created_at == datetime(2026, 2, 28, 23, 30, tzinfo=UTC)
+    assert record.created_at.utcoffset() == timedelta(0)
+
+
+def test_defaults():
+    record = UsageRecord()
+    assert record.created_at.tzinfo is UTC
+    assert (record.operation, record.source, record.status) == ('request', 'direct', 'ok')
+    assert record.cost_usd is None
+    assert record.pricing_status is None
+    assert record.metadata == {}
+
+
+def test_total_tokens_counts_each_bucket_once():
+    record = UsageRecord(
+        input_tokens=1,
+        cache_read_tokens=2,
+        cache_write_tokens=4,
+        input_audio_tokens=8,
+        output_tokens=16,
+        reasoning_tokens=32,
+        output_audio_tokens=64,
+        output_image_tokens=128,
+        details={'cache_write_1h_tokens': 4},  # refines cache_write_tokens, adds nothing
+    )
+    assert record.total_tokens == 255
+
+
+def test_metadata_at_the_limit_is_accepted():
+    overhead = len('{"blob": ""}')
+    record = UsageRecord(metadata={'blob': 'x' * (MAX_METADATA_BYTES - overhead)})
+    assert len(record.metadata['blob']) == MAX_METADATA_BYTES - overhead
+
+
+@pytest.mark.parametrize(
+    'fields',
+    [
+        pytest.param({'input_tokens': -1}, id='negative'),
+        pytest.param({'output_tokens': 'many'}, id='str'),
+        pytest.param({'created_at': datetime(2026, 1, 1)}, id='naive'),
+        pytest.param({'metadata': {'blob': 'x' * (MAX_METADATA_BYTES + 1)}}, id='oversized'),
+    ],
+)
+def test_tracker_counts_invalid_records_and_never_raises(tracker: UsageTracker, fields: dict[str, Any]):
+    tracker.track(model='gpt-4o', provider='openai', **fields)  # must not raise
+    tracker.track(model='gpt-4o', provider='openai', input_tokens=1)
+    assert tracker.flush()
+    stats = tracker.stats()
+    assert (stats.invalid, stats.written) == (1, 1)

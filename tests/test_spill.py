@@ -1,0 +1,213 @@
+"""The spill directory: per-process files, claiming for replay, torn lines, full disks, shared directories."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import pai_usage._spill as spill_module
+from pai_usage import UsageTracker
+from pai_usage._spill import SpillDir, default_spill_dir, encode
+from tests.test_writer import FAST, event, rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def lines_of(n: int) -> list[bytes]:
+    return [encode(event(i)) for i in range(n)]
+
+
+def test_live_owner_file_is_not_claimed(tmp_path: Path) -> None:
+    owner, replayer = SpillDir(tmp_path), SpillDir(tmp_path)
+    owner.append(lines_of(3))
+    assert replayer.pending()
+    assert list(replayer.claim()) == [], 'a file whose writer is alive is never read'
+    owner.rotate()
+    (claimed,) = replayer.claim()
+    assert claimed.path.name.startswith('replay-')
+    assert [json.loads(line)['input_tokens'] for line in claimed.lines()] == [100, 101, 102]
+    claimed.done()
+    assert not replayer.pending()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_two_replayers_never_share_a_file(tmp_path: Path) -> None:
+    writer, first, second = SpillDir(tmp_path), SpillDir(tmp_path), SpillDir(tmp_path)
+    writer.append(lines_of(2))
+    writer.close()
+    (claimed,) = first.claim()
+    assert list(second.claim()) == []
+    claimed.release()  # e.g. the database failed mid-replay: the file stays for later
+    (again,) = second.claim()
+    assert len(list(again.lines())) == 2
+    again.done()
+
+
+def test_failed_append_leaves_no_torn_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spill = SpillDir(tmp_path)
+    spill.append(lines_of(2))
+    real_write_all = spill_module._write_all  # pyright: ignore[reportPrivateUsage]
+
+    def disk_full(fd: int, data: bytes) -> None:
+        real_write_all(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(spill_module, '_write_all', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        spill.append(lines_of(5))
+    monkeypatch.setattr(spill_module, '_write_all', real_write_all)
+    spill.append(lines_of(1))
+    spill.close()
+    (claimed,) = SpillDir(tmp_path).claim()
+    assert [len(json.loads(line)) for line in claimed.lines()] == [7, 7, 7]
+    claimed.done()
+
+
+def test_disk_full_counts_dropped_then_recovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database is unreachable and the disk is full: records are counted as dropped, never silently lost."""
+    db_dir = tmp_path / 'db'  # does not exist yet: SQLite cannot open the database
+
+    def disk_full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(spill_module, '_write_all', disk_full)
+    tracker = UsageTracker(f'sqlite:///{db_dir}/usage.db', spill_dir=tmp_path / 'spill', **FAST)
+    for i in range(50):
+        tracker.track(event(i))
+    assert tracker.flush(30)
+    assert tracker.stats().dropped == 50
+    monkeypatch.undo()  # space is freed
+    for i in range(20):
+        tracker.track(event(i))
+    assert tracker.flush(30)
+    stats = tracker.stats()
+    assert (stats.dropped, stats.spilled, stats.pending) == (50, 20, 0)
+    db_dir.mkdir()  # the database is back
+    tracker.close(10)
+    tracker.engine.dispose()
+    with UsageTracker(f'sqlite:///{db_dir}/usage.db', spill_dir=tmp_path / 'spill') as again:
+        assert again.flush(30)
+    again.engine.dispose()
+    assert rows(f'sqlite:///{db_dir}/usage.db') == (20, 20)
+
+
+def test_torn_line_and_duplicates_on_replay(database_url: str, tmp_path: Path) -> None:
+    """A crash mid-append leaves a torn last line; a crash mid-replay leaves rows already inserted. Both are fine."""
+    events = [event(i) for i in range(5)]
+    with UsageTracker(database_url, spill_dir=tmp_path) as tracker:
+        for e in events[:2]:
+            tracker.track(e)
+        assert tracker.flush(30)
+        spill_dir = tracker.spill_dir
+    tracker.engine.dispose()
+    assert spill_dir is not None
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    torn = encode(event(99))[:40]
+    (spill_dir / f'spill-otherhost-1-{uuid.uuid4().hex[:8]}.jsonl').write_bytes(
+        b''.join(encode(e) for e in events) + torn
+    )
+    with UsageTracker(database_url, spill_dir=tmp_path) as tracker:
+        assert tracker.flush(30)
+        stats = tracker.stats()
+    tracker.engine.dispose()
+    assert rows(database_url) == (5, 5)
+    assert (stats.replayed, stats.invalid, stats.pending) == (5, 1, 0)
+    assert not list(spill_dir.glob('spill-*.jsonl')) and not list(spill_dir.glob('replay-*.jsonl'))
+    (rejected,) = spill_dir.glob('rejected-*.jsonl')
+    assert json.loads(rejected.read_text())['error'] == 'torn line in a spill file'
+
+
+SPILL_SCRIPT = """
+import sys, uuid
+from pai_usage import UsageTracker
+tracker = UsageTracker(sys.argv[1], spill_dir=sys.argv[2], flush_interval=0.01, spill_after=0, retry_interval=0.01,
+                       max_retry_interval=0.05, max_queue=500)
+for i in range(2000):
+    tracker.track(id=uuid.uuid4(), provider='openai', model='gpt-4o', input_tokens=i, cost_usd='0.01')
+assert tracker.close(10) is True
+s = tracker.stats()
+assert s.spilled == 2000 and s.dropped == 0 and s.pending == 0, s
+"""
+
+
+def test_processes_share_a_spill_dir(tmp_path: Path) -> None:
+    """Three processes spill into one directory at once (database down); one tracker replays them all, once."""
+    db_dir = tmp_path / 'db'
+    url = f'sqlite:///{db_dir}/usage.db'
+    env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+    procs = [
+        subprocess.Popen([sys.executable, '-c', textwrap.dedent(SPILL_SCRIPT), url, str(tmp_path)], env=env)
+        for _ in range(3)
+    ]
+    assert [p.wait(60) for p in procs] == [0, 0, 0]
+    db_dir.mkdir()
+    with UsageTracker(url, spill_dir=tmp_path) as tracker:
+        assert tracker.flush(30)
+        assert tracker.stats().replayed == 6000
+    tracker.engine.dispose()
+    assert rows(url) == (6000, 6000)
+
+
+def test_default_spill_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv('PAI_USAGE_SPILL_DIR', raising=False)
+    assert default_spill_dir() == Path('.pai_usage_spill')
+    monkeypatch.setenv('PAI_USAGE_SPILL_DIR', str(tmp_path))
+    assert default_spill_dir() == tmp_path
+    a = UsageTracker(f'sqlite:///{tmp_path}/a.db')
+    b = UsageTracker(f'sqlite:///{tmp_path}/b.db')
+    try:
+        # One sub-directory per database: a shared spill directory never replays into the wrong database.
+        assert a.spill_dir is not None and b.spill_dir is not None
+        assert a.spill_dir.parent == b.spill_dir.parent == tmp_path
+        assert a.spill_dir != b.spill_dir
+    finally:
+        a.close()
+        b.close()
+
+
+def test_encode_round_trips_through_validation() -> None:
+    from pai_usage import UsageRecord
+
+    record = UsageRecord(provider='openai', model='gpt-4o', input_tokens=3, cost_usd='0.1', metadata={'k': [1, 2]})
+    raw: dict[str, Any] = json.loads(encode(record.model_dump(mode='json')))
+    assert UsageRecord.model_validate(raw) == record
+    assert json.loads(encode({'when': record.created_at, 'tags': ('a',)})) == {
+        'when': record.created_at.isoformat(),
+        'tags': ['a'],
+    }
+    with pytest.raises(TypeError, match='object is not JSON-serializable'):
+        encode({'x': object()})
+
+
+def test_replay_failure_keeps_the_file(tmp_path: Path) -> None:
+    """A replay that fails part-way (database gone again) keeps the file for the next attempt."""
+    db_dir = tmp_path / 'db'
+    url = f'sqlite:///{db_dir}/usage.db'
+    spill = SpillDir(tmp_path / 'x')
+    spill.append(lines_of(3))
+    spill.close()
+    engine = sa.create_engine(url)
+    tracker = UsageTracker(engine, spill_dir=tmp_path, **FAST)
+    try:
+        target = tracker.spill_dir
+        assert target is not None
+        target.mkdir(parents=True)
+        for f in (tmp_path / 'x').iterdir():
+            f.rename(target / f.name)
+        tracker._writer.start_if_spilled()  # pyright: ignore[reportPrivateUsage]
+        assert tracker.flush(30)
+        assert tracker.stats().failed_writes >= 1
+        assert len(list(target.glob('replay-*.jsonl'))) == 1
+    finally:
+        tracker.close(1)
+        engine.dispose()

@@ -1,0 +1,160 @@
+"""`UsageTracker`'s contract: fire-and-forget tracking, stats, shutdown with a deadline, async use, fork safety."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import pai_usage.tracker as tracker_module
+from pai_usage import TrackerStats, UsageRecord, UsageTracker, configure, get_tracker
+from tests._pgproxy import pg_proxy, via_proxy
+from tests.conftest import PG_SERVER_URL
+from tests.test_writer import FAST, event, rows, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+def test_track_flush_stats(tracker: UsageTracker) -> None:
+    tracker.track(event(1))
+    tracker.track({'provider': 'openai', 'model': 'gpt-4o', 'input_tokens': 1}, organization_id='org-9')
+    tracker.track(UsageRecord(provider='openai', model='gpt-4o', output_tokens=2), user_id='u-1')
+    tracker.track(provider='openai', model='gpt-4o', input_tokens=-1)
+    assert tracker.flush()
+    assert tracker.stats() == TrackerStats(
+        enqueued=4, written=3, pending=0, invalid=1, failed_writes=0, dropped=0, unpriced=0, spilled=0, replayed=0
+    )
+    assert rows(str(tracker.engine.url.render_as_string(hide_password=False))) == (3, 3)
+
+
+def test_track_never_raises(tracker: UsageTracker) -> None:
+    tracker.track(['not', 'a', 'mapping'])  # pyright: ignore[reportArgumentType]
+    tracker.track(UsageRecord(), not_a_field=1)
+    assert tracker.flush()
+    stats = tracker.stats()
+    assert stats.dropped + stats.invalid == 2
+    assert stats.pending == 0
+
+
+async def test_async_context_manager(database_url: str, tmp_path: Path) -> None:
+    async with UsageTracker(database_url, spill_dir=tmp_path, flush_interval=0.01) as tracker:
+        for i in range(10):
+            tracker.track(event(i))
+        assert await tracker.aflush()
+    assert await tracker.aclose()  # idempotent
+    tracker.engine.dispose()
+    assert rows(database_url) == (10, 10)
+
+
+def test_track_after_close_is_spilled_and_replayed(sqlite_url: str, tmp_path: Path) -> None:
+    tracker = UsageTracker(sqlite_url, spill_dir=tmp_path, flush_interval=0.01)
+    tracker.track(event())
+    assert tracker.close()
+    tracker.track(event())  # e.g. a thread still running at exit
+    assert tracker.stats().spilled == 1
+    assert tracker.close()
+    tracker.engine.dispose()
+    with UsageTracker(sqlite_url, spill_dir=tmp_path) as again:
+        assert again.flush()
+        assert again.stats().replayed == 1
+    again.engine.dispose()
+    assert rows(sqlite_url) == (2, 2)
+
+
+@pytest.mark.postgres
+def test_close_deadline_spills_when_the_database_hangs(pg_schema_url: str, tmp_path: Path) -> None:
+    """A stalled connection: `close()` returns at its deadline with everything spilled; the next start inserts it."""
+    with pg_proxy(PG_SERVER_URL) as proxy:
+        url = via_proxy(pg_schema_url, proxy)
+        tracker = UsageTracker(url, spill_dir=tmp_path, **FAST)
+        tracker.track(event())
+        assert tracker.flush(30)
+        proxy.stall()
+        for i in range(2000):
+            tracker.track(event(i))
+        started = time.monotonic()
+        assert tracker.close(0.5) is False
+        assert time.monotonic() - started < 3
+        stats = tracker.stats()
+        assert stats.spilled >= 1500, stats  # what was queued; the batch being written is saved too, uncounted
+        assert stats.pending <= 500  # only the batch the stuck thread holds: spilled too, counted when it returns
+        assert stats.dropped == 0
+        proxy.restore()
+        with UsageTracker(url, spill_dir=tmp_path, flush_interval=0.01) as again:
+            assert again.flush(30)
+        again.engine.dispose()
+    assert rows(pg_schema_url) == (2001, 2001)
+
+
+def test_fork_gives_the_child_its_own_writer(database_url: str, tmp_path: Path) -> None:
+    tracker = UsageTracker(database_url, spill_dir=tmp_path, flush_interval=0.01)
+    for i in range(100):
+        tracker.track(event(i))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            assert tracker.stats().enqueued == 0
+            for i in range(50):
+                tracker.track(event(i))
+            assert tracker.close(30)
+            stats = tracker.stats()
+            code = 0 if (stats.enqueued, stats.written, stats.dropped) == (50, 50, 0) else 2
+        finally:
+            os._exit(code)
+    for i in range(100):
+        tracker.track(event(i))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert tracker.close(30)
+    tracker.engine.dispose()
+    assert tracker.stats().written == 200
+    assert rows(database_url) == (250, 250)
+
+
+def test_sigterm_handler_installed_once_from_main_thread(monkeypatch: pytest.MonkeyPatch, sqlite_url: str) -> None:
+    import signal
+    import threading
+
+    monkeypatch.setattr(tracker_module, '_sigterm_installed', False)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        t = threading.Thread(target=lambda: UsageTracker(sqlite_url).close())
+        t.start()
+        t.join()
+        assert signal.getsignal(signal.SIGTERM) is previous  # not from another thread
+        UsageTracker(sqlite_url, handle_sigterm=False).close()
+        assert signal.getsignal(signal.SIGTERM) is previous  # opted out
+        UsageTracker(sqlite_url).close()
+        assert signal.getsignal(signal.SIGTERM) == tracker_module._on_sigterm  # pyright: ignore[reportPrivateUsage]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_configure_replaces_and_closes_the_default(sqlite_url: str, tmp_path: Path) -> None:
+    first = configure(sqlite_url, spill_dir=tmp_path)
+    assert get_tracker() is first
+    second = configure(sqlite_url, spill_dir=tmp_path)
+    try:
+        assert get_tracker() is second
+        first.track(event())
+        assert first.stats().spilled == 1  # closed: tracked late, kept on disk, not lost
+    finally:
+        second.close()
+        tracker_module._default = None  # pyright: ignore[reportPrivateUsage]
+
+
+def test_queue_full_goes_to_disk_and_back(sqlite_url: str, tmp_path: Path) -> None:
+    """A burst larger than `max_queue` spills from `track()` itself, and is put in once the writer catches up."""
+    with UsageTracker(sqlite_url, spill_dir=tmp_path, max_queue=100, flush_interval=0.01) as tracker:
+        for i in range(5000):
+            tracker.track(event(i))
+        wait_until(lambda: rows(sqlite_url)[0] >= 5000, what='5000 rows')
+    stats = tracker.stats()
+    tracker.engine.dispose()
+    assert stats.spilled > 0
+    assert stats.replayed == stats.spilled
+    assert stats.enqueued == 5000
+    assert rows(sqlite_url) == (5000, 5000)
