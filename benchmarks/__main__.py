@@ -3,43 +3,42 @@
     python -m benchmarks                         # all of them
     python -m benchmarks hot_path throughput     # a subset
 
-Each benchmark prints its own ratios against a baseline measured in the same run; nothing asserts.
+Each benchmark runs in its own interpreter (so that one's memory, threads and garbage never skew the
+next) and prints its own ratios against a baseline measured in the same run; nothing asserts.
 """
 
 from __future__ import annotations
 
-import importlib
+import ast
+import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def _has_main(path: Path) -> bool:
+    tree = ast.parse(path.read_text(), str(path))
+    return any(isinstance(node, ast.FunctionDef) and node.name == 'main' for node in tree.body)
 
 
 def discover() -> list[str]:
-    """Module names of `benchmarks/*.py` (private `_x.py` helpers and this runner excluded)."""
-    here = Path(__file__).parent
-    return sorted(p.stem for p in here.glob('*.py') if not p.stem.startswith('_'))
+    """Module names of `benchmarks/*.py` with a top-level `main()` (private `_x.py` helpers excluded)."""
+    return sorted(p.stem for p in HERE.glob('*.py') if not p.stem.startswith('_') and _has_main(p))
 
 
 def run(names: list[str]) -> int:
     failed: list[str] = []
     total = time.perf_counter()
     for name in names:
-        module = importlib.import_module(f'benchmarks.{name}')
-        main = getattr(module, 'main', None)
-        if not callable(main):
-            continue
         print(f'=== {name} ===', flush=True)
         started = time.perf_counter()
-        argv = sys.argv
-        sys.argv = [f'benchmarks.{name}']  # each benchmark reads its own optional args: give it none
-        try:
-            main()
-        except Exception:
-            traceback.print_exc()
+        # `main()` with no arguments, in a fresh interpreter, from the project root.
+        code = f'import benchmarks.{name} as m; m.main()'
+        result = subprocess.run([sys.executable, '-c', code], cwd=HERE.parent, check=False)
+        if result.returncode:
             failed.append(name)
-        finally:
-            sys.argv = argv
         print(f'--- {name}: {time.perf_counter() - started:.1f} s\n', flush=True)
     print(f'all benchmarks: {time.perf_counter() - total:.1f} s' + (f'; FAILED: {", ".join(failed)}' if failed else ''))
     return 1 if failed else 0

@@ -146,36 +146,51 @@ def _set_trigger(engine: sa.Engine, enabled: bool) -> None:
 def _write_cost(engine: sa.Engine, now: datetime) -> dict[str, tuple[float, float]]:
     """Rows per second without and with the rollup trigger, alternating rounds so drift hits both alike.
 
-    `sql`: server-side 500-row INSERT ... SELECT batches (the database's cost alone); `tracker`: records
-    through `UsageTracker.track()` and its COPY writer, end to end.
+    Server-side 500-row `INSERT ... SELECT` batches measure the database's cost alone; the tracker rows go
+    through `UsageTracker.track()` and its COPY writer, end to end, with every row of a batch in its own
+    rollup group (the worst case) or a batch spread over 10 organizations (a busy app's usual batch).
     """
-    seconds = {(kind, on): 0.0 for kind in ('sql', 'tracker') for on in (False, True)}
     tracker = UsageTracker(engine, auto_migrate=False, batch_size=WRITE_BATCH_ROWS)
+    per_round = WRITE_BATCHES // WRITE_ROUNDS
+
+    def sql() -> None:
+        for _ in range(per_round):
+            with engine.begin() as conn:
+                conn.execute(sa.text(_GENERATE), {'rows': WRITE_BATCH_ROWS, 'now': now})
+
+    def tracked(orgs: int) -> Callable[[], None]:
+        def write() -> None:
+            for j in range(per_round * WRITE_BATCH_ROWS):
+                tracker.track(
+                    organization_id=f'org-{j % orgs}',
+                    user_id=f'org-{j % orgs}-user-{j % 7}',
+                    provider='openai',
+                    model='gpt-4o',
+                    input_tokens=1200,
+                    output_tokens=60,
+                    cost_usd=Decimal('0.0036'),
+                )
+            assert tracker.flush(120)
+
+        return write
+
+    kinds: dict[str, Callable[[], None]] = {
+        'INSERT ... SELECT, server-side': sql,
+        'track() + writer, 500 groups/batch': tracked(1000),
+        'track() + writer, 10 groups/batch': tracked(10),
+    }
+    seconds = {(kind, on): 0.0 for kind in kinds for on in (False, True)}
     for i in range(WRITE_ROUNDS * 2):
         on = i % 2 == 1
         _set_trigger(engine, on)
-        start = time.perf_counter()
-        for _ in range(WRITE_BATCHES // WRITE_ROUNDS):
-            with engine.begin() as conn:
-                conn.execute(sa.text(_GENERATE), {'rows': WRITE_BATCH_ROWS, 'now': now})
-        seconds['sql', on] += time.perf_counter() - start
-        start = time.perf_counter()
-        for j in range(WRITE_BATCHES // WRITE_ROUNDS * WRITE_BATCH_ROWS):
-            tracker.track(
-                organization_id=f'org-{j % 1000}',
-                user_id=f'org-{j % 1000}-user-{j % 7}',
-                provider='openai',
-                model='gpt-4o',
-                input_tokens=1200,
-                output_tokens=60,
-                cost_usd=Decimal('0.0036'),
-            )
-        assert tracker.flush(120)
-        seconds['tracker', on] += time.perf_counter() - start
+        for kind, write in kinds.items():
+            start = time.perf_counter()
+            write()
+            seconds[kind, on] += time.perf_counter() - start
     tracker.close()
     _set_trigger(engine, True)
-    rows = WRITE_BATCHES * WRITE_BATCH_ROWS
-    return {kind: (rows / seconds[kind, False], rows / seconds[kind, True]) for kind in ('sql', 'tracker')}
+    rows = per_round * WRITE_ROUNDS * WRITE_BATCH_ROWS
+    return {kind: (rows / seconds[kind, False], rows / seconds[kind, True]) for kind in kinds}
 
 
 def run(rows: int = ROWS) -> bool:
@@ -244,8 +259,7 @@ def run(rows: int = ROWS) -> bool:
 
         rows_written = WRITE_BATCHES * WRITE_BATCH_ROWS
         print(f'\n  write cost of the rollup trigger ({rows_written:,} rows each way, {WRITE_BATCH_ROWS}-row batches):')
-        for kind, (plain, triggered) in _write_cost(engine, now).items():
-            label = 'INSERT ... SELECT, server-side' if kind == 'sql' else 'UsageTracker.track() + COPY writer'
+        for label, (plain, triggered) in _write_cost(engine, now).items():
             print(
                 f'    {label:<36} {plain:>9,.0f} rows/s without, {triggered:>9,.0f} rows/s with '
                 f'({plain / triggered - 1:+.0%} time per row)'

@@ -1,18 +1,20 @@
-"""The `pai-usage` command: `summary`, `migrate` and `prices`.
+"""The `pai-usage` command: `summary`, `export`, `budgets`, `migrate` and `prices`.
 
 `cli()` is the console script; `cli_logic(args)` does the work and returns the exit code, for tests.
 Expected failures (a bad date, an unreachable database, a missing table, a bad price file) print one
-line to stderr and exit with code 2, never a traceback.
+line to stderr and exit with code 2, never a traceback. `budgets` exits with code 1 when a budget is exceeded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -22,6 +24,8 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from . import __version__
+from .budgets import Budget, budget_report, budgets_from_json, format_budgets
+from .export import export_rows, format_daily_costs, write_csv, write_jsonl
 from .migrate import MigrationError, applied_migrations, migrate
 from .pricing import (
     DEFAULT_UNIT_PRICES,
@@ -49,6 +53,11 @@ _PG_CONNECT_TIMEOUT = 10
 """Seconds to wait for PostgreSQL before reporting it unreachable (when the URL sets no `connect_timeout`)."""
 # Buckets always shown in the terminal table; the others only when some row uses them.
 _ALWAYS_SHOWN = ('input_tokens', 'output_tokens')
+_PROGRESS_EVERY = 10_000
+"""Rows between two progress updates of `export` (on a terminal)."""
+# FinOps FOCUS names for the summary's group dimensions where the meaning is the same; `day` and `month`
+# become `ChargePeriodStart`/`ChargePeriodEnd`, and the other dimensions keep our names.
+_FOCUS_DIMENSIONS = {'organization': 'SubAccountId', 'provider': 'ProviderName'}
 
 
 class _Fail(Exception):
@@ -103,7 +112,40 @@ def _parser() -> argparse.ArgumentParser:
         '--by', metavar='DIMS', default='model', help=f'comma-separated, from {",".join(GROUP_BY_DIMENSIONS)}'
     )
     summary.add_argument('--format', choices=('table', 'json', 'csv'), default='table', help='output format')
+    summary.add_argument(
+        '--focus', action='store_true', help='with --format csv: FinOps FOCUS column names where they fit'
+    )
     summary.set_defaults(command=_summary)
+
+    export = commands.add_parser(
+        'export',
+        help='stream ledger rows as CSV or JSON lines',
+        description='Stream the rows of a time range (default: the current UTC month), oldest first, in constant '
+        'memory. Progress goes to stderr when it is a terminal.',
+    )
+    export.add_argument('--database-url', metavar='URL', help=database_help)
+    export.add_argument('--since', metavar='DATE', help='start, inclusive (as for summary)')
+    export.add_argument('--until', metavar='DATE', help='end: a bare date includes that whole day (as for summary)')
+    export.add_argument('--org', metavar='ID', help='only this organization')
+    export.add_argument('--user', metavar='ID', help='only this user')
+    export.add_argument('--format', choices=('csv', 'jsonl'), default='csv', help='output format (default: csv)')
+    export.add_argument('--focus', action='store_true', help='FinOps FOCUS column names (x_ for our own columns)')
+    export.add_argument('-o', '--output', metavar='FILE', help='write to FILE (default: stdout)')
+    export.set_defaults(command=_export)
+
+    budgets = commands.add_parser(
+        'budgets',
+        help='show spend against budgets; exit code 1 if one is exceeded',
+        description="Show the current UTC period's spend against one budget (--limit) or a file of budgets "
+        '(--file). Exits with code 1 when a budget is exceeded, for alerts from cron.',
+    )
+    budgets.add_argument('--database-url', metavar='URL', help=database_help)
+    source = budgets.add_mutually_exclusive_group()
+    source.add_argument('--limit', metavar='USD', help='one budget of USD per period')
+    source.add_argument('--file', metavar='FILE', help='budgets as JSON (see docs/budgets.md)')
+    budgets.add_argument('--period', choices=('month', 'day'), help='with --limit: the UTC period (default: month)')
+    budgets.add_argument('--org', metavar='ID', help='with --limit: only this organization (default: all usage)')
+    budgets.set_defaults(command=_budgets)
 
     migrate_cmd = commands.add_parser(
         'migrate', help='create or upgrade the token_usage table', description='Apply pending migrations.'
@@ -169,35 +211,66 @@ def _connection_failure(shown: str, exc: BaseException) -> _Fail:
     return _Fail(f'cannot reach database {shown}: {_first_line(exc)}')
 
 
+# --- reading the ledger -------------------------------------------------------------------------
+
+
+def _require_ledger(engine: sa.Engine, shown: str, given: str | None, command: str) -> None:
+    """Fail (exit 2) when the database is unreachable or has no `token_usage` table; never create it."""
+    try:
+        with engine.connect() as conn:
+            exists = sa.inspect(conn).has_table(TOKEN_USAGE.name)
+    except sa_exc.SQLAlchemyError as exc:
+        raise _connection_failure(shown, exc) from None
+    if not exists:
+        # Never echo a password: with one in the URL, the hint shows it masked.
+        url = given if given is None or sa.make_url(given).password is None else shown
+        hint = f'{_PROG} migrate' + (f' --database-url {url}' if url else '')
+        raise _Fail(f'no `{TOKEN_USAGE.name}` table in {shown}; create it with `{hint}` ({command} never creates it)')
+
+
+def _read_failure(shown: str, exc: BaseException) -> _Fail:
+    return _Fail(f'cannot read {TOKEN_USAGE.name} in {shown}: {_first_line(exc)}')
+
+
 # --- summary ------------------------------------------------------------------------------------
 
 
 def _summary(args: argparse.Namespace) -> int:
     group_by = _group_by(args.by)
+    if args.focus and args.format != 'csv':
+        raise _Fail('--focus applies to --format csv only')
     start, end = _time_range(args.since, args.until, now=datetime.now(UTC))
     engine, shown = _open(args.database_url, must_exist=True)
     try:
-        try:
-            with engine.connect() as conn:
-                exists = sa.inspect(conn).has_table(TOKEN_USAGE.name)
-        except sa_exc.SQLAlchemyError as exc:
-            raise _connection_failure(shown, exc) from None
-        if not exists:
-            hint = f'{_PROG} migrate' + (f' --database-url {args.database_url}' if args.database_url else '')
-            raise _Fail(f'no `{TOKEN_USAGE.name}` table in {shown}; create it with `{hint}` (summary never creates it)')
+        _require_ledger(engine, shown, args.database_url, 'summary')
         try:
             summary = query_summary(engine, start, end, organization_id=args.org, user_id=args.user, group_by=group_by)
         except sa_exc.SQLAlchemyError as exc:
-            raise _Fail(f'cannot read {TOKEN_USAGE.name} in {shown}: {_first_line(exc)}') from None
+            raise _read_failure(shown, exc) from None
     finally:
         engine.dispose()
     if args.format == 'json':
         _print_json(summary, sys.stdout)
     elif args.format == 'csv':
-        _print_csv(summary, sys.stdout)
+        (_print_focus_csv if args.focus else _print_csv)(summary, sys.stdout)
     else:
         _print_table(summary, sys.stdout)
+        if 'day' in summary.group_by and summary.rows:
+            sys.stdout.write(f'\n{format_daily_costs(_used_days(summary))}\n')
     return 0
+
+
+def _used_days(summary: UsageSummary) -> UsageSummary:
+    """The summary with its range cut to the days from the first to the last with usage, for the chart.
+
+    A range of years (`--since 2020-01-01`) would otherwise draw a line for every day of it.
+    """
+    days = [date.fromisoformat(day) for row in summary.rows if (day := row.group['day']) is not None]
+    if not days:
+        return summary
+    first = datetime.combine(min(days), datetime.min.time(), UTC)
+    last = datetime.combine(max(days), datetime.min.time(), UTC) + timedelta(days=1)
+    return dataclasses.replace(summary, start=max(summary.start, first), end=min(summary.end, last))
 
 
 def _group_by(value: str) -> tuple[GroupBy, ...]:
@@ -284,6 +357,52 @@ def _print_csv(summary: UsageSummary, out: TextIO) -> None:
         writer.writerow([*(row.group[g] for g in summary.group_by), *(values[c] for c in columns)])
 
 
+def _print_focus_csv(summary: UsageSummary, out: TextIO) -> None:
+    """CSV under FinOps FOCUS names where the meaning is the same; our names for the rest."""
+    writer = csv.writer(out, lineterminator='\n')
+    dims = [g for g in summary.group_by if g not in ('day', 'month')]
+    columns = [c for c in _totals_dict(UsageTotals()) if c != 'cost_usd']
+    writer.writerow(
+        [
+            'ChargePeriodStart',
+            'ChargePeriodEnd',
+            *(_FOCUS_DIMENSIONS.get(g, g) for g in dims),
+            'BilledCost',
+            'EffectiveCost',
+            'BillingCurrency',
+            *columns,
+        ]
+    )
+    for row in summary.rows:
+        start, end = _charge_period(summary, row.group)
+        values = _totals_dict(row.totals)
+        cost = values['cost_usd']
+        writer.writerow(
+            [
+                start.isoformat(),
+                end.isoformat(),
+                *(row.group[g] for g in dims),
+                cost,
+                cost,  # no discounts or commitments: what is billed is what is effectively paid
+                'USD',
+                *(values[c] for c in columns),
+            ]
+        )
+
+
+def _charge_period(summary: UsageSummary, group: dict[str, str | None]) -> tuple[datetime, datetime]:
+    """The row's day or month when grouped by one (within the summary's range), else the summary's range."""
+    day, month = group.get('day'), group.get('month')
+    if day is not None:
+        start = datetime.combine(date.fromisoformat(day), datetime.min.time(), UTC)
+        end = start + timedelta(days=1)
+    elif month is not None:
+        start, end = month_bounds(datetime.combine(date.fromisoformat(f'{month}-01'), datetime.min.time(), UTC))
+    else:
+        return summary.start, summary.end
+    return max(start, summary.start), min(end, summary.end)
+
+
 def _display_cost(value: Decimal) -> str:
     # Exact, without the trailing zeros of 12 fixed places, and never in exponent notation.
     text = format(value.normalize(), 'f')
@@ -341,6 +460,103 @@ def _print_table(summary: UsageSummary, out: TextIO) -> None:
         f'Total: {_display_cost(t.cost_usd)} over {t.events:,} events'
         f' ({t.unpriced_events:,} unpriced, not in the cost), {t.total_tokens:,} tokens\n'
     )
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> int:
+    start, end = _time_range(args.since, args.until, now=datetime.now(UTC))
+    write = write_csv if args.format == 'csv' else write_jsonl
+    progress = _show_progress if sys.stderr.isatty() else None
+    engine, shown = _open(args.database_url, must_exist=True)
+    try:
+        _require_ledger(engine, shown, args.database_url, 'export')
+        rows = export_rows(engine, start, end, organization_id=args.org, user_id=args.user)
+        try:
+            with contextlib.closing(rows), _output(args.output) as out:
+                count = write(rows, out, focus=args.focus, progress=progress, progress_every=_PROGRESS_EVERY)
+        except sa_exc.SQLAlchemyError as exc:
+            raise _read_failure(shown, exc) from None
+    finally:
+        engine.dispose()
+    if progress is not None:
+        if not count or count % _PROGRESS_EVERY:
+            progress(count)  # the final count, unless it was just shown
+        sys.stderr.write('\n')
+    return 0
+
+
+def _show_progress(count: int) -> None:
+    sys.stderr.write(f'\r{count:,} rows')
+    sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Generator[TextIO]:
+    """Stdout, or a file that appears complete or not at all (written to `FILE.partial`, then renamed)."""
+    if path is None:
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    partial = target.with_name(f'{target.name}.partial')
+    try:
+        out = partial.open('w', encoding='utf-8', newline='')
+    except OSError as exc:
+        raise _Fail(f'cannot write {str(target)!r}: {exc.strerror or exc}') from None
+    try:
+        with out:
+            yield out
+        partial.replace(target)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise _Fail(f'cannot write {str(target)!r}: {exc.strerror or exc}') from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+# --- budgets ------------------------------------------------------------------------------------
+
+
+def _budgets(args: argparse.Namespace) -> int:
+    budgets = _budgets_from_options(args)
+    engine, shown = _open(args.database_url, must_exist=True)
+    try:
+        _require_ledger(engine, shown, args.database_url, 'budgets')
+        try:
+            statuses = budget_report(engine, budgets)
+        except sa_exc.SQLAlchemyError as exc:
+            raise _read_failure(shown, exc) from None
+    finally:
+        engine.dispose()
+    print(format_budgets(statuses))
+    return 1 if any(status.exceeded for status in statuses) else 0
+
+
+def _budgets_from_options(args: argparse.Namespace) -> list[Budget]:
+    if args.file is not None:
+        if args.period is not None or args.org is not None:
+            raise _Fail('--period and --org go with --limit; a budgets file sets its own')
+        try:
+            text = Path(args.file).read_text(encoding='utf-8')
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise _Fail(f'cannot read budgets file {args.file!r}: {reason}') from None
+        try:
+            return budgets_from_json(text)
+        except ValueError as exc:
+            raise _Fail(f'bad budgets file {args.file!r}: {exc}') from None
+    if args.limit is None:
+        raise _Fail('give --limit USD (with --period and --org), or --file FILE')
+    try:
+        limit = Decimal(args.limit.removeprefix('$'))
+    except ArithmeticError:
+        limit = None
+    if limit is None or not limit.is_finite() or limit < 0:
+        raise _Fail(f'--limit: {args.limit!r} is not an amount in USD (a non-negative number, e.g. 100 or 2.50)')
+    return [Budget(limit_usd=limit, period=args.period or 'month', organization_id=args.org)]
 
 
 # --- migrate ------------------------------------------------------------------------------------

@@ -198,11 +198,8 @@ class SpillDir:
             line = json.dumps({'error': error, 'truncated': line[:_MAX_REJECTED_LINE]}, separators=(',', ':'))
         with self._lock:
             if self._rejected_fd is None:
-                self.path.mkdir(parents=True, exist_ok=True)
                 name = f'rejected-{socket.gethostname()}-{os.getpid()}.jsonl'
-                self._rejected_fd = os.open(
-                    self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-                )
+                self._rejected_fd = self._create(self.path / name, exclusive=False)
             _write_all(self._rejected_fd, line.encode() + b'\n')
 
     def close(self) -> None:
@@ -212,6 +209,25 @@ class SpillDir:
             if self._rejected_fd is not None:
                 os.close(self._rejected_fd)
                 self._rejected_fd = None
+
+    def tidy(self) -> None:
+        """Remove the directory if replay left it empty (another process creating a file meanwhile retries)."""
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+    def _create(self, path: Path, *, exclusive: bool = True) -> int:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
+        for attempt in range(3):
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                return os.open(path, flags, 0o600)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                # `tidy()` in another process removed the empty directory between our mkdir and open.
+        raise AssertionError('unreachable')  # pragma: no cover
 
     def after_fork(self) -> None:
         """In a forked child: forget the parent's files without unlocking them (the parent still owns them)."""
@@ -227,11 +243,10 @@ class SpillDir:
 
     def _open(self) -> int:
         if self._fd is None:
-            self.path.mkdir(parents=True, exist_ok=True)
             tag = _tag()
             # Lock under a name replayers ignore, then publish: no one can claim the file before it is locked.
             hidden, file = self.path / f'.spill-{tag}.tmp', self.path / f'spill-{tag}.jsonl'
-            fd = os.open(hidden, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = self._create(hidden)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(hidden, file)
             self._fd, self._file = fd, file

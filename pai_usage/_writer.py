@@ -22,6 +22,7 @@ writer thread), so a hung database can never make the caller wait or grow memory
 from __future__ import annotations
 
 import json
+import operator
 import os
 import queue
 import random
@@ -33,7 +34,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, cast
 
 import sqlalchemy as sa
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ._log import RateLimitedLog
@@ -90,18 +91,8 @@ class _Flush:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-@dataclass(slots=True)
-class _Batch:
-    records: list[UsageRecord]
-    markers: list[_Flush]
-    stop: bool
-
-
-_IN_FLIGHT = 2
-"""Validated batches that may wait for the database thread: one being written, one ready."""
-
-
 _STOP = object()
+_RECORDS = TypeAdapter(list[UsageRecord])
 _COLUMNS: tuple[str, ...] = tuple(c.name for c in _table.columns)
 _COST_QUANTUM = Decimal(1).scaleb(-COST_SCALE)
 _UNITS_QUANTUM = Decimal(1).scaleb(-UNITS_SCALE)
@@ -119,9 +110,9 @@ _PG_TYPES: tuple[str, ...] = tuple(
 )
 _COLUMN_LIST = ', '.join(f'"{name}"' for name in _COLUMNS)
 _STAGE = 'pai_usage_stage'
+_get_columns = cast('Callable[[Any], tuple[Any, ...]]', operator.itemgetter(*_COLUMNS))
 _COST_INDEX = _COLUMNS.index('cost_usd')
 _UNITS_INDEX = _COLUMNS.index('units')
-assert _COLUMNS[-1] == 'metadata', _COLUMNS
 
 
 def to_row(record: UsageRecord) -> dict[str, Any]:
@@ -133,8 +124,7 @@ def to_row(record: UsageRecord) -> dict[str, Any]:
 
 def _copy_row(record: UsageRecord) -> tuple[Any, ...]:
     values = record.__dict__
-    row = [values[name] for name in _COLUMNS[:-1]]  # `metadata` is last, and named the same on the model
-    row.append(record.metadata)
+    row = list(_get_columns(values))  # `metadata` is named the same on the model as in the table
     # Round like `ExactDecimal` does for the Core path, not like PostgreSQL would (half away from zero).
     if (cost := values['cost_usd']) is not None:
         row[_COST_INDEX] = cost.quantize(_COST_QUANTUM, rounding=ROUND_HALF_EVEN)
@@ -184,6 +174,13 @@ def insert_rows(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
 def _copy_records(conn: sa.Connection, records: Sequence[UsageRecord], *, staged: bool) -> None:
     """Binary COPY into `token_usage`, or into a temp table and on with `ON CONFLICT (id) DO NOTHING`."""
     raw: Any = conn.connection.driver_connection
+    info = conn.connection.info
+    if not info.get('pai_usage_json'):
+        from psycopg.types.json import set_json_dumps  # PostgreSQL is an optional extra
+
+        # Most `details` are empty: skip the encoder for them (once per connection).
+        set_json_dumps(_json_dumps, raw)
+        info['pai_usage_json'] = True
     with raw.cursor() as cur:
         if staged:
             # Per-session temp table, emptied at each commit; `IF NOT EXISTS` makes reused connections cheap.
@@ -200,6 +197,10 @@ def _copy_records(conn: sa.Connection, records: Sequence[UsageRecord], *, staged
                 f'INSERT INTO token_usage ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGE} '
                 'ON CONFLICT (id) DO NOTHING'
             )
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(value) if value else '{}'  # default arguments: `json`'s cached, fastest encoder
 
 
 def _is_unique_violation(exc: BaseException) -> bool:
@@ -220,7 +221,7 @@ class Writer:
 
     engine: sa.Engine
     stats: WriterStats
-    batch_size: int = 500
+    batch_size: int = 2000
     """Most records written in one transaction."""
     flush_interval: float = 0.2
     """Longest a record waits for its batch to fill, in seconds."""
@@ -244,12 +245,9 @@ class Writer:
     """How often an idle, healthy writer looks for spill files left by other (dead) processes."""
     _queue: queue.SimpleQueue[object] = field(default_factory=queue.SimpleQueue[object], init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
-    _db_thread: threading.Thread | None = field(default=None, init=False)
-    # Validated batches on their way from the preparing thread to the database thread; `_slots` bounds them.
-    _handoff: queue.SimpleQueue[_Batch] = field(default_factory=queue.SimpleQueue['_Batch'], init=False)
-    _slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(_IN_FLIGHT), init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
-    _count_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    # Re-entrant: a SIGTERM handler may close the tracker while the main thread holds it.
+    _count_lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _wake: threading.Event = field(default_factory=threading.Event, init=False)
     _migrated: bool = field(default=False, init=False)
     _spilling: bool = field(default=False, init=False)
@@ -259,8 +257,6 @@ class Writer:
     _stopping: bool = field(default=False, init=False)
     _deadline: float = field(default=float('inf'), init=False)
     _inflight: list[UsageRecord] = field(default_factory=list[UsageRecord], init=False)
-    _ready: _Batch | None = field(default=None, init=False)
-    _abandoned: bool = field(default=False, init=False)
     _pid: int = field(default_factory=os.getpid, init=False)
 
     # --- called from the product's threads ---
@@ -291,7 +287,8 @@ class Writer:
 
     def flush(self, timeout: float | None) -> bool:
         """Wait until everything put so far is written (or spilled); returns False on timeout."""
-        if self._thread is None:
+        self._check_pid()
+        if self._thread is None or not self._thread.is_alive():
             return True
         marker = _Flush()
         self._queue.put(marker)
@@ -302,6 +299,7 @@ class Writer:
 
         Returns False if the writer did not finish in time (what it held was spilled, not lost).
         """
+        self._check_pid()
         thread = self._thread
         if thread is None:
             if self.spill is not None:
@@ -312,9 +310,7 @@ class Writer:
         self._queue.put(_STOP)
         self._wake.set()
         thread.join(timeout)
-        if self._db_thread is not None:
-            self._db_thread.join(None if timeout is None else max(self._deadline - time.monotonic(), 0))
-        if thread.is_alive() or (self._db_thread is not None and self._db_thread.is_alive()):
+        if thread.is_alive():
             self._spill_leftovers()
             if self.spill is not None:
                 try:
@@ -329,17 +325,13 @@ class Writer:
     def after_fork(self) -> None:
         """In a forked child: forget the parent's queue, thread, locks, files and connections."""
         self._queue = queue.SimpleQueue()
-        self._thread = self._db_thread = None
-        self._handoff = queue.SimpleQueue()
-        self._slots = threading.Semaphore(_IN_FLIGHT)
+        self._thread = None
         self._lock = threading.Lock()
-        self._count_lock = threading.Lock()
+        self._count_lock = threading.RLock()
         self._wake = threading.Event()
         self._spilling = self._stopping = False
         self._deadline = float('inf')
         self._inflight = []
-        self._ready = None
-        self._abandoned = False
         self._pid = os.getpid()
         self.stats.reset()
         if self.spill is not None:
@@ -347,12 +339,17 @@ class Writer:
         # The parent's pooled connections belong to the parent: drop them without closing their sockets.
         self.engine.dispose(close=False)
 
+    def _check_pid(self) -> None:
+        # `os.register_at_fork` covers `os.fork()`; this catches a fork that bypassed it (e.g. from C).
+        if self._pid != os.getpid():
+            self.after_fork()
+
     def _start(self) -> None:
+        self._check_pid()
         with self._lock:
             if self._thread is None:
-                # Two stages, so that validating the next batch overlaps with the database writing this one.
-                self._db_thread = threading.Thread(target=self._run_db, name='pai-usage-writer-db', daemon=True)
-                self._db_thread.start()
+                # One thread: a second stage (validating the next batch while this one is written) was
+                # measured no faster, because of the GIL.
                 self._thread = threading.Thread(target=self._run, name='pai-usage-writer', daemon=True)
                 self._thread.start()
 
@@ -381,21 +378,7 @@ class Writer:
                 self.spill.append([encode(r.model_dump(mode='json')) for r in inflight])
             except Exception as exc:
                 _log.error('leftovers', 'pai-usage: could not spill the batch being written: %r', exc)
-        self._abandoned = True
         markers: list[_Flush] = []
-        ready: list[UsageRecord] = []
-        if (waiting := self._ready) is not None:
-            ready.extend(waiting.records)
-            markers.extend(waiting.markers)
-        while True:
-            try:
-                batch = self._handoff.get_nowait()
-            except queue.Empty:
-                break
-            ready.extend(batch.records)
-            markers.extend(batch.markers)
-        if ready:
-            self._spill_records(ready)
         items: list[object] = []
         while True:
             try:
@@ -430,61 +413,43 @@ class Writer:
     # --- the writer thread ---
 
     def _run(self) -> None:
-        """Stage 1: take batches from the queue, validate and price them, hand them to the database thread."""
-        while True:
-            items = self._take()
-            batch = _Batch([], [], stop=False)
-            taken = 0
-            for item in items:
-                if item is _STOP:
-                    batch.stop = True
-                elif isinstance(item, _Flush):
-                    batch.markers.append(item)
-                else:
-                    taken += 1
-                    if (record := self._validate(item)) is not None:
-                        batch.records.append(record)
-            if taken:
-                with self._count_lock:
-                    self.stats.taken += taken
-            # Wait while the database thread is busy with earlier batches: the queue (bounded, spilling
-            # when full) holds the backlog, not an ever-growing list here.
-            self._ready = batch
-            while not self._slots.acquire(timeout=0.5):
-                if self._abandoned:
-                    return  # `stop()` gave up on the database and spilled this batch itself
-            self._ready = None
-            self._handoff.put(batch)
-            if batch.stop:
-                return
-
-    def _run_db(self) -> None:
-        """Stage 2: write batches (retrying, spilling), replay spill files, probe a database that is down."""
+        """Take batches, validate and price them, write them (retrying, spilling); replay and probe when due."""
         self._next_replay = time.monotonic() + self.replay_interval
         self._replay()
         while True:
-            timeout = 1.0
-            if self._spilling:
-                timeout = min(max(self._next_probe - time.monotonic(), 0.01), 1.0)
-            try:
-                batch = self._handoff.get(timeout=timeout)
-            except queue.Empty:
+            items = self._take()
+            if not items:
                 self._maintain()
                 continue
-            if batch.records:
-                self._inflight = batch.records
-                self._deliver(batch.records)
+            stop = False
+            markers: list[_Flush] = []
+            fresh: list[object] = []
+            for item in items:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, _Flush):
+                    markers.append(item)
+                else:
+                    fresh.append(item)
+            records = self._validate_batch(fresh) if fresh else []
+            with self._count_lock:
+                self.stats.taken += len(fresh)
+            if records:
+                self._inflight = records
+                self._deliver(records)
                 self._inflight = []
-            self._slots.release()
             self._maintain()
-            for marker in batch.markers:
+            for marker in markers:
                 marker.done.set()
-            if batch.stop:
+            if stop:
                 return
 
     def _take(self) -> list[object]:
+        timeout = 1.0
+        if self._spilling:
+            timeout = min(max(self._next_probe - time.monotonic(), 0.01), 1.0)
         try:
-            items: list[object] = [self._queue.get(timeout=1.0)]
+            items: list[object] = [self._queue.get(timeout=timeout)]
         except queue.Empty:
             return []
         deadline = time.monotonic() + self.flush_interval
@@ -497,14 +462,7 @@ class Writer:
 
     def _validate(self, item: object, *, replay: bool = False) -> UsageRecord | None:
         try:
-            if isinstance(item, UsageRecord):
-                record = item
-            else:
-                raw: object = item
-                if isinstance(raw, dict) and self._caller_priced(fields_ := cast('dict[str, Any]', raw)):
-                    # Priced by the caller (pydantic-ai's cost): saying so now saves a model copy later.
-                    raw = {**fields_, 'pricing_status': 'priced'}
-                record = UsageRecord.model_validate(raw)
+            record = item if isinstance(item, UsageRecord) else UsageRecord.model_validate(self._prepared(item))
             record = _priced(record, self.price_table)
         except ValidationError as exc:
             with self._count_lock:
@@ -516,6 +474,25 @@ class Writer:
             self._reject(item, str(exc))
             return None
         return record
+
+    def _validate_batch(self, items: list[object]) -> list[UsageRecord]:
+        # One call for the whole batch (cheaper than one per record); on any error, record by record, so
+        # that each bad record gets its own message and the good ones around it are kept.
+        try:
+            records = _RECORDS.validate_python([self._prepared(item) for item in items])
+        except ValidationError:
+            return [r for item in items if (r := self._validate(item)) is not None]
+        return [_priced(r, self.price_table) for r in records]
+
+    def _prepared(self, item: object) -> object:
+        if not isinstance(item, dict):
+            return item
+        fields_ = cast('dict[str, Any]', item)
+        if self._caller_priced(fields_):
+            # Priced by the caller (pydantic-ai's cost): saying so now saves a model copy later. The dict is
+            # ours: `track()` always hands over a fresh one.
+            fields_['pricing_status'] = 'priced'
+        return fields_
 
     def _caller_priced(self, item: dict[str, Any]) -> bool:
         if item.get('cost_usd') is None or item.get('pricing_status') is not None:
@@ -581,7 +558,7 @@ class Writer:
                 with self.engine.begin() as conn:
                     _copy_records(conn, records, staged=False)
                 return
-            except Exception as exc:  # the raw COPY raises psycopg's UniqueViolation, not SQLAlchemy's IntegrityError
+            except Exception as exc:  # raw COPY raises psycopg's UniqueViolation, not SQLAlchemy's IntegrityError
                 if not _is_unique_violation(exc):
                     raise
         with self.engine.begin() as conn:
@@ -694,6 +671,7 @@ class Writer:
                 self._enter_spilling()
                 return
             claimed.done()
+        self.spill.tidy()
 
     def _decode(self, line: bytes) -> UsageRecord | None:
         try:

@@ -14,21 +14,25 @@ written. Periods are UTC calendar days and months, so a budget resets at 00:00 U
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 from uuid import UUID
 
 import sqlalchemy as sa
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.exceptions import UsageLimitExceeded
 from pydantic_ai.tools import AgentDepsT, RunContext
+from sqlalchemy.exc import SQLAlchemyError
 
 from ._listeners import add_listener
+from ._log import RateLimitedLog
 from .context import current_usage_context
 from .record import UsageRecord
 from .summary import month_bounds, query_summary
@@ -48,6 +52,7 @@ __all__ = (
     'Period',
     'ScopeKind',
     'budget_report',
+    'budgets_from_json',
     'format_budgets',
     'period_bounds',
 )
@@ -58,6 +63,8 @@ ScopeKind = Literal['organization', 'user']
 """What a budget's key identifies."""
 BudgetMode = Literal['raise', 'warn']
 """`raise` stops the run with `BudgetExceeded`; `warn` only emits a `BudgetWarning`."""
+
+_log = RateLimitedLog()
 
 _Dimension = Literal['organization', 'user', 'all']
 _CacheKey = tuple[_Dimension, str | None, Period, datetime]
@@ -151,6 +158,9 @@ class BudgetExceeded(UsageLimitExceeded):
     def __init__(self, status: BudgetStatus) -> None:
         self.status = status
         super().__init__(status.message)
+
+    def __reduce__(self) -> tuple[type[BudgetExceeded], tuple[BudgetStatus]]:
+        return type(self), (self.status,)  # picklable (across processes) when its budget is
 
     @property
     def budget(self) -> Budget:
@@ -257,6 +267,9 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
     """Seconds a cached spend is trusted before it is read from the database again."""
     clock: Callable[[], datetime] = _utcnow
     """Returns the current time (timezone-aware): injectable for tests."""
+    fail_open: bool = True
+    """When spend cannot be read (database down), allow requests on the last known spend and log an error,
+    rather than fail every run. False raises the database error instead."""
 
     _cache: dict[_CacheKey, _Spend] = field(default_factory=dict[_CacheKey, _Spend], init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -264,7 +277,15 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
     def __post_init__(self) -> None:
         if self.mode not in ('raise', 'warn'):
             raise ValueError(f"`mode` must be 'raise' or 'warn', not {self.mode!r}")
-        add_listener(self.tracker, self.observe)
+        # A weak reference: the tracker outlives enforcers, and must not keep discarded ones (and caches) alive.
+        observe = weakref.WeakMethod(self.observe)
+
+        def listener(record: UsageRecord) -> None:
+            method = observe()
+            if method is not None:
+                method(record)
+
+        add_listener(self.tracker, listener)
 
     @classmethod
     def get_serialization_name(cls) -> str | None:
@@ -367,7 +388,19 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
                 # Records written before the read begins are in its result; later ones may or may not be,
                 # so they stay in `local` until the next refresh (at worst counted twice until then).
                 seen = set(spend.local)
-            total = _spend(self.tracker.engine, dim, value, spend.start, spend.end)
+            try:
+                total = _spend(self.tracker.engine, dim, value, spend.start, spend.end)
+            except SQLAlchemyError as exc:
+                if not _has_ledger(self.tracker.engine):
+                    total = Decimal(0)  # nothing tracked yet: the writer creates the table on its first write
+                elif self.fail_open:
+                    # Keep the last known spend (plus this process's writes) and try again next interval.
+                    _log.error('budget-read', 'pai-usage: could not read spend for budgets, allowing: %r', exc)
+                    with self._lock:
+                        spend.fetched_at = now
+                    return
+                else:
+                    raise
             with self._lock:
                 spend.db_usd = total
                 spend.fetched_at = now
@@ -404,6 +437,14 @@ def _attribution(deps: Any) -> tuple[str | None, str | None]:
     )
 
 
+def _has_ledger(engine: sa.Engine) -> bool:
+    try:
+        with engine.connect() as conn:
+            return sa.inspect(conn).has_table('token_usage')
+    except SQLAlchemyError:
+        return True  # unreachable: report the original error
+
+
 def _spend(engine: sa.Engine, dim: _Dimension, key: str | None, start: datetime, end: datetime) -> Decimal:
     summary = query_summary(
         engine,
@@ -414,6 +455,49 @@ def _spend(engine: sa.Engine, dim: _Dimension, key: str | None, start: datetime,
         group_by=(),
     )
     return summary.totals.cost_usd
+
+
+def budgets_from_json(text: str) -> list[Budget]:
+    """Budgets from JSON, for configuration files and `pai-usage budgets --file`.
+
+    A list of objects with `limit_usd` and at most one of `organization_id`, `user_id` and `scope`
+    (`"organization"` or `"user"`), plus optional `period` and `name`:
+
+    ```json
+    [{"scope": "organization", "limit_usd": "100"}, {"organization_id": "acme", "limit_usd": "20", "period": "day"}]
+    ```
+
+    Raises `ValueError` on anything else.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f'budgets are not valid JSON: {exc}') from None
+    if not isinstance(data, list):
+        raise ValueError('budgets must be a JSON list of objects')
+    budgets: list[Budget] = []
+    for i, item in enumerate(cast(list[Any], data)):
+        if not isinstance(item, dict):
+            raise ValueError(f'budget #{i + 1} is not an object')
+        fields = cast(dict[str, Any], item)
+        unknown = set(fields) - {'limit_usd', 'period', 'organization_id', 'user_id', 'scope', 'name'}
+        if unknown:
+            raise ValueError(f'budget #{i + 1} has unknown fields {sorted(unknown)}')
+        if fields.get('scope') not in (None, 'organization', 'user'):
+            raise ValueError(f"budget #{i + 1}: `scope` must be 'organization' or 'user' in JSON")
+        limit = fields.get('limit_usd')
+        if isinstance(limit, bool) or not isinstance(limit, (str, int, float)):
+            raise ValueError(f'budget #{i + 1} needs a `limit_usd`')
+        try:
+            # Through `str`, so that 0.1 is exactly 0.1, not the float nearest to it.
+            fields['limit_usd'] = Decimal(str(limit))
+        except ArithmeticError:
+            raise ValueError(f'budget #{i + 1}: `limit_usd` {limit!r} is not a number') from None
+        try:
+            budgets.append(Budget(**fields))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f'budget #{i + 1}: {exc}') from None
+    return budgets
 
 
 def budget_report(engine: sa.Engine, budgets: Sequence[Budget], *, now: datetime | None = None) -> list[BudgetStatus]:

@@ -1,7 +1,7 @@
 """`TrackUsage`: a PydanticAI capability that records every model request of a run in the ledger.
 
 ```python
-tracker = pai_usage.configure('postgresql://...')
+pai_usage.configure('postgresql://...')
 agent = Agent('openai:gpt-4o', deps_type=UsageDeps, capabilities=[TrackUsage()])
 await agent.run('Hi', deps=UsageDeps(user_id='u1', organization_id='org1'))
 ```
@@ -11,9 +11,9 @@ Rows written for a run (all with `source='agent'`, the run's `run_id` and attrib
 - `agent_request`: one per model response, from `after_model_request`, with the response's own model,
   provider, provider response id, tokens and pydantic-ai's cost. Attempts a `FallbackModel` (or the
   `ModelFallback` capability) moved on from get a row each with `status='error'`.
-- `agent_run_remainder`: usage pydantic-ai counted in the run's `RunUsage` that no `after_model_request`
-  showed, e.g. a stream abandoned early or a delegated sub-agent without this capability. Written when the
-  run ends, so the run's rows always add up to `result.usage`, exactly once.
+- `agent_run_remainder`: usage pydantic-ai counted in the run's `RunUsage` that no row recorded, e.g. that of
+  a delegated sub-agent without this capability. Written when the run ends, so the rows of a run (and of the
+  sub-agents sharing its usage) add up to `result.usage`, each token once.
 - `agent_run`: a zero-token marker with `status='error'` and the exception type in `metadata`, written only
   when the run fails (tool error, usage limit, exhausted retries, timeout, cancellation).
 
@@ -56,6 +56,11 @@ _once = RateLimitedLog(interval=float('inf'))
 
 # Attributes of a usage object that are not token counts (or are mapped explicitly).
 _NOT_EXTRA = frozenset(f.name for f in dataclasses.fields(RunUsage)) | {'requests', 'tool_calls', 'cost'}
+# Counts `_token_columns` can map without `TokenCounts` (anything else takes the general path).
+_PLAIN_TEXT_COUNTS = frozenset(
+    {'input_tokens', 'cache_read_tokens', 'cache_write_tokens', 'output_tokens', 'output_reasoning_tokens'}
+    | {'details', 'cost', 'requests', 'tool_calls', 'unmeasured_requests'}
+)
 # Attributes of a `RunUsage` that are not usage to reconcile.
 _NOT_COUNTS = frozenset({'requests', 'tool_calls', 'details', 'cost', 'unmeasured_requests'})
 
@@ -106,7 +111,7 @@ class TrackUsage(AbstractCapability[Any]):
 
     tracker: UsageTracker | None = None
     """Tracker to record to when the deps name none."""
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = field(default=None, kw_only=True)
     """Extra JSON metadata stored on every row this capability writes."""
 
     errors: ClassVar[int] = 0
@@ -259,7 +264,7 @@ class TrackUsage(AbstractCapability[Any]):
         if extra:
             fields['metadata'] = {**fields['metadata'], **extra}
         run.tracker.track(**fields)
-        run.shared.recorded.incr(usage)
+        _add(run.shared.recorded, usage)
 
     def _record_attempt(self, run: _Run, attempt: ModelRequestAttempt, seen: ModelResponse | None) -> None:
         extra: dict[str, Any] = {'attempt_outcome': attempt.outcome}
@@ -277,7 +282,7 @@ class TrackUsage(AbstractCapability[Any]):
         fields['metadata'] = {**fields['metadata'], **extra}
         run.tracker.track(**fields)
         if attempt.usage is not None:
-            run.shared.recorded.incr(attempt.usage)
+            _add(run.shared.recorded, attempt.usage)
 
     def _row(
         self,
@@ -334,33 +339,62 @@ def _release(shared: _Shared) -> RunUsage | None:
             return None
         if _shared.get(id(shared.usage)) is shared:
             del _shared[id(shared.usage)]
-    now, start, recorded = shared.usage, shared.start, shared.recorded
+    now, start, recorded = shared.usage.__dict__, shared.start.__dict__, shared.recorded.__dict__
     remainder = RunUsage()
     found = False
-    for key in now.__dict__.keys() | recorded.__dict__.keys():
-        if key not in _NOT_COUNTS:
-            value = _num(now, key) - _num(start, key) - _num(recorded, key)
+    for key, value in now.items():
+        if key not in _NOT_COUNTS and type(value) in (int, float):
+            value = value - start.get(key, 0) - recorded.get(key, 0)
             if value > 0:
                 setattr(remainder, key, value)
                 found = True
     if not found:
         return None
-    for key in now.details.keys() | recorded.details.keys():
-        value = now.details.get(key, 0) - start.details.get(key, 0) - recorded.details.get(key, 0)
+    now_details, start_details = shared.usage.details, shared.start.details
+    recorded_details = shared.recorded.details
+    for key, value in now_details.items():
+        value = value - start_details.get(key, 0) - recorded_details.get(key, 0)
         if value > 0:
             remainder.details[key] = value
-    cost = (now.cost or 0) - (start.cost or 0) - (recorded.cost or 0)
+    cost = (shared.usage.cost or 0) - (shared.start.cost or 0) - (shared.recorded.cost or 0)
     remainder.cost = Decimal(cost) if cost > 0 else None
     return remainder
 
 
-def _num(usage: RunUsage, key: str) -> int | float:
-    value = getattr(usage, key, 0)
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
+def _add(total: RunUsage, usage: RequestUsage | RunUsage) -> None:
+    """`total.incr(usage)` for what the reconciliation needs, looking only at the counts `usage` has."""
+    counts = total.__dict__
+    for key, value in usage.__dict__.items():
+        if key not in _NOT_COUNTS and type(value) in (int, float):
+            counts[key] = counts.get(key, 0) + value
+    if usage.details:
+        details = total.details
+        for key, value in usage.details.items():
+            if type(value) is int:
+                details[key] = details.get(key, 0) + value
+    if usage.cost is not None:
+        total.cost = (total.cost or 0) + usage.cost
 
 
 def _token_columns(usage: RequestUsage | RunUsage) -> dict[str, Any]:
     """pydantic-ai's inclusive counts as the ledger's non-overlapping bucket columns."""
+    if not usage.details and usage.__dict__.keys() <= _PLAIN_TEXT_COUNTS:
+        # The common case (text in and out, maybe cached or reasoning), without building a `TokenCounts`;
+        # `from_inclusive` below gives the same columns.
+        plain_input = usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens
+        plain_output = usage.output_tokens - usage.output_reasoning_tokens
+        if plain_input >= 0 and plain_output >= 0:
+            return {
+                'input_tokens': plain_input,
+                'cache_read_tokens': usage.cache_read_tokens,
+                'cache_write_tokens': usage.cache_write_tokens,
+                'input_audio_tokens': 0,
+                'output_tokens': plain_output,
+                'reasoning_tokens': usage.output_reasoning_tokens,
+                'output_audio_tokens': 0,
+                'output_image_tokens': 0,
+                'details': {},
+            }
     extra: dict[str, int] = {
         k: v for k, v in usage.__dict__.items() if k not in _NOT_EXTRA and type(v) is int and v > 0
     }

@@ -128,6 +128,11 @@ def query_summary(
         raise ValueError(f'cannot group by {unknown!r}; choose from {", ".join(GROUP_BY_DIMENSIONS)}')
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError('start and end must be timezone-aware')
+    from .rollup import rollup_summary  # here, not at the top: `rollup` imports this module
+
+    fast = rollup_summary(engine, start, end, organization_id=organization_id, user_id=user_id, group_by=group_by)
+    if fast is not None:
+        return fast
     dims = [_dimension(g, engine.dialect.name) for g in group_by]
     measures = [
         sa.func.count().label('events'),

@@ -111,7 +111,7 @@ class UsageTracker:
         self,
         database: str | sa.Engine | None = None,
         *,
-        batch_size: int = 500,
+        batch_size: int = 2000,
         flush_interval: float = 0.2,
         auto_migrate: bool = True,
         price_table: PriceTable | None = None,

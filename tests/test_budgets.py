@@ -1,7 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import pickle
+import threading
+import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -15,13 +20,15 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
-from pai_usage import UsageTracker, usage_context
+from pai_usage import TrackUsage, UsageTracker, usage_context
 from pai_usage.budgets import (
     Budget,
     BudgetExceeded,
+    BudgetStatus,
     BudgetWarning,
     EnforceBudgets,
     budget_report,
+    budgets_from_json,
     format_budgets,
     period_bounds,
 )
@@ -238,6 +245,30 @@ async def test_concurrent_runs(fast_tracker: UsageTracker) -> None:
     assert queries.count == 1
 
 
+def test_concurrent_runs_in_threads(fast_tracker: UsageTracker) -> None:
+    # One capability shared by agents running on several threads, each with its own event loop.
+    now = datetime(2026, 5, 5, tzinfo=UTC)
+    seed(fast_tracker, (now, 'acme', '4.99'))
+    enforcer = EnforceBudgets(
+        fast_tracker, budgets=[Budget(organization_id='acme', limit_usd=Decimal(5))], clock=Clock(now)
+    )
+    queries = SpendQueries(fast_tracker.engine)
+    barrier = threading.Barrier(8)
+
+    def run() -> str:
+        barrier.wait()
+        return asyncio.run(agent(enforcer).run('hi', deps=ACME)).output
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda _: run(), range(8))) == ['ok'] * 8
+    assert queries.count == 1
+
+    seed(fast_tracker, (now, 'acme', '0.01'))  # reaches the limit exactly
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(run) for _ in range(8)]
+    assert all(isinstance(f.exception(), BudgetExceeded) for f in futures)
+
+
 @dataclass
 class TenantDeps:
     tenant: str | None
@@ -334,3 +365,106 @@ def test_period_bounds(period: Any, moment: datetime, expected: tuple[tuple[int,
 def test_period_bounds_rejects_naive() -> None:
     with pytest.raises(ValueError, match='timezone-aware'):
         period_bounds('day', datetime(2026, 1, 1))
+
+
+def test_discarded_enforcer_is_not_kept_alive(fast_tracker: UsageTracker) -> None:
+    enforcer = EnforceBudgets(fast_tracker, budgets=[Budget(limit_usd=Decimal(1))])
+    enforcer.check()  # warm its cache, so the listener has something to update
+    ref = weakref.ref(enforcer)
+    del enforcer
+    gc.collect()
+    assert ref() is None
+    seed(fast_tracker, (datetime.now(UTC), 'acme', '1'))  # the tracker's listener copes with the dead enforcer
+    assert fast_tracker.stats().written == 1
+
+
+def test_fresh_database_has_no_spend(sqlite_url: str) -> None:
+    # The writer creates the table on its first write: a budget check may come before it.
+    with UsageTracker(sqlite_url, flush_interval=0.005) as tracker:
+        enforcer = EnforceBudgets(tracker, budgets=[Budget(organization_id='acme', limit_usd=Decimal(1))])
+        assert [s.spend_usd for s in enforcer.statuses(organization_id='acme')] == [Decimal(0)]
+        seed(tracker, (datetime.now(UTC), 'acme', '1'))
+        with pytest.raises(BudgetExceeded):  # counted as soon as written, without waiting for a refresh
+            enforcer.check(organization_id='acme')
+    tracker.engine.dispose()
+
+
+def test_unreachable_database(caplog: pytest.LogCaptureFixture) -> None:
+    tracker = UsageTracker('postgresql+psycopg://postgres@127.0.0.1:1/none', auto_migrate=False)
+    budgets = [Budget(organization_id='acme', limit_usd=Decimal(1))]
+    EnforceBudgets(tracker, budgets=budgets).check(organization_id='acme')  # fails open, and says so
+    assert 'could not read spend for budgets, allowing' in caplog.text
+    with pytest.raises(sa.exc.OperationalError):
+        EnforceBudgets(tracker, budgets=budgets, fail_open=False).check(organization_id='acme')
+    tracker.close()
+    tracker.engine.dispose()
+
+
+def test_budgets_from_json() -> None:
+    budgets = budgets_from_json(
+        '[{"scope": "organization", "limit_usd": "100"},'
+        ' {"organization_id": "acme", "limit_usd": 0.1, "period": "day", "name": "acme daily"},'
+        ' {"user_id": "u1", "limit_usd": 5}]'
+    )
+    assert budgets == [
+        Budget(scope='organization', limit_usd=Decimal(100)),
+        Budget(organization_id='acme', limit_usd=Decimal('0.1'), period='day', name='acme daily'),
+        Budget(user_id='u1', limit_usd=Decimal(5)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ('text', 'match'),
+    [
+        ('{', 'not valid JSON'),
+        ('{"limit_usd": 1}', 'JSON list'),
+        ('[1]', 'is not an object'),
+        ('[{"limit_usd": 1, "org": "a"}]', r"unknown fields \['org'\]"),
+        ('[{"scope": "tenant", "limit_usd": 1}]', 'scope'),
+        ('[{"organization_id": "a"}]', 'needs a `limit_usd`'),
+        ('[{"limit_usd": true}]', 'needs a `limit_usd`'),
+        ('[{"limit_usd": "ten"}]', 'not a number'),
+        ('[{"limit_usd": "-1"}]', r'budget #1: .*non-negative'),
+        ('[{"limit_usd": 1}, {"limit_usd": 1, "organization_id": "a", "user_id": "b"}]', 'budget #2: .*at most one'),
+    ],
+)
+def test_budgets_from_json_rejects(text: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        budgets_from_json(text)
+
+
+async def test_with_track_usage(fast_tracker: UsageTracker) -> None:
+    # The two capabilities together: TrackUsage records each request, EnforceBudgets stops the run once spent.
+    track = TrackUsage(fast_tracker)
+    first = Agent(FunctionModel(reply, model_name='gpt-4o'), deps_type=UsageDeps, capabilities=[track])
+    await first.run('hi', deps=ACME)
+    assert fast_tracker.flush()
+    one_run = fast_tracker.get_current_month_usage('acme').total_cost_usd
+    assert one_run > 0  # FunctionModel as gpt-4o on openai is priced
+
+    enforcer = EnforceBudgets(
+        fast_tracker, budgets=[Budget(organization_id='acme', limit_usd=one_run * 3)], refresh_interval=3600
+    )
+    both = Agent(FunctionModel(reply, model_name='gpt-4o'), deps_type=UsageDeps, capabilities=[track, enforcer])
+    await both.run('hi', deps=ACME)
+    assert fast_tracker.flush()
+    await both.run('hi', deps=ACME)  # spend: 2 runs before this one
+    assert fast_tracker.flush()  # 3 runs written: the next request reaches the limit, without a database read
+    with pytest.raises(BudgetExceeded) as exc_info:
+        await both.run('hi', deps=ACME)
+    assert exc_info.value.spend_usd == one_run * 3
+    assert (await both.run('hi', deps=GLOBEX)).output == 'ok'
+
+
+def test_budget_exceeded_pickles() -> None:
+    status = BudgetStatus(
+        budget=Budget(organization_id='acme', limit_usd=Decimal(5)),
+        key='acme',
+        start=datetime(2026, 5, 1, tzinfo=UTC),
+        end=datetime(2026, 6, 1, tzinfo=UTC),
+        spend_usd=Decimal('5.5'),
+    )
+    error = pickle.loads(pickle.dumps(BudgetExceeded(status)))
+    assert isinstance(error, BudgetExceeded)
+    assert (error.spend_usd, error.limit_usd, str(error)) == (Decimal('5.5'), Decimal(5), str(BudgetExceeded(status)))
+    assert status.remaining_usd == 0 and status.exceeded

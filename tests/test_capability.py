@@ -14,7 +14,7 @@ import genai_prices
 import pytest
 import sqlalchemy as sa
 from pydantic_ai import Agent, ModelRetry, RunContext, UsageLimitExceeded
-from pydantic_ai.capabilities import AbstractCapability
+from pydantic_ai.capabilities import AbstractCapability, ModelFallback
 from pydantic_ai.exceptions import RetryModelRequest
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.models import ModelRequestContext
@@ -344,7 +344,8 @@ async def test_timeout_and_cancellation(tracker: UsageTracker, how: str) -> None
 # --- fallback ---
 
 
-async def test_fallback_failed_attempts_get_their_own_rows(tracker: UsageTracker) -> None:
+@pytest.mark.parametrize('how', ['FallbackModel', 'ModelFallback-outer', 'ModelFallback-inner'])
+async def test_fallback_failed_attempts_get_their_own_rows(tracker: UsageTracker, how: str) -> None:
     def failing(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         return ModelResponse(
             parts=[TextPart('bad')],
@@ -355,12 +356,13 @@ async def test_fallback_failed_attempts_get_their_own_rows(tracker: UsageTracker
     def reject_bad(response: ModelResponse) -> bool:
         return response.text == 'bad'
 
-    fallback = FallbackModel(
-        FunctionModel(failing, model_name='claude-sonnet-4'),
-        FunctionModel(model_fn('openai'), model_name='gpt-4o'),
-        fallback_on=reject_bad,
-    )
-    agent = Agent(fallback, capabilities=[TrackUsage(tracker)])
+    first = FunctionModel(failing, model_name='claude-sonnet-4')
+    second = FunctionModel(model_fn('openai'), model_name='gpt-4o')
+    if how == 'FallbackModel':
+        agent = Agent(FallbackModel(first, second, fallback_on=reject_bad), capabilities=[TrackUsage(tracker)])
+    else:
+        caps: list[AbstractCapability[Any]] = [ModelFallback(second, fallback_on=reject_bad), TrackUsage(tracker)]
+        agent = Agent(first, capabilities=caps if how.endswith('outer') else caps[::-1])
     result = await agent.run('q', deps=DEPS)
     got = rows(tracker)
     assert [(r['model'], r['provider'], r['status']) for r in got] == [
@@ -370,6 +372,7 @@ async def test_fallback_failed_attempts_get_their_own_rows(tracker: UsageTracker
     assert got[0]['metadata'] == {'attempt_outcome': 'rejected'}
     assert got[0]['cost_usd'] == price({'input_tokens': 700, 'output_tokens': 30}, 'claude-sonnet-4', 'anthropic')
     assert_adds_up(got, result.usage)
+    assert sum(r['cost_usd'] for r in got) == result.usage.cost
 
 
 @dataclass
@@ -566,15 +569,30 @@ async def test_two_track_usage_on_one_run_record_it_once(tracker: UsageTracker) 
     assert_adds_up(got, result.usage)
 
 
-async def test_capability_failure_is_swallowed(tracker: UsageTracker, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_capability_failure_is_swallowed_and_reconciled(
+    tracker: UsageTracker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError('bug')
 
-    monkeypatch.setattr('pai_usage.capability._token_columns', broken)
+    monkeypatch.setattr(TrackUsage, '_record_response', broken)
     before = TrackUsage.errors
-    result = await make_agent(tracker).run('q', deps=DEPS)
+    with caplog.at_level(logging.CRITICAL, logger='pai_usage'):
+        result = await make_agent(tracker).run('q', deps=DEPS)
     assert result.output == 'done'
     assert TrackUsage.errors > before
+    # The requests could not be recorded one by one, so the run's remainder row carries them all.
+    got = rows(tracker)
+    assert [(r['operation'], r['model']) for r in got] == [('agent_run_remainder', None)]
+    assert_adds_up(got, result.usage)
+    assert got[0]['cost_usd'] == result.usage.cost
+
+
+async def test_capability_metadata_on_every_row(tracker: UsageTracker) -> None:
+    agent = make_agent(None)
+    with usage_context(metadata={'feature': 'ads'}):
+        await agent.run('q', deps=DEPS, capabilities=[TrackUsage(tracker, metadata={'app': 'studio'})])
+    assert [r['metadata'] for r in rows(tracker)] == [{'feature': 'ads', 'app': 'studio'}] * 2
 
 
 async def test_direct_calls_in_tools_see_the_run_context(tracker: UsageTracker) -> None:

@@ -1,4 +1,4 @@
-"""The `pai-usage` command line: summary, migrate and prices, and every error path (one line, exit code 2)."""
+"""The `pai-usage` command line: every command, and every error path (one line, exit code 2)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,14 @@ from typing import Any
 import genai_prices
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 
-from pai_usage import UsageRecord, UsageTracker
+from pai_usage import UsageRecord, UsageTracker, _cli
 from pai_usage._cli import cli_logic
+from pai_usage.export import export_rows
 from pai_usage.migrate import available_migrations
 from pai_usage.pricing import PRICES_ENV_VAR, set_price_table
+from pai_usage.table import TOKEN_USAGE
 from pai_usage.tracker import DATABASE_URL_ENV_VAR
 from pai_usage.usage import TOKEN_BUCKETS
 
@@ -75,6 +79,7 @@ def _raw_totals(engine: sa.Engine) -> dict[str, Any]:
         cost = conn.exec_driver_sql('SELECT sum(cost_usd) FROM token_usage').scalar()
         events, unpriced = conn.exec_driver_sql('SELECT count(*), count(*) - count(cost_usd) FROM token_usage').one()
         tokens = conn.exec_driver_sql(f'SELECT {columns} FROM token_usage').one()
+    assert cost is not None
     if engine.dialect.name == 'sqlite':
         assert isinstance(cost, int)  # scaled pico-dollars
         cost = Decimal(cost) / Decimal(10**12)
@@ -350,3 +355,386 @@ def test_python_dash_m(tmp_path: Path):
     assert result.returncode == 2
     assert result.stderr.count('\n') == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# --- summary --by day, and FOCUS csv ------------------------------------------------------------------
+
+JUNE = ['--since', '2026-06-01', '--until', '2026-06-03']  # three whole days: --until includes its day
+JUNE_START, JUNE_END = datetime(2026, 6, 1, tzinfo=UTC), datetime(2026, 6, 4, tzinfo=UTC)
+
+
+@pytest.fixture
+def june(tracker: UsageTracker) -> UsageTracker:
+    """Priced events on June 1st and 3rd 2026 (none on the 2nd), one unpriced, and one on either side of the range."""
+    for created_at, org, provider, cost in [
+        (datetime(2026, 5, 31, 23, 59, 59, 999_999, tzinfo=UTC), 'acme', 'openai', Decimal(1000)),
+        (datetime(2026, 6, 1, 0, 0, tzinfo=UTC), 'acme', 'openai', Decimal('1.5')),
+        (datetime(2026, 6, 1, 12, 30, tzinfo=UTC), 'globex', 'google-gla', Decimal('0.5')),
+        (datetime(2026, 6, 3, 8, 0, tzinfo=UTC), 'acme', 'google-gla', Decimal('0.000000000123')),
+        (datetime(2026, 6, 3, 9, 0, tzinfo=UTC), 'globex', 'openai', None),
+        (datetime(2026, 6, 4, 0, 0, tzinfo=UTC), 'acme', 'openai', Decimal(1000)),
+    ]:
+        tracker.track(
+            created_at=created_at,
+            organization_id=org,
+            provider=provider,
+            model='m',
+            input_tokens=10,
+            cost_usd=cost,
+            pricing_status='unpriced' if cost is None else 'priced',
+        )
+    assert tracker.flush()
+    return tracker
+
+
+def _url(tracker: UsageTracker) -> str:
+    return tracker.engine.url.render_as_string(hide_password=False)
+
+
+def _in_range(engine: sa.Engine, start: datetime, end: datetime) -> tuple[int, Decimal]:
+    """`SELECT count(*), sum(cost_usd)` over `[start, end)`, with bound parameters."""
+    t = TOKEN_USAGE
+    query = sa.select(sa.func.count(), sa.func.sum(t.c.cost_usd)).where(t.c.created_at >= start, t.c.created_at < end)
+    with engine.connect() as conn:
+        count, cost = conn.execute(query).one()
+    return count, Decimal(cost)
+
+
+@pytest.mark.parametrize('extra', [[], ['--by', 'day,organization']], ids=['day', 'day-and-org'])
+def test_summary_by_day_draws_daily_costs(june: UsageTracker, capsys: pytest.CaptureFixture[str], extra: list[str]):
+    code, out, err = _run(capsys, 'summary', '--database-url', _url(june), '--by', 'day', *JUNE, *extra)
+    assert (code, err) == (0, '')
+    table, _, chart = out.partition('Total: ')
+    assert '█' not in table
+    chart_lines = chart.splitlines()[1:]
+    assert chart_lines[0] == ''  # a blank line between the totals and the chart
+    assert [line[:10] for line in chart_lines[1:]] == ['2026-06-01', '2026-06-02', '2026-06-03']  # empty days too
+    first, second, third = chart_lines[1:]
+    assert first.count('█') == 40 and first.endswith('$2.0000')  # the largest day fills the bar
+    assert '█' not in second and second.endswith('$0.0000')
+    assert third.endswith('$0.0000')  # 0.000000000123, shown to 4 places
+
+
+def test_daily_chart_spans_the_days_with_usage(june: UsageTracker, capsys: pytest.CaptureFixture[str]):
+    code, out, _ = _run(capsys, 'summary', '--database-url', _url(june), '--by', 'day', *ALL_TIME)
+    assert code == 0
+    chart = out.split('\n\n')[-1].splitlines()
+    # A century of range, but only the days from the first to the last with usage are drawn.
+    assert [line[:10] for line in chart] == ['2026-05-31', '2026-06-01', '2026-06-02', '2026-06-03', '2026-06-04']
+    assert chart[0].endswith('$1,000.0000') and chart[0].count('█') == 40
+
+
+@pytest.mark.parametrize(
+    'args',
+    [
+        pytest.param(['--by', 'model', *JUNE], id='not-by-day'),
+        pytest.param(['--by', 'day', '--since', '2026-07-01', '--until', '2026-07-02'], id='no-rows'),
+        pytest.param(['--by', 'day', '--format', 'json', *JUNE], id='json'),
+    ],
+)
+def test_no_daily_chart(june: UsageTracker, capsys: pytest.CaptureFixture[str], args: list[str]):
+    code, out, _ = _run(capsys, 'summary', '--database-url', _url(june), *args)
+    assert code == 0
+    assert '█' not in out and '$0.0000' not in out
+
+
+def test_summary_focus_csv(june: UsageTracker, capsys: pytest.CaptureFixture[str]):
+    code, out, err = _run(capsys, 'summary', '--database-url', _url(june), '--format', 'csv', '--focus',
+                          '--by', 'day,organization,provider,model', *JUNE)  # fmt: skip
+    assert (code, err) == (0, '')
+    reader = csv.DictReader(io.StringIO(out))
+    assert (reader.fieldnames or [])[:8] == [
+        'ChargePeriodStart', 'ChargePeriodEnd', 'SubAccountId', 'ProviderName', 'model',
+        'BilledCost', 'EffectiveCost', 'BillingCurrency',
+    ]  # fmt: skip
+    assert 'day' not in (reader.fieldnames or []) and 'cost_usd' not in (reader.fieldnames or [])
+    rows = list(reader)
+    count, cost = _in_range(june.engine, JUNE_START, JUNE_END)
+    assert sum(int(row['events']) for row in rows) == count == 4
+    assert sum(Decimal(row['BilledCost'] or 0) for row in rows) == cost == Decimal('2.000000000123')
+    assert all(row['BilledCost'] == row['EffectiveCost'] and row['BillingCurrency'] == 'USD' for row in rows)
+    globex = next(row for row in rows if row['SubAccountId'] == 'globex' and row['ProviderName'] == 'openai')
+    assert globex['BilledCost'] == ''  # unpriced: unknown, not zero
+    assert (globex['ChargePeriodStart'], globex['ChargePeriodEnd']) == (
+        '2026-06-03T00:00:00+00:00',
+        '2026-06-04T00:00:00+00:00',
+    )
+
+
+@pytest.mark.parametrize(
+    ('by', 'since', 'periods'),
+    [
+        # Without day or month, the charge period is the summary's range.
+        ('organization', '2026-06-01', {('2026-06-01T00:00:00+00:00', '2026-06-04T00:00:00+00:00')}),
+        # A month is clipped to the range: FOCUS periods never claim time outside it.
+        ('month', '2026-06-01T12:00', {('2026-06-01T12:00:00+00:00', '2026-06-04T00:00:00+00:00')}),
+        ('day', '2026-06-01T12:00', {
+            ('2026-06-01T12:00:00+00:00', '2026-06-02T00:00:00+00:00'),
+            ('2026-06-03T00:00:00+00:00', '2026-06-04T00:00:00+00:00'),
+        }),
+    ],
+)  # fmt: skip
+def test_summary_focus_charge_periods(
+    june: UsageTracker, capsys: pytest.CaptureFixture[str], by: str, since: str, periods: set[tuple[str, str]]
+):
+    code, out, _ = _run(capsys, 'summary', '--database-url', _url(june), '--format', 'csv', '--focus', '--by', by,
+                        '--since', since, '--until', '2026-06-03')  # fmt: skip
+    assert code == 0
+    assert {(row['ChargePeriodStart'], row['ChargePeriodEnd']) for row in csv.DictReader(io.StringIO(out))} == periods
+
+
+@pytest.mark.parametrize('fmt', ['table', 'json'])
+def test_summary_focus_needs_csv(capsys: pytest.CaptureFixture[str], sqlite_url: str, fmt: str):
+    code, out, err = _run(capsys, 'summary', '--database-url', sqlite_url, '--format', fmt, '--focus')
+    assert (code, out) == (2, '')
+    _assert_one_error_line(err, '--focus applies to --format csv')
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def _parse_export(text: str, fmt: str) -> list[dict[str, Any]]:
+    if fmt == 'csv':
+        return list(csv.DictReader(io.StringIO(text)))
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.parametrize('focus', [False, True], ids=['ours', 'focus'])
+@pytest.mark.parametrize('fmt', ['csv', 'jsonl'])
+@pytest.mark.parametrize('to_file', [False, True], ids=['stdout', 'file'])
+def test_export_agrees_with_sql(
+    june: UsageTracker, capsys: pytest.CaptureFixture[str], tmp_path: Path, fmt: str, focus: bool, to_file: bool
+):
+    target = tmp_path / 'exports' / f'export.{fmt}'
+    target.parent.mkdir()
+    options = ['--format', fmt, *(['--focus'] if focus else []), *(['-o', str(target)] if to_file else [])]
+    code, out, err = _run(capsys, 'export', '--database-url', _url(june), *JUNE, *options)
+    assert (code, err) == (0, '')  # stderr is not a terminal: no progress
+    if to_file:
+        assert out == ''
+        assert [p.name for p in target.parent.iterdir()] == [target.name]  # no `.partial` left behind
+        out = target.read_text()
+    rows = _parse_export(out, fmt)
+    count, cost = _in_range(june.engine, JUNE_START, JUNE_END)
+    cost_column, time_column = ('BilledCost', 'ChargePeriodStart') if focus else ('cost_usd', 'created_at')
+    assert len(rows) == count == 4
+    assert sum(Decimal(row[cost_column] or 0) for row in rows) == cost
+    times = [datetime.fromisoformat(row[time_column]) for row in rows]
+    assert times == sorted(times)
+    assert JUNE_START <= times[0] <= times[-1] < JUNE_END
+    if fmt == 'csv':
+        header = out.splitlines()[0].split(',')
+        assert header[:2] == (['BilledCost', 'EffectiveCost'] if focus else ['id', 'created_at'])
+        assert all(row[cost_column] != '' for row in rows[:-1]) and rows[-1][cost_column] == ''
+    else:
+        assert rows[-1][cost_column] is None  # the unpriced event: unknown, not zero
+    if focus:
+        assert {row['SubAccountId'] for row in rows} == {'acme', 'globex'}
+        assert all(row['BillingCurrency'] == 'USD' for row in rows)
+
+
+def test_export_filters(june: UsageTracker, capsys: pytest.CaptureFixture[str]):
+    code, out, _ = _run(capsys, 'export', '--database-url', _url(june), '--format', 'jsonl', '--org', 'globex', *JUNE)
+    assert code == 0
+    rows = _parse_export(out, 'jsonl')
+    assert [(row['organization_id'], row['provider']) for row in rows] == [
+        ('globex', 'google-gla'),
+        ('globex', 'openai'),
+    ]
+    code, out, _ = _run(capsys, 'export', '--database-url', _url(june), '--user', 'nobody', *JUNE)
+    assert code == 0
+    assert out.splitlines() == [out.splitlines()[0]] and out.startswith('id,created_at,')  # the header only
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(('every', 'shown'), [(2, '\r2 rows\r4 rows\r6 rows\n'), (4, '\r4 rows\r6 rows\n')])
+def test_export_progress_on_a_terminal(
+    june: UsageTracker, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, every: int, shown: str
+):
+    monkeypatch.setattr(_cli, '_PROGRESS_EVERY', every)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, 'stderr', terminal)
+    code, out, _ = _run(capsys, 'export', '--database-url', _url(june), '--format', 'jsonl', *ALL_TIME)
+    assert code == 0
+    assert len(out.splitlines()) == 6
+    assert terminal.getvalue() == shown  # on stderr only, never mixed into the data; the final count once
+
+
+def _broken_rows(*args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    yield from export_rows(*args, **kwargs, batch_size=1)
+    raise sa_exc.OperationalError('SELECT', {}, Exception('server closed the connection unexpectedly'))
+
+
+def test_export_database_failure_midway(
+    june: UsageTracker, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    monkeypatch.setattr(_cli, 'export_rows', _broken_rows)
+    target = tmp_path / 'exports' / 'out.csv'
+    target.parent.mkdir()
+    code, out, err = _run(capsys, 'export', '--database-url', _url(june), *JUNE, '-o', str(target))
+    assert (code, out) == (2, '')
+    _assert_one_error_line(err, 'cannot read token_usage', 'server closed the connection')
+    assert list(target.parent.iterdir()) == []  # no half-written export, under either name
+
+
+@pytest.mark.parametrize(
+    ('args', 'fragments'),
+    [
+        (['--since', '2026-02-30'], ["--since: '2026-02-30' is not a date"]),
+        (['--since', '2026-03-01', '--until', '2026-02-01'], ['the range is empty']),
+        (['--format', 'xml'], []),
+    ],
+)
+def test_export_bad_arguments(
+    capsys: pytest.CaptureFixture[str], sqlite_url: str, args: list[str], fragments: list[str]
+):
+    code, out, err = _run(capsys, 'export', '--database-url', sqlite_url, *args)
+    assert (code, out) == (2, '')
+    if fragments:
+        _assert_one_error_line(err, *fragments)
+    assert not Path(sqlite_url.removeprefix('sqlite:///')).exists()
+
+
+def test_export_to_an_unwritable_place(june: UsageTracker, capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    code, out, err = _run(capsys, 'export', '--database-url', _url(june), '-o', str(tmp_path / 'no' / 'x.csv'))
+    assert (code, out) == (2, '')
+    _assert_one_error_line(err, 'cannot write', 'No such file or directory')
+
+
+# --- the commands that read the ledger, on a missing database or table ----------------------------
+
+
+@pytest.mark.parametrize('command', [['summary'], ['export'], ['budgets', '--limit', '1']])
+def test_reading_commands_never_create_the_ledger(
+    capsys: pytest.CaptureFixture[str], database_url: str, tmp_path: Path, command: list[str]
+):
+    if database_url.startswith('sqlite'):
+        code, out, err = _run(capsys, *command, '--database-url', f'sqlite:///{tmp_path}/missing.db')
+        assert (code, out) == (2, '')
+        _assert_one_error_line(err, 'no SQLite database at', 'pai-usage migrate')
+        with sqlite3.connect(database_url.removeprefix('sqlite:///')) as conn:  # exists, never migrated
+            conn.execute('CREATE TABLE unrelated (x INTEGER)')
+        conn.close()
+    code, out, err = _run(capsys, *command, '--database-url', database_url)
+    assert (code, out) == (2, '')
+    _assert_one_error_line(err, 'no `token_usage` table', f'({command[0]} never creates it)')
+    engine = sa.create_engine(database_url)
+    with engine.connect() as conn:
+        assert not sa.inspect(conn).has_table('token_usage')
+    engine.dispose()
+    assert not (tmp_path / 'missing.db').exists()
+
+
+@pytest.mark.postgres
+def test_missing_table_hint_hides_the_password(capsys: pytest.CaptureFixture[str], pg_schema_url: str):
+    if '://postgres@' not in pg_schema_url:
+        pytest.skip('needs a test server URL without a password (which a trusting server then ignores)')
+    url = pg_schema_url.replace('://postgres@', '://postgres:secret@', 1)
+    code, _, err = _run(capsys, 'export', '--database-url', url)
+    assert code == 2
+    _assert_one_error_line(err, 'no `token_usage` table', 'pai-usage migrate --database-url postgresql+psycopg://')
+    assert 'secret' not in err and 'postgres:***@' in err
+
+
+@pytest.mark.parametrize('command', [['export'], ['budgets', '--limit', '1']])
+def test_reading_commands_on_an_unreachable_database(capsys: pytest.CaptureFixture[str], command: list[str]):
+    url = f'postgresql://postgres:secret@127.0.0.1:{_closed_port()}/test'
+    code, out, err = _run(capsys, *command, '--database-url', url)
+    assert (code, out) == (2, '')
+    _assert_one_error_line(err, 'cannot reach database', '127.0.0.1')
+    assert 'secret' not in err
+
+
+# --- budgets ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def this_month(tracker: UsageTracker) -> UsageTracker:
+    """Spend now: acme $3, globex $1.25 (and $1000 over a year ago, which no current budget counts)."""
+    now = datetime.now(UTC)
+    for created_at, org, cost in [
+        (now, 'acme', Decimal(2)),
+        (now, 'acme', Decimal(1)),
+        (now, 'globex', Decimal('1.25')),
+        (now - timedelta(days=400), 'acme', Decimal(1000)),
+    ]:
+        tracker.track(created_at=created_at, organization_id=org, model='m', cost_usd=cost, pricing_status='priced')
+    assert tracker.flush()
+    return tracker
+
+
+@pytest.mark.parametrize(
+    ('options', 'code', 'spend'),
+    [
+        (['--limit', '3', '--org', 'acme'], 1, '3.0000'),  # spend reached the limit: exceeded
+        (['--limit', '3.01', '--org', 'acme'], 0, '3.0000'),
+        (['--limit', '$5', '--org', 'acme', '--period', 'day'], 0, '3.0000'),
+        (['--limit', '4.25'], 1, '4.2500'),  # all usage this month
+        (['--limit', '100', '--org', 'initech'], 0, '0.0000'),  # an org without spend
+    ],
+)
+def test_budgets_limit(
+    this_month: UsageTracker, capsys: pytest.CaptureFixture[str], options: list[str], code: int, spend: str
+):
+    result, out, err = _run(capsys, 'budgets', '--database-url', _url(this_month), *options)
+    assert (result, err) == (code, '')
+    [line] = out.splitlines()[1:]
+    assert spend in line.split()
+    assert ('EXCEEDED' in line) == (code == 1)
+
+
+def test_budgets_file(this_month: UsageTracker, capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    path = tmp_path / 'budgets.json'
+    path.write_text(json.dumps([
+        {'scope': 'organization', 'limit_usd': '2.5'},
+        {'organization_id': 'globex', 'limit_usd': 10, 'period': 'day', 'name': 'globex daily'},
+    ]))  # fmt: skip
+    code, out, err = _run(capsys, 'budgets', '--database-url', _url(this_month), '--file', str(path))
+    assert (code, err) == (1, '')  # acme is over its per-organization budget
+    lines = out.splitlines()[1:]
+    assert len(lines) == 3  # one line per organization with spend, then the named budget
+    per_org = {line.split()[3]: line for line in lines if line.startswith('per organization, $2.5/month')}
+    acme, globex = per_org['acme'], per_org['globex']
+    daily = next(line for line in lines if line.startswith('globex daily'))
+    assert '3.0000' in acme.split() and acme.endswith('EXCEEDED')
+    assert '1.2500' in globex.split() and not globex.endswith('EXCEEDED')
+    assert '1.2500' in daily.split() and '10.00' in daily.split() and not daily.endswith('EXCEEDED')
+
+    path.write_text('[{"scope": "organization", "limit_usd": "100"}]')
+    code, out, _ = _run(capsys, 'budgets', '--database-url', _url(this_month), '--file', str(path))
+    assert code == 0
+    assert 'EXCEEDED' not in out
+
+
+@pytest.mark.parametrize(
+    ('options', 'fragments'),
+    [
+        ([], ['give --limit USD']),
+        (['--limit', 'ten'], ["--limit: 'ten' is not an amount in USD"]),
+        (['--limit', '-1'], ["--limit: '-1' is not an amount"]),
+        (['--limit', 'NaN'], ["--limit: 'NaN' is not an amount"]),
+        (['--file', '{dir}/missing.json'], ['cannot read budgets file', 'No such file or directory']),
+        (['--file', '{dir}/bad.json'], ['bad budgets file', 'not valid JSON']),
+        (['--file', '{dir}/wrong.json'], ['bad budgets file', 'budget #1 has unknown fields']),
+        (['--file', '{dir}/bad.json', '--org', 'acme'], ['--period and --org go with --limit']),
+    ],
+)
+def test_budgets_bad_options(
+    capsys: pytest.CaptureFixture[str], sqlite_url: str, tmp_path: Path, options: list[str], fragments: list[str]
+):
+    (tmp_path / 'bad.json').write_text('[{"limit_usd": ')
+    (tmp_path / 'wrong.json').write_text('[{"limit_usd": 1, "org": "acme"}]')
+    options = [option.format(dir=tmp_path) for option in options]
+    code, out, err = _run(capsys, 'budgets', '--database-url', sqlite_url, *options)
+    assert (code, out) == (2, '')
+    _assert_one_error_line(err, *fragments)
+    assert not Path(sqlite_url.removeprefix('sqlite:///')).exists()
+
+
+def test_budgets_limit_and_file_are_exclusive(capsys: pytest.CaptureFixture[str]):
+    assert cli_logic(['budgets', '--limit', '1', '--file', 'b.json']) == 2
+    assert 'not allowed with argument' in capsys.readouterr().err

@@ -14,7 +14,6 @@ from pai_usage.budgets import Budget, EnforceBudgets
 from pai_usage.rollup import rollup_summary, verify_rollup
 from pai_usage.summary import query_summary
 from pai_usage.tenancy import enable_row_level_security, tenant_scope
-
 from tests.conftest import PG_SERVER_URL
 
 NOW = datetime(2026, 4, 10, 12, tzinfo=UTC)
@@ -85,7 +84,6 @@ def test_rollup_summary_for_one_org_never_includes_another(pg_schema_url: str) -
 def tenant_role(pg_schema_url: str) -> Iterator[str]:
     """A temporary non-superuser role with read and insert access to the private schema's tables."""
     role = f'pai_tenant_{uuid.uuid4().hex[:10]}'
-    schema = pg_schema_url.rsplit('search_path%3D', 1)[-1]
     admin = sa.create_engine(PG_SERVER_URL)
     with admin.begin() as conn:
         conn.exec_driver_sql(f'CREATE ROLE {role} NOLOGIN NOSUPERUSER NOBYPASSRLS')
@@ -96,7 +94,6 @@ def tenant_role(pg_schema_url: str) -> Iterator[str]:
             conn.exec_driver_sql(f'DROP OWNED BY {role}')
             conn.exec_driver_sql(f'DROP ROLE {role}')
         admin.dispose()
-        assert schema
 
 
 def as_tenant(pg_schema_url: str, role: str, organization_id: str | None = None) -> sa.Engine:

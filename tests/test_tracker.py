@@ -68,7 +68,7 @@ def test_close_deadline_spills_when_the_database_hangs(pg_schema_url: str, tmp_p
     """A stalled connection: `close()` returns at its deadline with everything spilled; the next start inserts it."""
     with pg_proxy(PG_SERVER_URL) as proxy:
         url = via_proxy(pg_schema_url, proxy)
-        tracker = UsageTracker(url, spill_dir=tmp_path, **FAST)
+        tracker = UsageTracker(url, spill_dir=tmp_path, batch_size=500, **FAST)
         tracker.track(event())
         assert tracker.flush(30)
         proxy.stall()

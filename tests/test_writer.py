@@ -26,7 +26,6 @@ import sqlalchemy as sa
 import pai_usage._writer as writer_module
 from pai_usage import UsageRecord, UsageTracker
 from pai_usage._log import RateLimitedLog
-
 from tests._pgproxy import PgProxy, pg_proxy, via_proxy
 from tests.conftest import PG_SERVER_URL
 
@@ -293,7 +292,9 @@ SIGTERM_DEFAULT_SCRIPT = (
     + """
 import os, signal, sys, uuid
 from pai_usage import UsageTracker
-tracker = UsageTracker(sys.argv[1], spill_dir=sys.argv[2], listeners=[slow_listener], handle_sigterm=sys.argv[3] == 'on')
+tracker = UsageTracker(
+    sys.argv[1], spill_dir=sys.argv[2], listeners=[slow_listener], handle_sigterm=sys.argv[3] == 'on'
+)
 for i in range(2000):
     tracker.track(id=uuid.uuid4(), provider='openai', model='gpt-4o', input_tokens=i, output_tokens=1)
 os.kill(os.getpid(), signal.SIGTERM)
@@ -410,3 +411,19 @@ def test_spill_disabled_drops_when_full(tmp_path: Path) -> None:
     stats = tracker.stats()
     assert stats.spilled == 0
     assert not list(tmp_path.iterdir())
+
+
+def test_duplicate_ids_are_stored_once(database_url: str, tmp_path: Path) -> None:
+    """A batch holding ids already in the table (a retry after a lost commit acknowledgement) inserts the rest."""
+    first = [event(i) for i in range(50)]
+    with UsageTracker(database_url, spill_dir=tmp_path, flush_interval=0.01) as tracker:
+        for e in first:
+            tracker.track(e)
+        assert tracker.flush(30)
+        for e in [*first[:20], *(event(i) for i in range(30))]:
+            tracker.track(dict(e))
+        assert tracker.flush(30)
+        stats = tracker.stats()
+    tracker.engine.dispose()
+    assert rows(database_url) == (80, 80)
+    assert (stats.failed_writes, stats.dropped, stats.spilled, stats.pending) == (0, 0, 0, 0)

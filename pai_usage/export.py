@@ -1,0 +1,206 @@
+"""Streaming export of ledger rows as CSV or JSON lines, and a terminal bar chart of daily cost.
+
+The logic behind `pai-usage export --since --until [--format csv|jsonl] [--focus]` and
+`pai-usage summary --by day`: rows are read with a streaming cursor in `(created_at, id)` order, so an
+export of millions of rows runs in constant memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Generator, Iterable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, TextIO
+from uuid import UUID
+
+import sqlalchemy as sa
+
+from .summary import UsageSummary
+from .table import TOKEN_USAGE
+from .usage import TOKEN_BUCKETS
+
+__all__ = (
+    'EXPORT_COLUMNS',
+    'FOCUS_COLUMNS',
+    'export_rows',
+    'focus_row',
+    'format_daily_costs',
+    'write_csv',
+    'write_jsonl',
+)
+
+EXPORT_COLUMNS: tuple[str, ...] = tuple(column.name for column in TOKEN_USAGE.columns)
+"""The columns of an export, in table order (`metadata` as in the table)."""
+
+FOCUS_COLUMNS: tuple[str, ...] = (
+    'BilledCost',
+    'EffectiveCost',
+    'BillingCurrency',
+    'ChargeCategory',
+    'ChargePeriodStart',
+    'ChargePeriodEnd',
+    'ProviderName',
+    'SubAccountId',
+    'ConsumedQuantity',
+    'ConsumedUnit',
+    'x_EventId',
+    'x_UserId',
+    'x_Model',
+    'x_Operation',
+    'x_Source',
+    'x_Status',
+    'x_PricingStatus',
+    'x_RunId',
+    *(f'x_{"".join(part.title() for part in bucket.split("_"))}' for bucket in TOKEN_BUCKETS),
+)
+"""Columns of a FOCUS-style export: FinOps FOCUS names where one fits, `x_` custom columns for the rest."""
+
+_Progress = Callable[[int], None]
+
+
+def export_rows(
+    engine: sa.Engine,
+    start: datetime,
+    end: datetime,
+    *,
+    organization_id: str | None = None,
+    user_id: str | None = None,
+    batch_size: int = 5000,
+) -> Generator[dict[str, Any]]:
+    """Yield the rows with `start <= created_at < end`, oldest first, as dicts of `EXPORT_COLUMNS`.
+
+    Streams with a server-side cursor (PostgreSQL) in batches of `batch_size`; filters are bound parameters.
+    """
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError('start and end must be timezone-aware')
+    t = TOKEN_USAGE
+    stmt = sa.select(t).where(t.c.created_at >= start, t.c.created_at < end).order_by(t.c.created_at, t.c.id)
+    if organization_id is not None:
+        stmt = stmt.where(t.c.organization_id == organization_id)
+    if user_id is not None:
+        stmt = stmt.where(t.c.user_id == user_id)
+    with engine.connect() as conn:
+        result = conn.execution_options(yield_per=batch_size).execute(stmt)
+        for row in result.mappings():
+            yield dict(row)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ''
+    if isinstance(value, Decimal):
+        return f'{value.normalize():f}'
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, separators=(',', ':'))
+    return str(value)
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return f'{value.normalize():f}'  # a string: JSON numbers would lose exactness in most readers
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    return value
+
+
+def focus_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One exported row under `FOCUS_COLUMNS` names. Token-only events count their tokens as `ConsumedQuantity`."""
+    tokens = sum(int(row[bucket]) for bucket in TOKEN_BUCKETS)
+    units = row['units']
+    focus: dict[str, Any] = {
+        'BilledCost': row['cost_usd'],
+        'EffectiveCost': row['cost_usd'],
+        'BillingCurrency': 'USD',
+        'ChargeCategory': 'Usage',
+        'ChargePeriodStart': row['created_at'],
+        'ChargePeriodEnd': row['created_at'],
+        'ProviderName': row['provider'],
+        'SubAccountId': row['organization_id'],
+        'ConsumedQuantity': units if units is not None else tokens,
+        'ConsumedUnit': row['unit_type'] if units is not None else 'Tokens',
+        'x_EventId': row['id'],
+        'x_UserId': row['user_id'],
+        'x_Model': row['model'],
+        'x_Operation': row['operation'],
+        'x_Source': row['source'],
+        'x_Status': row['status'],
+        'x_PricingStatus': row['pricing_status'],
+        'x_RunId': row['run_id'],
+    }
+    for bucket, name in zip(TOKEN_BUCKETS, FOCUS_COLUMNS[-len(TOKEN_BUCKETS) :], strict=True):
+        focus[name] = row[bucket]
+    return focus
+
+
+def write_csv(
+    rows: Iterable[dict[str, Any]],
+    out: TextIO,
+    *,
+    focus: bool = False,
+    progress: _Progress | None = None,
+    progress_every: int = 10_000,
+) -> int:
+    """Write rows as CSV (with a header) to `out`; returns how many. `progress(n)` is called every `progress_every`."""
+    writer = csv.writer(out, lineterminator='\n')
+    writer.writerow(FOCUS_COLUMNS if focus else EXPORT_COLUMNS)
+    count = 0
+    for row in rows:
+        values = focus_row(row) if focus else row
+        writer.writerow([_text(values[c]) for c in (FOCUS_COLUMNS if focus else EXPORT_COLUMNS)])
+        count += 1
+        if progress is not None and count % progress_every == 0:
+            progress(count)
+    return count
+
+
+def write_jsonl(
+    rows: Iterable[dict[str, Any]],
+    out: TextIO,
+    *,
+    focus: bool = False,
+    progress: _Progress | None = None,
+    progress_every: int = 10_000,
+) -> int:
+    """Write rows as JSON lines to `out` (decimals as strings, times in ISO 8601 UTC); returns how many."""
+    count = 0
+    for row in rows:
+        values = focus_row(row) if focus else row
+        out.write(json.dumps({k: _json(v) for k, v in values.items()}, sort_keys=False) + '\n')
+        count += 1
+        if progress is not None and count % progress_every == 0:
+            progress(count)
+    return count
+
+
+_EIGHTHS = ' ▏▎▍▌▋▊▉'
+
+
+def format_daily_costs(summary: UsageSummary, *, width: int = 40) -> str:
+    """A bar chart of known cost per UTC day over the summary's range, one line per day (days without use too).
+
+    The summary must be grouped by `day` (other dimensions are added up per day).
+    """
+    if 'day' not in summary.group_by:
+        raise ValueError("the summary must be grouped by 'day'")
+    costs: dict[str, Decimal] = {}
+    for row in summary.rows:
+        day = row.group['day']
+        if day is not None:
+            costs[day] = costs.get(day, Decimal(0)) + row.totals.cost_usd
+    first = summary.start.astimezone(UTC).date()
+    last = (summary.end.astimezone(UTC) - timedelta(microseconds=1)).date()
+    days = [str(first + timedelta(days=i)) for i in range((last - first).days + 1)] if first <= last else []
+    top = max(costs.values(), default=Decimal(0))
+    lines: list[str] = []
+    for day in days:
+        cost = costs.get(day, Decimal(0))
+        eighths = int(cost / top * width * 8) if top else 0
+        bar = '█' * (eighths // 8) + (_EIGHTHS[eighths % 8] if eighths % 8 else '')
+        lines.append(f'{day}  {bar:<{width}}  ${cost:,.4f}')
+    return '\n'.join(line.rstrip() for line in lines)
