@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import version as _metadata_version
+from typing import TYPE_CHECKING, Any
 
-from .capability import TrackUsage
 from .context import UsageContext, current_usage_context, usage_context
 from .deps import HasUsageAttribution, UsageDeps
 from .pricing import PriceTable, TokenPrice, UnitPrice, set_price_table
@@ -14,8 +15,15 @@ from .table import TokenUsage
 from .tracker import TrackerStats, UsageTracker, configure, get_tracker
 from .usage import TokenCounts
 
+if TYPE_CHECKING:
+    from .budgets import Budget, BudgetExceeded, EnforceBudgets
+    from .capability import TrackUsage
+
 __version__ = _metadata_version('pai-usage')
 __all__ = (
+    'Budget',
+    'BudgetExceeded',
+    'EnforceBudgets',
     'HasUsageAttribution',
     'PriceTable',
     'SummaryRow',
@@ -38,3 +46,21 @@ __all__ = (
     'set_price_table',
     'usage_context',
 )
+
+# The capabilities import pydantic-ai's agent machinery (~0.6 s): load them on first use, so that
+# the CLI and code that only records or reads usage start fast.
+_LAZY = {
+    'TrackUsage': '.capability',
+    'Budget': '.budgets',
+    'BudgetExceeded': '.budgets',
+    'EnforceBudgets': '.budgets',
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value

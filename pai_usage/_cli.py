@@ -18,13 +18,12 @@ from collections.abc import Generator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, NoReturn, TextIO, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from . import __version__
-from .budgets import Budget, budget_report, budgets_from_json, format_budgets
 from .export import export_rows, format_daily_costs, write_csv, write_jsonl
 from .migrate import MigrationError, applied_migrations, migrate
 from .pricing import (
@@ -41,9 +40,12 @@ from .table import COST_SCALE, TOKEN_USAGE
 from .tracker import (
     DATABASE_URL_ENV_VAR,
     DEFAULT_DATABASE_URL,
-    _engine,  # pyright: ignore[reportPrivateUsage]
+    create_engine,
 )
 from .usage import TOKEN_BUCKETS
+
+if TYPE_CHECKING:
+    from .budgets import Budget
 
 __all__ = ('cli', 'cli_logic')
 
@@ -192,7 +194,7 @@ def _open(given: str | None, *, must_exist: bool) -> tuple[sa.Engine, str]:
             hide_password=False
         )
     try:
-        return _engine(url_text), _safe(url)
+        return create_engine(url_text), _safe(url)
     except (sa_exc.SQLAlchemyError, ImportError) as exc:
         raise _Fail(f'cannot use database {_safe(url)}: {_first_line(exc)}') from None
 
@@ -521,6 +523,8 @@ def _output(path: str | None) -> Generator[TextIO]:
 
 
 def _budgets(args: argparse.Namespace) -> int:
+    from .budgets import budget_report, format_budgets  # imports pydantic-ai: only for this command
+
     budgets = _budgets_from_options(args)
     engine, shown = _open(args.database_url, must_exist=True)
     try:
@@ -536,6 +540,8 @@ def _budgets(args: argparse.Namespace) -> int:
 
 
 def _budgets_from_options(args: argparse.Namespace) -> list[Budget]:
+    from .budgets import Budget, budgets_from_json
+
     if args.file is not None:
         if args.period is not None or args.org is not None:
             raise _Fail('--period and --org go with --limit; a budgets file sets its own')

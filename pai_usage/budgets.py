@@ -31,7 +31,6 @@ from pydantic_ai.exceptions import UsageLimitExceeded
 from pydantic_ai.tools import AgentDepsT, RunContext
 from sqlalchemy.exc import SQLAlchemyError
 
-from ._listeners import add_listener
 from ._log import RateLimitedLog
 from .context import current_usage_context
 from .record import UsageRecord
@@ -285,7 +284,7 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
             if method is not None:
                 method(record)
 
-        add_listener(self.tracker, listener)
+        self.tracker.add_listener(listener)
 
     @classmethod
     def get_serialization_name(cls) -> str | None:

@@ -22,7 +22,6 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     raise ImportError('`pai_usage.otel` needs OpenTelemetry: `pip install "pai-usage[logfire]"`') from _exc
 
-from ._listeners import add_listener
 from .record import UsageRecord
 
 if TYPE_CHECKING:
@@ -167,5 +166,5 @@ class OTelExporter:
 def instrument(tracker: UsageTracker, exporter: OTelExporter | None = None) -> OTelExporter:
     """Add an `OTelExporter` (a new one by default) to an existing tracker's listeners, and return it."""
     exporter = exporter or OTelExporter()
-    add_listener(tracker, exporter)
+    tracker.add_listener(exporter)
     return exporter

@@ -28,7 +28,15 @@ from .pricing import PriceTable
 from .record import UsageRecord
 from .summary import GroupBy, UsageSummary, month_bounds, query_summary
 
-__all__ = ('DATABASE_URL_ENV_VAR', 'DEFAULT_DATABASE_URL', 'TrackerStats', 'UsageTracker', 'configure', 'get_tracker')
+__all__ = (
+    'DATABASE_URL_ENV_VAR',
+    'DEFAULT_DATABASE_URL',
+    'TrackerStats',
+    'UsageTracker',
+    'configure',
+    'create_engine',
+    'get_tracker',
+)
 
 DATABASE_URL_ENV_VAR = 'PAI_USAGE_DATABASE_URL'
 """Environment variable holding the default database URL."""
@@ -62,7 +70,11 @@ class TrackerStats:
     """Re-sent to the database from spill files, this process's or others' (so it can exceed `spilled`)."""
 
 
-def _engine(database: str | sa.Engine | None) -> sa.Engine:
+def create_engine(database: str | sa.Engine | None = None) -> sa.Engine:
+    """The engine for a database URL (default: `$PAI_USAGE_DATABASE_URL`, else the embedded SQLite file).
+
+    `postgresql://` URLs use psycopg 3; SQLite connections get WAL and a busy timeout.
+    """
     if isinstance(database, sa.Engine):
         return database
     url = database or os.environ.get(DATABASE_URL_ENV_VAR) or DEFAULT_DATABASE_URL
@@ -148,7 +160,7 @@ class UsageTracker:
             handle_sigterm: Flush (within `close_timeout`) on SIGTERM, then call the previous handler. Installed
                 only from the main thread.
         """
-        self.engine = _engine(database)
+        self.engine = create_engine(database)
         self.close_timeout = close_timeout
         self.handle_sigterm = handle_sigterm
         self._stats = WriterStats()
@@ -243,6 +255,11 @@ class UsageTracker:
 
     async def __aexit__(self, *_: object) -> None:
         await self.aclose()
+
+    def add_listener(self, listener: Callable[[UsageRecord], None]) -> None:
+        """Call `listener` in the writer thread with each record written from now on; failures are logged."""
+        # Swapping in a new tuple is atomic: the writer thread sees the old or the new listeners, never half.
+        self._writer.listeners = (*self._writer.listeners, listener)
 
     def stats(self) -> TrackerStats:
         """Counters of what happened to tracked records (in this process, since it started or forked)."""

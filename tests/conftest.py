@@ -78,6 +78,18 @@ def tracker(database_url: str) -> Iterator[UsageTracker]:
     t.engine.dispose()
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _private_spill_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # Trackers spill (and park rejected records) under $PAI_USAGE_SPILL_DIR: keep the suite's out of the checkout.
+    previous = os.environ.get('PAI_USAGE_SPILL_DIR')
+    os.environ['PAI_USAGE_SPILL_DIR'] = str(tmp_path_factory.mktemp('spill'))
+    yield
+    if previous is None:
+        os.environ.pop('PAI_USAGE_SPILL_DIR', None)
+    else:
+        os.environ['PAI_USAGE_SPILL_DIR'] = previous
+
+
 @pytest.fixture(autouse=True)
 def _default_prices() -> Iterator[None]:
     set_price_table(None)
