@@ -240,6 +240,7 @@ def _usd(amount: Decimal) -> str:
 
 
 def _utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
 
 
