@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = sorted((ROOT / 'docs').glob('*.md'))
+DOCS = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 _BLOCK = re.compile(r'^```python\n(.*?)^```', re.MULTILINE | re.DOTALL)
 
 
