@@ -5,8 +5,9 @@
    writer, whose CPU time counts too (it competes for the GIL). Reported on three clocks: wall time (what a
    user sees, but disturbed by other processes on a shared machine), process CPU time and caller-thread
    CPU time (the writer thread left out).
-2. Breakdown, same method: a no-op capability overriding the same hooks (pydantic-ai's own cost of such a
-   capability), and `TrackUsage` with a tracker that drops records (our caller-side work).
+2. Breakdown, same method: a capability overriding no hook at all (what pydantic-ai charges for having a
+   capability), a no-op capability overriding the same hooks (pydantic-ai's own cost of such a capability), and
+   `TrackUsage` with a tracker that drops records (our caller-side work).
 3. Deterministic: `TrackUsage`'s hooks driven directly with a real run's context and response, without
    pydantic-ai around them, per recorded request; and the tracker's background cost per row.
 
@@ -50,6 +51,11 @@ def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         provider_name='openai',
         usage=RequestUsage(input_tokens=1200, cache_read_tokens=200, output_tokens=60),
     )
+
+
+@dataclass
+class _NoHooks(AbstractCapability[Any]):
+    """Overrides nothing: what pydantic-ai's capability machinery costs a run before any hook does any work."""
 
 
 @dataclass
@@ -162,6 +168,7 @@ async def measure(runs: int = RUNS, breakdown_runs: int = BREAKDOWN_RUNS) -> tup
             tracker.close()
             tracker.engine.dispose()
     if breakdown_runs:
+        results.append(await compare('  empty capability, no hooks', plain, agent(_NoHooks()), breakdown_runs))
         results.append(await compare('  no-op capability, same hooks', plain, agent(_SameHooks()), breakdown_runs))
         results.append(
             await compare('  TrackUsage -> null tracker', plain, agent(TrackUsage(_NullTracker())), breakdown_runs)

@@ -92,24 +92,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     commands = parser.add_subparsers(title='commands', required=True, metavar='COMMAND')
-    database_help = f'database URL (default: ${DATABASE_URL_ENV_VAR}, else {DEFAULT_DATABASE_URL})'
+    # Every command that opens the database takes `--database-url` first.
+    database = argparse.ArgumentParser(add_help=False)
+    database.add_argument(
+        '--database-url',
+        metavar='URL',
+        help=f'database URL (default: ${DATABASE_URL_ENV_VAR}, else {DEFAULT_DATABASE_URL})',
+    )
 
     summary = commands.add_parser(
         'summary',
+        parents=[database],
         help='show usage and cost over a time range',
         description='Show usage and cost over a time range (default: the current UTC month).',
     )
-    summary.add_argument('--database-url', metavar='URL', help=database_help)
-    summary.add_argument(
-        '--since', metavar='DATE', help='start, inclusive: YYYY-MM-DD or an ISO datetime (UTC unless it says)'
+    _add_range_options(
+        summary,
+        since_help='start, inclusive: YYYY-MM-DD or an ISO datetime (UTC unless it says)',
+        until_help='end: YYYY-MM-DD includes that whole day; an ISO datetime is an exclusive bound',
     )
-    summary.add_argument(
-        '--until',
-        metavar='DATE',
-        help='end: YYYY-MM-DD includes that whole day; an ISO datetime is an exclusive bound',
-    )
-    summary.add_argument('--org', metavar='ID', help='only this organization')
-    summary.add_argument('--user', metavar='ID', help='only this user')
     summary.add_argument(
         '--by', metavar='DIMS', default='model', help=f'comma-separated, from {",".join(GROUP_BY_DIMENSIONS)}'
     )
@@ -121,15 +122,16 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         'export',
+        parents=[database],
         help='stream ledger rows as CSV or JSON lines',
         description='Stream the rows of a time range (default: the current UTC month), oldest first, in constant '
         'memory. Progress goes to stderr when it is a terminal.',
     )
-    export.add_argument('--database-url', metavar='URL', help=database_help)
-    export.add_argument('--since', metavar='DATE', help='start, inclusive (as for summary)')
-    export.add_argument('--until', metavar='DATE', help='end: a bare date includes that whole day (as for summary)')
-    export.add_argument('--org', metavar='ID', help='only this organization')
-    export.add_argument('--user', metavar='ID', help='only this user')
+    _add_range_options(
+        export,
+        since_help='start, inclusive (as for summary)',
+        until_help='end: a bare date includes that whole day (as for summary)',
+    )
     export.add_argument('--format', choices=('csv', 'jsonl'), default='csv', help='output format (default: csv)')
     export.add_argument('--focus', action='store_true', help='FinOps FOCUS column names (x_ for our own columns)')
     export.add_argument('-o', '--output', metavar='FILE', help='write to FILE (default: stdout)')
@@ -137,11 +139,11 @@ def _parser() -> argparse.ArgumentParser:
 
     budgets = commands.add_parser(
         'budgets',
+        parents=[database],
         help='show spend against budgets; exit code 1 if one is exceeded',
         description="Show the current UTC period's spend against one budget (--limit) or a file of budgets "
         '(--file). Exits with code 1 when a budget is exceeded, for alerts from cron.',
     )
-    budgets.add_argument('--database-url', metavar='URL', help=database_help)
     source = budgets.add_mutually_exclusive_group()
     source.add_argument('--limit', metavar='USD', help='one budget of USD per period')
     source.add_argument('--file', metavar='FILE', help='budgets as JSON (see docs/budgets.md)')
@@ -150,9 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     budgets.set_defaults(command=_budgets)
 
     migrate_cmd = commands.add_parser(
-        'migrate', help='create or upgrade the token_usage table', description='Apply pending migrations.'
+        'migrate',
+        parents=[database],
+        help='create or upgrade the token_usage table',
+        description='Apply pending migrations.',
     )
-    migrate_cmd.add_argument('--database-url', metavar='URL', help=database_help)
     migrate_cmd.set_defaults(command=_migrate)
 
     prices = commands.add_parser(
@@ -165,6 +169,14 @@ def _parser() -> argparse.ArgumentParser:
     prices.add_argument('--provider', metavar='P', help='provider id, e.g. openai, google-vertex, elevenlabs')
     prices.set_defaults(command=_prices)
     return parser
+
+
+def _add_range_options(command: argparse.ArgumentParser, *, since_help: str, until_help: str) -> None:
+    """`--since`, `--until`, `--org` and `--user`: the rows a command reads (see `_time_range`)."""
+    command.add_argument('--since', metavar='DATE', help=since_help)
+    command.add_argument('--until', metavar='DATE', help=until_help)
+    command.add_argument('--org', metavar='ID', help='only this organization')
+    command.add_argument('--user', metavar='ID', help='only this user')
 
 
 def _error(message: str) -> None:
@@ -230,8 +242,18 @@ def _require_ledger(engine: sa.Engine, shown: str, given: str | None, command: s
         raise _Fail(f'no `{TOKEN_USAGE.name}` table in {shown}; create it with `{hint}` ({command} never creates it)')
 
 
-def _read_failure(shown: str, exc: BaseException) -> _Fail:
-    return _Fail(f'cannot read {TOKEN_USAGE.name} in {shown}: {_first_line(exc)}')
+@contextlib.contextmanager
+def _reading_ledger(given: str | None, command: str) -> Generator[sa.Engine]:
+    """An engine on the existing ledger at `given`, disposed afterwards; a failed read fails with one line."""
+    engine, shown = _open(given, must_exist=True)
+    try:
+        _require_ledger(engine, shown, given, command)
+        try:
+            yield engine
+        except sa_exc.SQLAlchemyError as exc:
+            raise _Fail(f'cannot read {TOKEN_USAGE.name} in {shown}: {_first_line(exc)}') from None
+    finally:
+        engine.dispose()
 
 
 # --- summary ------------------------------------------------------------------------------------
@@ -242,15 +264,8 @@ def _summary(args: argparse.Namespace) -> int:
     if args.focus and args.format != 'csv':
         raise _Fail('--focus applies to --format csv only')
     start, end = _time_range(args.since, args.until, now=datetime.now(UTC))
-    engine, shown = _open(args.database_url, must_exist=True)
-    try:
-        _require_ledger(engine, shown, args.database_url, 'summary')
-        try:
-            summary = query_summary(engine, start, end, organization_id=args.org, user_id=args.user, group_by=group_by)
-        except sa_exc.SQLAlchemyError as exc:
-            raise _read_failure(shown, exc) from None
-    finally:
-        engine.dispose()
+    with _reading_ledger(args.database_url, 'summary') as engine:
+        summary = query_summary(engine, start, end, organization_id=args.org, user_id=args.user, group_by=group_by)
     if args.format == 'json':
         _print_json(summary, sys.stdout)
     elif args.format == 'csv':
@@ -471,17 +486,10 @@ def _export(args: argparse.Namespace) -> int:
     start, end = _time_range(args.since, args.until, now=datetime.now(UTC))
     write = write_csv if args.format == 'csv' else write_jsonl
     progress = _show_progress if sys.stderr.isatty() else None
-    engine, shown = _open(args.database_url, must_exist=True)
-    try:
-        _require_ledger(engine, shown, args.database_url, 'export')
+    with _reading_ledger(args.database_url, 'export') as engine:
         rows = export_rows(engine, start, end, organization_id=args.org, user_id=args.user)
-        try:
-            with contextlib.closing(rows), _output(args.output) as out:
-                count = write(rows, out, focus=args.focus, progress=progress, progress_every=_PROGRESS_EVERY)
-        except sa_exc.SQLAlchemyError as exc:
-            raise _read_failure(shown, exc) from None
-    finally:
-        engine.dispose()
+        with contextlib.closing(rows), _output(args.output) as out:
+            count = write(rows, out, focus=args.focus, progress=progress, progress_every=_PROGRESS_EVERY)
     if progress is not None:
         if not count or count % _PROGRESS_EVERY:
             progress(count)  # the final count, unless it was just shown
@@ -526,15 +534,8 @@ def _budgets(args: argparse.Namespace) -> int:
     from .budgets import budget_report, format_budgets  # imports pydantic-ai: only for this command
 
     budgets = _budgets_from_options(args)
-    engine, shown = _open(args.database_url, must_exist=True)
-    try:
-        _require_ledger(engine, shown, args.database_url, 'budgets')
-        try:
-            statuses = budget_report(engine, budgets)
-        except sa_exc.SQLAlchemyError as exc:
-            raise _read_failure(shown, exc) from None
-    finally:
-        engine.dispose()
+    with _reading_ledger(args.database_url, 'budgets') as engine:
+        statuses = budget_report(engine, budgets)
     print(format_budgets(statuses))
     return 1 if any(status.exceeded for status in statuses) else 0
 

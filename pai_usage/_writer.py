@@ -7,8 +7,9 @@ and every replay is safe.
 Delivery, in order of preference:
 
 1. A batch is inserted: PostgreSQL gets a binary `COPY` straight into `token_usage` (falling back to a
-   staging table and `INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING` when an id is already there);
-   SQLite gets one transaction with `executemany`.
+   staging table and `INSERT ... SELECT ... ON CONFLICT DO NOTHING` when a unique key is already there);
+   SQLite gets one transaction with `executemany`. Validation runs in chunks: on PostgreSQL each chunk is
+   streamed into the `COPY` as soon as it is valid, so that the server inserts while the next one is validated.
 2. A failed write is retried with capped exponential backoff and jitter. When writes have failed for
    `spill_after` seconds (or the queue is half full, or we are shutting down), the batch goes to the spill
    file (`_spill.py`) and the writer switches to spilling: every batch goes to disk, and the database is
@@ -28,7 +29,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, cast
@@ -92,6 +93,8 @@ class _Flush:
 
 
 _STOP = object()
+_CHUNK = 250
+"""Records validated in one call, between two chances for other threads to take the GIL."""
 _RECORDS = TypeAdapter(list[UsageRecord])
 _COLUMNS: tuple[str, ...] = tuple(c.name for c in _table.columns)
 _COST_QUANTUM = Decimal(1).scaleb(-COST_SCALE)
@@ -117,9 +120,9 @@ _UNITS_INDEX = _COLUMNS.index('units')
 
 def to_row(record: UsageRecord) -> dict[str, Any]:
     """The `token_usage` row for a record."""
-    row = record.model_dump(exclude={'metadata'})
-    row['metadata'] = record.metadata
-    return row
+    # The validated field values as they are (what `model_dump()` would copy); `metadata` is named the same on
+    # the model as in the table.
+    return dict(record.__dict__)
 
 
 def _copy_row(record: UsageRecord) -> tuple[Any, ...]:
@@ -163,7 +166,8 @@ def insert_rows(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         return
     dialect = conn.dialect.name
     if dialect == 'postgresql':
-        stmt = postgresql.insert(_table).on_conflict_do_nothing(index_elements=['id'])
+        # No conflict target: any unique index, e.g. the `(id, created_at)` key of a table partitioned by month.
+        stmt = postgresql.insert(_table).on_conflict_do_nothing()
     elif dialect == 'sqlite':
         stmt = sqlite.insert(_table).on_conflict_do_nothing(index_elements=['id'])
     else:  # pragma: no cover - guarded by migrate()
@@ -171,8 +175,53 @@ def insert_rows(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     conn.execute(stmt, list(rows))
 
 
-def _copy_records(conn: sa.Connection, records: Sequence[UsageRecord], *, staged: bool) -> None:
-    """Binary COPY into `token_usage`, or into a temp table and on with `ON CONFLICT (id) DO NOTHING`."""
+_SQLITE_INSERT = (
+    f'INSERT INTO token_usage ({_COLUMN_LIST}) VALUES ({", ".join("?" * len(_COLUMNS))}) ON CONFLICT DO NOTHING'
+)
+_bind_processors: dict[sa.Dialect, tuple[tuple[int, Callable[[Any], Any]], ...]] = {}
+
+
+def _insert_sqlite(conn: sa.Connection, records: Sequence[UsageRecord]) -> None:
+    """What `insert_rows` does on SQLite, without SQLAlchemy's per-row parameter machinery.
+
+    The column types' own bind processors (UUID, UTC datetime, exact decimals, JSON) convert the values, so the
+    rows are stored exactly as `insert_rows` stores them.
+    """
+    if not records:
+        return
+    dialect = conn.dialect
+    processors = _bind_processors.get(dialect)
+    if processors is None:
+        found: list[tuple[int, Callable[[Any], Any]]] = []
+        for i, column in enumerate(_table.columns):
+            processor = column.type._cached_bind_processor(dialect)  # pyright: ignore[reportPrivateUsage]
+            if processor is not None:
+                found.append((i, processor))
+        processors = _bind_processors[dialect] = tuple(found)
+    rows: list[tuple[Any, ...]] = []
+    for record in records:
+        row = list(_get_columns(record.__dict__))
+        for i, processor in processors:
+            if (value := row[i]) is not None:
+                row[i] = processor(value)
+        rows.append(tuple(row))
+    conn.exec_driver_sql(_SQLITE_INSERT, rows)
+
+
+def _copy_records(
+    conn: sa.Connection,
+    records: list[UsageRecord],
+    *,
+    staged: bool,
+    more: Iterator[list[UsageRecord]] | None = None,
+) -> None:
+    """Binary COPY into `token_usage`, or into a temp table and on with `ON CONFLICT DO NOTHING`.
+
+    The conflict has no target, so that the same statement serves a plain table (primary key `id`) and one
+    partitioned by month (primary key `(id, created_at)`, as the optional partitioning migration makes it).
+    `more` yields further records as they are validated, appended to `records` as they are written: the server
+    inserts one chunk while the next is validated, instead of waiting for the whole batch.
+    """
     raw: Any = conn.connection.driver_connection
     info = conn.connection.info
     if not info.get('pai_usage_json'):
@@ -190,12 +239,17 @@ def _copy_records(conn: sa.Connection, records: Sequence[UsageRecord], *, staged
         target = _STAGE if staged else 'token_usage'
         with cur.copy(f'COPY {target} ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)') as copy:
             copy.set_types(_PG_TYPES)
+            write_row = copy.write_row
             for record in records:
-                copy.write_row(_copy_row(record))
+                write_row(_copy_row(record))
+            if more is not None:
+                for chunk in more:
+                    records.extend(chunk)
+                    for record in chunk:
+                        write_row(_copy_row(record))
         if staged:
             cur.execute(
-                f'INSERT INTO token_usage ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGE} '
-                'ON CONFLICT (id) DO NOTHING'
+                f'INSERT INTO token_usage ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGE} ON CONFLICT DO NOTHING'
             )
 
 
@@ -205,6 +259,16 @@ def _json_dumps(value: Any) -> str:
 
 def _is_unique_violation(exc: BaseException) -> bool:
     return getattr(getattr(exc, 'orig', exc), 'sqlstate', None) == '23505'
+
+
+def _drain(more: Iterator[list[UsageRecord]] | None, records: list[UsageRecord]) -> None:
+    if more is not None:
+        for chunk in more:
+            records.extend(chunk)
+
+
+def _is_marker(item: object) -> bool:
+    return item is _STOP or type(item) is _Flush
 
 
 def _raw(item: object) -> dict[str, Any]:
@@ -249,6 +313,8 @@ class Writer:
     # Re-entrant: a SIGTERM handler may close the tracker while the main thread holds it.
     _count_lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _wake: threading.Event = field(default_factory=threading.Event, init=False)
+    # Set when a full batch (or a flush or stop marker) waits: ends the writer's wait for a batch to fill.
+    _batch_ready: threading.Event = field(default_factory=threading.Event, init=False)
     _migrated: bool = field(default=False, init=False)
     _spilling: bool = field(default=False, init=False)
     _probe_attempt: int = field(default=0, init=False)
@@ -257,6 +323,7 @@ class Writer:
     _stopping: bool = field(default=False, init=False)
     _deadline: float = field(default=float('inf'), init=False)
     _inflight: list[UsageRecord] = field(default_factory=list[UsageRecord], init=False)
+    _unvalidated: list[object] = field(default_factory=list[object], init=False)
     _pid: int = field(default_factory=os.getpid, init=False)
 
     # --- called from the product's threads ---
@@ -265,10 +332,15 @@ class Writer:
         """Enqueue one record; never blocks. A full queue sends the record to the spill file."""
         if self._thread is None:
             self._start()
-        if self._queue.qsize() >= self.max_queue:
+        size = self._queue.qsize()
+        if size >= self.max_queue:
             self.spill_now(item)
-        else:
-            self._queue.put(item)
+            return
+        self._queue.put(item)
+        # The writer sleeps while a batch fills instead of waking for each record (each wake-up would cost this
+        # thread a GIL hand-off): tell it when a batch is full.
+        if size + 1 >= self.batch_size and not self._batch_ready.is_set():
+            self._batch_ready.set()
 
     def enqueued(self) -> int:
         """Records accepted so far (taken by the writer, still queued, or handled on overflow)."""
@@ -292,6 +364,7 @@ class Writer:
             return True
         marker = _Flush()
         self._queue.put(marker)
+        self._batch_ready.set()
         return marker.done.wait(timeout)
 
     def stop(self, timeout: float | None) -> bool:
@@ -309,6 +382,7 @@ class Writer:
         self._stopping = True
         self._queue.put(_STOP)
         self._wake.set()
+        self._batch_ready.set()
         thread.join(timeout)
         if thread.is_alive():
             self._spill_leftovers()
@@ -329,9 +403,11 @@ class Writer:
         self._lock = threading.Lock()
         self._count_lock = threading.RLock()
         self._wake = threading.Event()
+        self._batch_ready = threading.Event()
         self._spilling = self._stopping = False
         self._deadline = float('inf')
         self._inflight = []
+        self._unvalidated = []
         self._pid = os.getpid()
         self.stats.reset()
         if self.spill is not None:
@@ -371,11 +447,13 @@ class Writer:
     def _spill_leftovers(self) -> None:
         # The writer is stuck (hung database) past the deadline: save its batch and the queue from here.
         # A record may end up both written by the writer and spilled; replay inserts it once.
-        inflight = self._inflight
-        if self.spill is not None and inflight:
+        inflight, unvalidated = list(self._inflight), self._unvalidated
+        if self.spill is not None and (inflight or unvalidated):
             # Not counted: the writer thread still owns (and counts) these; this copy is insurance.
             try:
-                self.spill.append([encode(r.model_dump(mode='json')) for r in inflight])
+                lines = [encode(r.model_dump(mode='json')) for r in inflight]
+                lines.extend(encode(_raw(item)) for item in unvalidated)
+                self.spill.append(lines)
             except Exception as exc:
                 _log.error('leftovers', 'pai-usage: could not spill the batch being written: %r', exc)
         markers: list[_Flush] = []
@@ -431,13 +509,14 @@ class Writer:
                     markers.append(item)
                 else:
                     fresh.append(item)
-            records = self._validate_batch(fresh) if fresh else []
+            records: list[UsageRecord] = []
             with self._count_lock:
                 self.stats.taken += len(fresh)
-            if records:
-                self._inflight = records
-                self._deliver(records)
-                self._inflight = []
+            if fresh:
+                # Validated chunk by chunk while the batch is written (see `_copy_records`).
+                self._inflight, self._unvalidated = records, fresh
+                self._deliver(records, self._validated(fresh))
+                self._inflight, self._unvalidated = [], []
             self._maintain()
             for marker in markers:
                 marker.done.set()
@@ -452,13 +531,28 @@ class Writer:
             items: list[object] = [self._queue.get(timeout=timeout)]
         except queue.Empty:
             return []
+        if _is_marker(items[0]):
+            return items
+        # Let the batch fill, then drain it in one go: waiting in `get()` for each record would wake this
+        # thread (and take the GIL from the product's threads) once per record.
         deadline = time.monotonic() + self.flush_interval
-        while len(items) < self.batch_size and not isinstance(items[-1], _Flush) and items[-1] is not _STOP:
-            try:
-                items.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
-            except queue.Empty:
-                break
-        return items
+        batch_size = self.batch_size
+        get = self._queue.get_nowait
+        ready = self._batch_ready
+        while True:
+            ready.clear()
+            while len(items) < batch_size:
+                try:
+                    item = get()
+                except queue.Empty:
+                    break
+                items.append(item)
+                if _is_marker(item):
+                    return items
+            remaining = deadline - time.monotonic()
+            if len(items) >= batch_size or remaining <= 0:
+                return items
+            ready.wait(remaining)
 
     def _validate(self, item: object, *, replay: bool = False) -> UsageRecord | None:
         try:
@@ -475,14 +569,26 @@ class Writer:
             return None
         return record
 
-    def _validate_batch(self, items: list[object]) -> list[UsageRecord]:
-        # One call for the whole batch (cheaper than one per record); on any error, record by record, so
-        # that each bad record gets its own message and the good ones around it are kept.
+    def _validated(self, items: list[object]) -> Iterator[list[UsageRecord]]:
+        """Validate and price `items`, one chunk at a time; `_unvalidated` holds the rest (for `_spill_leftovers`)."""
+        table = self.price_table
         try:
-            records = _RECORDS.validate_python([self._prepared(item) for item in items])
-        except ValidationError:
-            return [r for item in items if (r := self._validate(item)) is not None]
-        return [_priced(r, self.price_table) for r in records]
+            for start in range(0, len(items), _CHUNK):
+                if start:
+                    # Validation holds the GIL in C for the whole call: between chunks, let the product's
+                    # threads run, so that `track()` never waits long behind the writer.
+                    time.sleep(0)
+                chunk = items[start : start + _CHUNK]
+                # One call per chunk (cheaper than one per record); on any error, record by record, so that
+                # each bad record gets its own message and the good ones around it are kept.
+                try:
+                    valid = [_priced(r, table) for r in _RECORDS.validate_python([self._prepared(i) for i in chunk])]
+                except ValidationError:
+                    valid = [r for item in chunk if (r := self._validate(item)) is not None]
+                self._unvalidated = items[start + _CHUNK :]
+                yield valid
+        finally:
+            self._unvalidated = []
 
     def _prepared(self, item: object) -> object:
         if not isinstance(item, dict):
@@ -508,16 +614,20 @@ class Writer:
         except OSError as exc:
             _log.error('reject', 'pai-usage: could not keep a rejected record in %s: %r', self.spill.path, exc)
 
-    def _deliver(self, records: list[UsageRecord]) -> None:
+    def _deliver(self, records: list[UsageRecord], more: Iterator[list[UsageRecord]] | None = None) -> None:
+        """Write `records` and those `more` yields (appended to `records`), retrying, or spill them."""
         if self._spilling and not self._stopping and time.monotonic() < self._next_probe:
+            _drain(more, records)
             self._spill_records(records)
             return
         attempt = 0
         failing_since: float | None = None
         while True:
             try:
-                self._write(records)
+                self._write(records, more=more)
             except Exception as exc:
+                _drain(more, records)  # the rest of the batch, for the retry or the spill file
+                more = None
                 with self._count_lock:
                     self.stats.failed_writes += 1
                 now = time.monotonic()
@@ -544,23 +654,28 @@ class Writer:
                 self._recover()
             return
 
-    def _write(self, records: Sequence[UsageRecord], *, replay: bool = False) -> None:
+    def _write(
+        self, records: list[UsageRecord], *, replay: bool = False, more: Iterator[list[UsageRecord]] | None = None
+    ) -> None:
         if self.auto_migrate and not self._migrated:
             migrate(self.engine)
             self._migrated = True
         if self.engine.dialect.name != 'postgresql':
+            _drain(more, records)
             with self.engine.begin() as conn:
-                insert_rows(conn, [to_row(r) for r in records])
+                _insert_sqlite(conn, records)
             return
         if not replay:
             # Fresh records are new ids: COPY straight into the table, the fastest path by far.
             try:
                 with self.engine.begin() as conn:
-                    _copy_records(conn, records, staged=False)
+                    _copy_records(conn, records, staged=False, more=more)
                 return
             except Exception as exc:  # raw COPY raises psycopg's UniqueViolation, not SQLAlchemy's IntegrityError
+                _drain(more, records)
                 if not _is_unique_violation(exc):
                     raise
+        _drain(more, records)
         with self.engine.begin() as conn:
             _copy_records(conn, records, staged=True)
 

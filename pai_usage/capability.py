@@ -181,11 +181,14 @@ class TrackUsage(AbstractCapability[Any]):
         outer = current_usage_context()
         organization_id = _label(getattr(deps, 'organization_id', None))
         user_id = _label(getattr(deps, 'user_id', None))
-        has_attribution = hasattr(deps, 'organization_id') or hasattr(deps, 'user_id')
         if outer is not None:
             organization_id = organization_id or outer.organization_id
             user_id = user_id or outer.user_id
-        if not has_attribution and organization_id is None and user_id is None:
+        if (
+            organization_id is None
+            and user_id is None
+            and not (hasattr(deps, 'organization_id') or hasattr(deps, 'user_id'))
+        ):
             deps_type = type(cast(object, deps))
             kind = deps_type.__qualname__
             _once.warning(
@@ -293,12 +296,14 @@ class TrackUsage(AbstractCapability[Any]):
         model: str | None,
         status: str,
     ) -> dict[str, Any]:
-        fields = dict(run.base)
-        fields['operation'] = operation
-        fields['provider'] = provider
-        fields['model'] = model
-        fields['status'] = status
-        fields.update(_token_columns(usage))
+        fields = {
+            **run.base,
+            'operation': operation,
+            'provider': provider,
+            'model': model,
+            'status': status,
+            **_token_columns(usage),
+        }
         if usage.audio_seconds:
             fields['units'] = Decimal(str(usage.audio_seconds))
             fields['unit_type'] = 'audio_second'

@@ -147,16 +147,16 @@ def write_csv(
     progress_every: int = 10_000,
 ) -> int:
     """Write rows as CSV (with a header) to `out`; returns how many. `progress(n)` is called every `progress_every`."""
+    columns = FOCUS_COLUMNS if focus else EXPORT_COLUMNS
     writer = csv.writer(out, lineterminator='\n')
-    writer.writerow(FOCUS_COLUMNS if focus else EXPORT_COLUMNS)
-    count = 0
-    for row in rows:
-        values = focus_row(row) if focus else row
-        writer.writerow([_text(values[c]) for c in (FOCUS_COLUMNS if focus else EXPORT_COLUMNS)])
-        count += 1
-        if progress is not None and count % progress_every == 0:
-            progress(count)
-    return count
+    writer.writerow(columns)
+    return _write_each(
+        rows,
+        lambda values: writer.writerow([_text(values[c]) for c in columns]),
+        focus=focus,
+        progress=progress,
+        progress_every=progress_every,
+    )
 
 
 def write_jsonl(
@@ -168,10 +168,27 @@ def write_jsonl(
     progress_every: int = 10_000,
 ) -> int:
     """Write rows as JSON lines to `out` (decimals as strings, times in ISO 8601 UTC); returns how many."""
+    return _write_each(
+        rows,
+        lambda values: out.write(json.dumps({k: _json(v) for k, v in values.items()}, sort_keys=False) + '\n'),
+        focus=focus,
+        progress=progress,
+        progress_every=progress_every,
+    )
+
+
+def _write_each(
+    rows: Iterable[dict[str, Any]],
+    write: Callable[[dict[str, Any]], object],
+    *,
+    focus: bool,
+    progress: _Progress | None,
+    progress_every: int,
+) -> int:
+    """`write` each row (as `focus_row(row)` with `focus`), reporting progress; returns how many."""
     count = 0
     for row in rows:
-        values = focus_row(row) if focus else row
-        out.write(json.dumps({k: _json(v) for k, v in values.items()}, sort_keys=False) + '\n')
+        write(focus_row(row) if focus else row)
         count += 1
         if progress is not None and count % progress_every == 0:
             progress(count)

@@ -310,23 +310,62 @@ def _genai_prices_cost(
     if not model:
         _warn_unpriced(provider, model, None)
         return None
+    snapshot = genai_prices.data_snapshot.get_snapshot()
+    found = _find_model(snapshot, provider, model)
+    if found is None:
+        _warn_unpriced(provider, model, None)
+        return None
+    provider_info, model_info = found
     try:
-        return genai_prices.calc_price(
-            tokens.to_price_usage(), model, provider_id=provider, genai_request_timestamp=timestamp
+        # What `genai_prices.calc_price` does once it has found the model, per request (tiers, history).
+        return model_info.calc_price(
+            tokens.to_price_usage(),
+            provider_info,
+            genai_request_timestamp=timestamp or datetime.now(UTC),
+            auto_update_timestamp=snapshot.timestamp if snapshot.from_auto_update else None,
         ).total_price
     except LookupError:
-        if provider is not None:
-            # genai-prices may know the model under another provider id (e.g. a reseller's name).
-            try:
-                return genai_prices.calc_price(
-                    tokens.to_price_usage(), model, genai_request_timestamp=timestamp
-                ).total_price
-            except LookupError:
-                pass
         _warn_unpriced(provider, model, None)
     except ValueError as exc:
         _log.warning(f'inconsistent:{provider}:{model}', 'pai-usage: cannot price %s/%s: %s', provider, model, exc)
     return None
+
+
+_Found = tuple[genai_prices.types.Provider, genai_prices.types.ModelInfo]
+_MAX_CACHED_MODELS = 4096
+_found: dict[tuple[str | None, str], _Found | None] = {}
+_found_in: list[genai_prices.data_snapshot.DataSnapshot | None] = [None]
+
+
+def _find_model(snapshot: genai_prices.data_snapshot.DataSnapshot, provider: str | None, model: str) -> _Found | None:
+    """The genai-prices provider and model for a call, or None; cached per snapshot, unknown models included.
+
+    genai-prices caches the models it finds, but not a miss: an unknown model, or a model named with a provider
+    id it does not know the model under, would be matched against every pattern of the provider on each call.
+    """
+    if _found_in[0] is not snapshot:  # new price data (`UpdatePrices`, `set_custom_snapshot`): look again
+        _found.clear()
+        _found_in[0] = snapshot
+    key = (provider, model)
+    try:
+        return _found[key]
+    except KeyError:
+        pass
+    found: _Found | None
+    try:
+        found = snapshot.find_provider_model(model, None, provider, None)
+    except LookupError:
+        found = None
+        if provider is not None:
+            # genai-prices may know the model under another provider id (e.g. a reseller's name).
+            try:
+                found = snapshot.find_provider_model(model, None, None, None)
+            except LookupError:
+                pass
+    if len(_found) >= _MAX_CACHED_MODELS:  # arbitrary model names must not grow memory without bound
+        _found.clear()
+    _found[key] = found
+    return found
 
 
 def _warn_unpriced(provider: str | None, model: str | None, unit_type: str | None) -> None:

@@ -142,12 +142,15 @@ class UsageRecord(BaseModel):
     @field_validator('metadata')
     @classmethod
     def _bounded_json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:  # the common case: nothing to encode
+            return value
         try:
-            encoded = json.dumps(value, allow_nan=False, default=_reject)
+            encoded = _ENCODER.encode(value)
         except (TypeError, ValueError) as exc:
             raise ValueError(f'must be JSON-serializable: {exc}') from None
-        if len(encoded.encode()) > MAX_METADATA_BYTES:
-            raise ValueError(f'is {len(encoded.encode())} bytes of JSON, more than the {MAX_METADATA_BYTES} allowed')
+        # ASCII-only (`ensure_ascii`): one character is one byte.
+        if len(encoded) > MAX_METADATA_BYTES:
+            raise ValueError(f'is {len(encoded)} bytes of JSON, more than the {MAX_METADATA_BYTES} allowed')
         return value
 
     @property
@@ -169,3 +172,7 @@ def _reject(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):  # pragma: no cover - json catches these first
         raise ValueError('NaN')
     raise TypeError(f'{type(value).__name__} is not JSON-serializable')
+
+
+# Built once: `json.dumps` with non-default arguments builds an encoder on every call.
+_ENCODER = json.JSONEncoder(allow_nan=False, default=_reject)

@@ -23,7 +23,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .summary import GROUP_BY_DIMENSIONS, GroupBy, SummaryRow, UsageSummary, UsageTotals
+from .summary import (
+    GROUP_BY_DIMENSIONS,
+    GroupBy,
+    UsageSummary,
+    _summary_of,  # pyright: ignore[reportPrivateUsage]
+)
 from .usage import TOKEN_BUCKETS
 
 __all__ = (
@@ -153,32 +158,14 @@ def rollup_summary(
     with engine.connect() as conn:
         if not rollup_available(conn):
             return None
-        results = conn.execute(stmt).mappings().all()
-    rows: list[SummaryRow] = []
-    totals = UsageTotals()
-    for result in results:
-        row_totals = _totals(result)
-        rows.append(SummaryRow({g: result[g] for g in group_by}, row_totals))
-        totals += row_totals
-    return UsageSummary(
-        start=start,
-        end=end,
-        organization_id=organization_id,
-        user_id=user_id,
-        group_by=group_by,
-        totals=totals,
-        rows=rows,
-    )
-
-
-def _totals(result: sa.RowMapping) -> UsageTotals:
-    return UsageTotals(
-        events=int(result['events']),
-        cost_usd=Decimal(result['cost_usd'] or 0),
-        unpriced_events=int(result['unpriced_events']),
-        error_events=int(result['error_events']),
-        **{name: int(result[name]) for name in TOKEN_BUCKETS},
-    )
+        return _summary_of(
+            conn.execute(stmt).mappings(),
+            start=start,
+            end=end,
+            organization_id=organization_id,
+            user_id=user_id,
+            group_by=group_by,
+        )
 
 
 _REBUILD = (

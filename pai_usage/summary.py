@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import KW_ONLY, dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -148,21 +148,44 @@ def query_summary(
         stmt = stmt.where(_t.c.user_id == user_id)
     if dims:
         stmt = stmt.group_by(*dims).order_by(*dims)
+    with engine.connect() as conn:
+        return _summary_of(
+            conn.execute(stmt).mappings(),
+            start=start,
+            end=end,
+            organization_id=organization_id,
+            user_id=user_id,
+            group_by=group_by,
+        )
+
+
+def _summary_of(
+    results: Iterable[sa.RowMapping],
+    *,
+    start: datetime,
+    end: datetime,
+    organization_id: str | None,
+    user_id: str | None,
+    group_by: tuple[GroupBy, ...],
+) -> UsageSummary:
+    """The summary of aggregate rows that have a column per `group_by` dimension and per `UsageTotals` field.
+
+    Shared with `rollup_summary`, so that the raw table and the rollup turn sums into totals the same way.
+    """
     rows: list[SummaryRow] = []
     totals = UsageTotals()
-    with engine.connect() as conn:
-        for result in conn.execute(stmt).mappings():
-            if not result['events']:
-                continue  # an ungrouped aggregate over no rows still returns one row
-            row_totals = UsageTotals(
-                events=int(result['events']),
-                cost_usd=Decimal(result['cost_usd'] or 0),
-                unpriced_events=int(result['unpriced_events'] or 0),
-                error_events=int(result['error_events'] or 0),
-                **{name: int(result[name] or 0) for name in TOKEN_BUCKETS},
-            )
-            rows.append(SummaryRow({g: result[g] for g in group_by}, row_totals))
-            totals += row_totals
+    for result in results:
+        if not result['events']:
+            continue  # an ungrouped aggregate over no rows still returns one row
+        row_totals = UsageTotals(
+            events=int(result['events']),
+            cost_usd=Decimal(result['cost_usd'] or 0),
+            unpriced_events=int(result['unpriced_events'] or 0),
+            error_events=int(result['error_events'] or 0),
+            **{name: int(result[name] or 0) for name in TOKEN_BUCKETS},
+        )
+        rows.append(SummaryRow({g: result[g] for g in group_by}, row_totals))
+        totals += row_totals
     return UsageSummary(
         start=start,
         end=end,

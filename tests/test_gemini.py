@@ -25,8 +25,8 @@ from pai_usage._log import RateLimitedLog
 from pai_usage.capability import TrackUsage
 from pai_usage.gemini import GeminiService, GeminiUsageMixin, gemini_stats, token_counts
 from pai_usage.gemini import _mixin as mixin_module
-from pai_usage.table import TOKEN_USAGE
 from pai_usage.usage import TokenCounts
+from tests._helpers import token_usage_rows
 from tests.fake_gemini import (  # noqa: F401 - fixtures
     IMAGE_OUTPUT_TOKENS,
     PNG_1X1,
@@ -63,8 +63,7 @@ def vertex_service(vertex_client: Client, ledger: UsageTracker) -> GeminiService
 
 def rows(tracker: UsageTracker) -> list[dict[str, Any]]:
     assert tracker.flush()
-    with tracker.engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(sa.select(TOKEN_USAGE).order_by(TOKEN_USAGE.c.created_at))]
+    return token_usage_rows(tracker.engine)
 
 
 def only_row(tracker: UsageTracker) -> dict[str, Any]:
@@ -507,8 +506,7 @@ def test_ad_creator_example(sqlite_url: str, capsys: pytest.CaptureFixture[str],
     out = capsys.readouterr().out
 
     engine = sa.create_engine(sqlite_url)
-    with engine.connect() as conn:
-        all_rows = [dict(r._mapping) for r in conn.execute(sa.select(TOKEN_USAGE))]
+    all_rows = token_usage_rows(engine)
     engine.dispose()
     by_source = {s: [r for r in all_rows if r['source'] == s] for s in ('agent', 'direct')}
     assert len(by_source['agent']) == 7  # 3 orchestrator requests + 4 delegated ad_creation_agent requests

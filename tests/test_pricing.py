@@ -384,3 +384,44 @@ def test_effective_price_shows_overrides_and_unknowns():
     assert (price.source, price.token_prices) == ('config', {'input_mtok': Decimal(2), 'output_mtok': Decimal(8)})
     unknown = effective_price('no-such-model-7b')
     assert (unknown.source, unknown.token_prices, unknown.unit_prices) == ('none', {}, {})
+
+
+def test_model_lookups_are_cached_misses_included(monkeypatch: pytest.MonkeyPatch):
+    snapshot = genai_prices.data_snapshot.get_snapshot()
+    calls: list[tuple[Any, ...]] = []
+    original = snapshot.find_provider_model
+
+    def counting(*args: Any) -> Any:
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(snapshot, 'find_provider_model', counting)
+    tokens = TokenCounts(input_tokens=1_000, output_tokens=100)
+    unknown = f'no-such-model-{uuid4().hex[:8]}'
+    for _ in range(3):
+        priced = price_usage(provider='acme-ai', model=unknown, tokens=tokens)
+        assert (priced.cost_usd, priced.pricing_status) == (None, 'unpriced')
+    assert len(calls) == 2  # under the provider, then by name alone; never again
+
+    reseller = f'reseller-{uuid4().hex[:8]}'  # a provider id genai-prices does not know: found by model name
+    expected = genai_prices.calc_price(
+        genai_prices.Usage(input_tokens=1_000, output_tokens=100), 'claude-sonnet-4', genai_request_timestamp=WHEN
+    ).total_price
+    calls.clear()
+    for _ in range(3):
+        priced = price_usage(provider=reseller, model='claude-sonnet-4', tokens=tokens, timestamp=WHEN)
+        assert (priced.cost_usd, priced.pricing_status) == (expected, 'priced')
+    assert len(calls) == 2
+
+
+def test_new_price_data_is_looked_up_again():
+    tokens = TokenCounts(input_tokens=1_000)
+    assert price_usage(provider='openai', model='gpt-4o', tokens=tokens).pricing_status == 'priced'
+    genai_prices.data_snapshot.set_custom_snapshot(
+        genai_prices.data_snapshot.DataSnapshot(providers=[], from_auto_update=False)
+    )
+    try:
+        assert price_usage(provider='openai', model='gpt-4o', tokens=tokens).pricing_status == 'unpriced'
+    finally:
+        genai_prices.data_snapshot.set_custom_snapshot(None)
+    assert price_usage(provider='openai', model='gpt-4o', tokens=tokens).pricing_status == 'priced'

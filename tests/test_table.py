@@ -4,21 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, select
 
 from pai_usage import TokenUsage, UsageRecord, UsageTracker
-from pai_usage.table import TOKEN_USAGE, ExactDecimal, UTCDateTime
-
-
-def _rows(engine: sa.Engine) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        return [dict(row) for row in conn.execute(sa.select(TOKEN_USAGE)).mappings()]
+from pai_usage.table import ExactDecimal, UTCDateTime
+from tests._helpers import token_usage_rows
 
 
 @pytest.fixture
@@ -62,7 +56,7 @@ def test_record_round_trips_exactly(tracker: UsageTracker, full_record: UsageRec
     tracker.track(full_record)
     assert tracker.flush()
 
-    [row] = _rows(tracker.engine)
+    [row] = token_usage_rows(tracker.engine)
     assert row == full_record.model_dump()
     # The points that matter, spelled out: exact decimals, aware UTC time, JSON intact.
     assert row['cost_usd'] == Decimal('999999.123456789012')
@@ -93,7 +87,7 @@ def test_same_record_twice_is_one_row(tracker: UsageTracker):
     tracker.track(record.model_dump())  # also as raw fields
     assert tracker.flush()
 
-    rows = _rows(tracker.engine)
+    rows = token_usage_rows(tracker.engine)
     assert [row['id'] for row in rows] == [record.id]
     assert tracker.stats().invalid == 0
 
@@ -101,7 +95,7 @@ def test_same_record_twice_is_one_row(tracker: UsageTracker):
 def test_null_cost_stays_null(tracker: UsageTracker):
     tracker.track(model='no-such-model-xyz', provider='nobody', input_tokens=5)
     assert tracker.flush()
-    [row] = _rows(tracker.engine)
+    [row] = token_usage_rows(tracker.engine)
     assert row['cost_usd'] is None
     assert row['pricing_status'] == 'unpriced'
 

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ import sqlalchemy as sa
 import pai_usage._writer as writer_module
 from pai_usage import UsageRecord, UsageTracker
 from pai_usage._log import RateLimitedLog
+from pai_usage.migrate import migrate
+from pai_usage.tracker import create_engine
 from tests._pgproxy import PgProxy, pg_proxy, via_proxy
 from tests.conftest import PG_SERVER_URL
 
@@ -427,3 +430,62 @@ def test_duplicate_ids_are_stored_once(database_url: str, tmp_path: Path) -> Non
     tracker.engine.dispose()
     assert rows(database_url) == (80, 80)
     assert (stats.failed_writes, stats.dropped, stats.spilled, stats.pending) == (0, 0, 0, 0)
+
+
+def test_sqlite_rows_are_stored_as_core_stores_them(sqlite_url: str) -> None:
+    """The writer's SQLite insert (raw `executemany`) stores exactly what the Core `insert_rows` stores."""
+    engine = create_engine(sqlite_url)
+    migrate(engine)
+    records = [
+        UsageRecord(
+            provider='openai',
+            cost_usd=Decimal('0.1234567890125'),
+            units=Decimal('1.5000005'),
+            unit_type='image',
+            pricing_status='priced',
+            details={'cache_write_1h_tokens': 3},
+            metadata={'feature': 'é', 'n': [1, None]},
+        ),
+        UsageRecord(pricing_status='unpriced', status='error'),
+    ]
+    try:
+        with engine.begin() as conn:
+            writer_module._insert_sqlite(conn, records)  # pyright: ignore[reportPrivateUsage]
+            writer_module._insert_sqlite(conn, records)  # pyright: ignore[reportPrivateUsage]  # duplicates: ignored
+            ours = conn.exec_driver_sql('SELECT * FROM token_usage ORDER BY id').all()
+            conn.exec_driver_sql('DELETE FROM token_usage')
+            writer_module.insert_rows(conn, [writer_module.to_row(r) for r in records])
+            core = conn.exec_driver_sql('SELECT * FROM token_usage ORDER BY id').all()
+    finally:
+        engine.dispose()
+    assert len(ours) == 2
+    assert ours == core
+
+
+@pytest.mark.postgres
+def test_partitioned_table_ignores_duplicates(pg_schema_url: str) -> None:
+    """With `token_usage` partitioned by month (primary key `(id, created_at)`), COPY, its duplicate fallback and
+    replays still store each event once: the conflict clause names no target."""
+    engine = create_engine(pg_schema_url)
+    migrate(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql('ALTER TABLE token_usage RENAME TO token_usage_plain')
+        conn.exec_driver_sql(
+            'CREATE TABLE token_usage (LIKE token_usage_plain INCLUDING DEFAULTS, PRIMARY KEY (id, created_at)) '
+            'PARTITION BY RANGE (created_at)'
+        )
+        conn.exec_driver_sql('CREATE TABLE token_usage_default PARTITION OF token_usage DEFAULT')
+    writer = writer_module.Writer(engine, writer_module.WriterStats(), auto_migrate=False)
+    first = [UsageRecord.model_validate({**event(i), 'pricing_status': 'priced'}) for i in range(10)]
+    more = [UsageRecord.model_validate({**event(i), 'pricing_status': 'priced'}) for i in range(5)]
+    try:
+        writer._write(first)  # pyright: ignore[reportPrivateUsage]  # COPY straight into the table
+        writer._write([*first[:4], *more])  # pyright: ignore[reportPrivateUsage]  # unique violation: staged
+        writer._write(first, replay=True)  # pyright: ignore[reportPrivateUsage]  # staged, all present
+        with engine.connect() as conn:
+            count, distinct = conn.execute(sa.text('SELECT count(*), count(DISTINCT id) FROM token_usage')).one()
+        with engine.begin() as conn:
+            writer_module.insert_rows(conn, [writer_module.to_row(r) for r in first])  # Core: ignored too
+    finally:
+        engine.dispose()
+    assert (count, distinct) == (15, 15)

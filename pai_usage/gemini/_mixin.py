@@ -6,10 +6,11 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, ParamSpec, Protocol, TypeVar
+from types import TracebackType
+from typing import Any, ParamSpec, Protocol
 
 from google import genai
 from google.genai import errors, types
@@ -44,7 +45,6 @@ _log = RateLimitedLog()
 # "One-time" warnings: an infinite interval logs the first and counts the rest.
 _once = RateLimitedLog(interval=float('inf'))
 
-_R = TypeVar('_R')
 _P = ParamSpec('_P')
 
 Contents = Any
@@ -350,34 +350,6 @@ class GeminiUsageMixin:
             metadata=metadata,
         )
 
-    # --- timing helpers --------------------------------------------------------------------------------------
-
-    def _timed(self, call: Callable[[], _R], on_error: Callable[[BaseException, int], None]) -> tuple[_R, int]:
-        start = time.perf_counter()
-        try:
-            result = call()
-        except Exception as exc:
-            on_error(exc, _ms(start))
-            raise
-        return result, _ms(start)
-
-    async def _atimed(
-        self, call: Callable[[], Awaitable[_R]], on_error: Callable[[BaseException, int], None]
-    ) -> tuple[_R, int]:
-        start = time.perf_counter()
-        try:
-            result = await call()
-        except Exception as exc:
-            on_error(exc, _ms(start))
-            raise
-        return result, _ms(start)
-
-    def _error_recorder(self, operation: str, model: str) -> Callable[[BaseException, int], None]:
-        def on_error(exc: BaseException, duration_ms: int) -> None:
-            self._record(operation=operation, model=model, error=exc, duration_ms=duration_ms)
-
-        return on_error
-
     # --- generate_content ------------------------------------------------------------------------------------
 
     def tracked_generate_content(
@@ -390,13 +362,11 @@ class GeminiUsageMixin:
         metadata: Mapping[str, Any] | None = None,
     ) -> types.GenerateContentResponse:
         """`client.models.generate_content(...)`, recorded with its token usage."""
-        response, ms = self._timed(
-            lambda: self.client.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
+        with _TimedCall(self, operation, model) as call:
+            response = self.client.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
                 model=model, contents=contents, config=config
-            ),
-            self._error_recorder(operation, model),
-        )
-        self.track_response(response, model=model, operation=operation, duration_ms=ms, metadata=metadata)
+            )
+        self.track_response(response, model=model, operation=operation, duration_ms=call.ms, metadata=metadata)
         return response
 
     async def atracked_generate_content(
@@ -409,13 +379,11 @@ class GeminiUsageMixin:
         metadata: Mapping[str, Any] | None = None,
     ) -> types.GenerateContentResponse:
         """`client.aio.models.generate_content(...)`, recorded with its token usage."""
-        response, ms = await self._atimed(
-            lambda: self.client.aio.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
+        with _TimedCall(self, operation, model) as call:
+            response = await self.client.aio.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
                 model=model, contents=contents, config=config
-            ),
-            self._error_recorder(operation, model),
-        )
-        self.track_response(response, model=model, operation=operation, duration_ms=ms, metadata=metadata)
+            )
+        self.track_response(response, model=model, operation=operation, duration_ms=call.ms, metadata=metadata)
         return response
 
     def tracked_generate_content_stream(
@@ -432,21 +400,13 @@ class GeminiUsageMixin:
         Chunk usage is a running total, so the stream's usage is the last one seen, never a sum. A stream
         abandoned early is recorded with the usage seen so far and `metadata.stream_incomplete`.
         """
-        stream = _StreamState(self, model, operation, metadata)
-        try:
+        with _StreamState(self, model, operation, metadata) as stream:
             chunks = self.client.models.generate_content_stream(  # pyright: ignore[reportUnknownMemberType]
                 model=model, contents=contents, config=config
             )
             for chunk in chunks:
                 stream.seen(chunk)
                 yield chunk
-        except Exception as exc:
-            stream.finish(exc)
-            raise
-        except BaseException:
-            stream.finish(None, incomplete=True)
-            raise
-        stream.finish(None)
 
     async def atracked_generate_content_stream(
         self,
@@ -458,21 +418,13 @@ class GeminiUsageMixin:
         metadata: Mapping[str, Any] | None = None,
     ) -> AsyncGenerator[types.GenerateContentResponse]:
         """`client.aio.models.generate_content_stream(...)`, recorded like `tracked_generate_content_stream`."""
-        stream = _StreamState(self, model, operation, metadata)
-        try:
+        with _StreamState(self, model, operation, metadata) as stream:
             chunks = await self.client.aio.models.generate_content_stream(  # pyright: ignore[reportUnknownMemberType]
                 model=model, contents=contents, config=config
             )
             async for chunk in chunks:
                 stream.seen(chunk)
                 yield chunk
-        except Exception as exc:
-            stream.finish(exc)
-            raise
-        except BaseException:
-            stream.finish(None, incomplete=True)
-            raise
-        stream.finish(None)
 
     # --- Imagen ----------------------------------------------------------------------------------------------
 
@@ -499,11 +451,9 @@ class GeminiUsageMixin:
         metadata: Mapping[str, Any] | None = None,
     ) -> types.GenerateImagesResponse:
         """Imagen `client.models.generate_images(...)`: no token usage, recorded as `image` units (one per image)."""
-        response, ms = self._timed(
-            lambda: self.client.models.generate_images(model=model, prompt=prompt, config=config),
-            self._error_recorder(operation, model),
-        )
-        self._track_images(response, model, operation, ms, metadata)
+        with _TimedCall(self, operation, model) as call:
+            response = self.client.models.generate_images(model=model, prompt=prompt, config=config)
+        self._track_images(response, model, operation, call.ms, metadata)
         return response
 
     async def atracked_generate_images(
@@ -516,11 +466,9 @@ class GeminiUsageMixin:
         metadata: Mapping[str, Any] | None = None,
     ) -> types.GenerateImagesResponse:
         """Async `tracked_generate_images`."""
-        response, ms = await self._atimed(
-            lambda: self.client.aio.models.generate_images(model=model, prompt=prompt, config=config),
-            self._error_recorder(operation, model),
-        )
-        self._track_images(response, model, operation, ms, metadata)
+        with _TimedCall(self, operation, model) as call:
+            response = await self.client.aio.models.generate_images(model=model, prompt=prompt, config=config)
+        self._track_images(response, model, operation, call.ms, metadata)
         return response
 
     # --- Veo -------------------------------------------------------------------------------------------------
@@ -579,20 +527,13 @@ class GeminiUsageMixin:
         is recorded as an error row and raised as `google.genai.errors.APIError`.
         """
         cfg = _video_config(config)
-        on_error = self._error_recorder(operation, model)
-        start = time.perf_counter()
-        try:
+        with _TimedCall(self, operation, model) as call:
             op = self.client.models.generate_videos(model=model, source=source, config=cfg)
-            while not op.done:
-                if timeout is not None and time.perf_counter() - start > timeout:
-                    raise TimeoutError(f'Veo operation {op.name!r} not done after {timeout}s')
+            while call.polling(op, timeout):
                 time.sleep(poll_interval)
                 op = self.client.operations.get(op)
             _raise_for_operation(op)
-        except Exception as exc:
-            on_error(exc, _ms(start))
-            raise
-        self._track_video(op, cfg, model, operation, _ms(start), metadata)
+        self._track_video(op, cfg, model, operation, call.ms, metadata)
         return op
 
     async def atracked_generate_videos(
@@ -608,25 +549,53 @@ class GeminiUsageMixin:
     ) -> types.GenerateVideosOperation:
         """Async `tracked_generate_videos`."""
         cfg = _video_config(config)
-        on_error = self._error_recorder(operation, model)
-        start = time.perf_counter()
-        try:
+        with _TimedCall(self, operation, model) as call:
             op = await self.client.aio.models.generate_videos(model=model, source=source, config=cfg)
-            while not op.done:
-                if timeout is not None and time.perf_counter() - start > timeout:
-                    raise TimeoutError(f'Veo operation {op.name!r} not done after {timeout}s')
+            while call.polling(op, timeout):
                 await asyncio.sleep(poll_interval)
                 op = await self.client.aio.operations.get(op)
             _raise_for_operation(op)
-        except Exception as exc:
-            on_error(exc, _ms(start))
-            raise
-        self._track_video(op, cfg, model, operation, _ms(start), metadata)
+        self._track_video(op, cfg, model, operation, call.ms, metadata)
         return op
 
 
+class _TimedCall:
+    """Times one SDK call (a Veo operation: until done) and records it as an error row if it raises.
+
+    The success row is the caller's to record, with `ms`: only it knows what the result was.
+    """
+
+    def __init__(self, owner: GeminiUsageMixin, operation: str, model: str) -> None:
+        self.owner = owner
+        self.operation = operation
+        self.model = model
+        self.start = time.perf_counter()
+        self.ms = 0
+
+    def __enter__(self) -> _TimedCall:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.ms = _ms(self.start)
+        # Only a failed call is an error row: an interrupt or a cancellation (a `BaseException`) records nothing.
+        if isinstance(exc, Exception):
+            self.owner._record(  # pyright: ignore[reportPrivateUsage]
+                operation=self.operation, model=self.model, error=exc, duration_ms=self.ms
+            )
+
+    def polling(self, op: types.GenerateVideosOperation, timeout: float | None) -> bool:
+        """Whether `op` needs another poll; `TimeoutError` once it has run for more than `timeout` seconds."""
+        if op.done:
+            return False
+        if timeout is not None and time.perf_counter() - self.start > timeout:
+            raise TimeoutError(f'Veo operation {op.name!r} not done after {timeout}s')
+        return True
+
+
 class _StreamState:
-    """What a stream has shown so far; records exactly once."""
+    """What a stream has shown so far; records exactly once, when the `with` block around the stream ends."""
 
     def __init__(self, owner: GeminiUsageMixin, model: str, operation: str, metadata: Mapping[str, Any] | None) -> None:
         self.owner = owner
@@ -638,6 +607,20 @@ class _StreamState:
         self.last: types.GenerateContentResponse | None = None
         self.chunks = 0
         self.done = False
+
+    def __enter__(self) -> _StreamState:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.finish(None)
+        elif isinstance(exc, Exception):
+            self.finish(exc)
+        else:
+            # Closed early (`GeneratorExit`), cancelled or interrupted: what was seen so far, marked incomplete.
+            self.finish(None, incomplete=True)
 
     def seen(self, chunk: types.GenerateContentResponse) -> None:
         self.chunks += 1
