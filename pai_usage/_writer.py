@@ -57,9 +57,11 @@ class WriterStats:
     """Counters shared by the tracker and its writer.
 
     Only the writer thread updates most of them; the rare updates from other threads (queue overflow,
-    shutdown) hold `Writer._count_lock`. `track()` itself updates nothing: `enqueued` is derived.
+    shutdown, and `put()`'s one increment) hold `Writer._count_lock`.
     """
 
+    queued: int = 0
+    """Records `put()` placed on the in-memory queue."""
     taken: int = 0
     """Records the writer took from the queue (or the shutdown drained from it)."""
     overflowed: int = 0
@@ -337,14 +339,19 @@ class Writer:
             self.spill_now(item)
             return
         self._queue.put(item)
+        # Counted, not derived from `taken + qsize()`: the writer takes a batch off the queue before it adds to
+        # `taken`, so a derived count reads up to one batch short meanwhile (seen under 8 producer threads).
+        with self._count_lock:
+            self.stats.queued += 1
         # The writer sleeps while a batch fills instead of waking for each record (each wake-up would cost this
         # thread a GIL hand-off): tell it when a batch is full.
         if size + 1 >= self.batch_size and not self._batch_ready.is_set():
             self._batch_ready.set()
 
     def enqueued(self) -> int:
-        """Records accepted so far (taken by the writer, still queued, or handled on overflow)."""
-        return self.stats.taken + self._queue.qsize() + self.stats.overflowed
+        """Records accepted so far (put on the queue, or handled on overflow)."""
+        with self._count_lock:
+            return self.stats.queued + self.stats.overflowed
 
     def count_dropped(self, n: int = 1) -> None:
         """Count records `track()` could not even hand over."""
