@@ -5,7 +5,7 @@ deadline runs out. Each process appends only to its own file (`spill-<host>-<pid
 holds an exclusive `flock` on it while it is open. A replayer claims a file by taking that lock without
 waiting (so it never reads a file a live process still appends to) and renaming it to `replay-...`;
 the rename makes the claim visible and keeps two replayers from reading the same file. Replay inserts
-idempotently (`ON CONFLICT (id) DO NOTHING`), so a file replayed twice, e.g. after a crash in the middle
+idempotently (`ON CONFLICT DO NOTHING` on the primary key), so a file replayed twice, e.g. after a crash in the middle
 of a replay, still gives exactly one row per record.
 
 Records that fail validation go to `rejected-<host>-<pid>.jsonl` with the error, never back to replay.
