@@ -78,6 +78,8 @@ class WriterStats:
     """Records lost: not written, and the spill failed too."""
     unpriced: int = 0
     """Records written with no known price."""
+    errors: int = 0
+    """Records written with `status='error'` (failed calls, failed runs)."""
     spilled: int = 0
     """Records appended to the spill file."""
     replayed: int = 0
@@ -688,12 +690,14 @@ class Writer:
 
     def _count_written(self, records: list[UsageRecord], *, replay: bool = False) -> None:
         unpriced = sum(r.pricing_status == 'unpriced' for r in records)
+        errors = sum(r.status == 'error' for r in records)
         with self._count_lock:
             if replay:
                 self.stats.replayed += len(records)
             else:
                 self.stats.written += len(records)
             self.stats.unpriced += unpriced
+            self.stats.errors += errors
         self._notify(records)
 
     def _count_lost(self, n: int, exc: BaseException) -> None:

@@ -64,6 +64,8 @@ class TrackerStats:
     """Lost: could not be queued, written or spilled. Always logged."""
     unpriced: int
     """Written with `cost_usd = NULL` because no price was known."""
+    errors: int = 0
+    """Written with `status='error'`: calls that failed (a Gemini `APIError`) and agent runs that failed."""
     spilled: int = 0
     """Saved to the spill file (queue full, database failing, or shutdown deadline); replayed later."""
     replayed: int = 0
@@ -274,6 +276,7 @@ class UsageTracker:
             failed_writes=s.failed_writes,
             dropped=s.dropped,
             unpriced=s.unpriced,
+            errors=s.errors,
             spilled=s.spilled,
             replayed=s.replayed,
         )

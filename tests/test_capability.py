@@ -284,6 +284,7 @@ async def test_tool_error_records_requests_and_marker(tracker: UsageTracker) -> 
     assert [(r['operation'], r['status']) for r in got] == [('agent_request', 'ok'), ('agent_run', 'error')]
     assert got[1]['metadata'] == {'error_type': 'Boom'}
     assert (got[1]['cost_usd'], got[1]['input_tokens'], got[1]['output_tokens']) == (0, 0, 0)
+    assert tracker.stats().errors == 1
     assert got[0]['input_tokens'] + got[0]['cache_read_tokens'] == TOOL_USAGE['input_tokens']
 
 

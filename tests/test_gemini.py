@@ -366,7 +366,7 @@ async def test_api_errors_reach_the_caller_and_are_counted(
     assert row['metadata']['error_code'] == code
     assert row['metadata']['error_type'] == error_type.__name__
     assert gemini_stats().errors == before.errors + 1
-    assert ledger.stats().invalid == 0
+    assert (ledger.stats().errors, ledger.stats().invalid) == (1, 0)
 
 
 async def test_stream_error_before_output(service: GeminiService, fake_gemini: FakeGemini, ledger: UsageTracker):
