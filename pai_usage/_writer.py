@@ -29,14 +29,13 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, cast
 
 import sqlalchemy as sa
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ._log import RateLimitedLog
 from ._spill import SpillDir, encode
@@ -47,7 +46,7 @@ from .table import COST_SCALE, UNITS_SCALE
 from .table import TOKEN_USAGE as _table
 from .usage import TokenCounts
 
-__all__ = ('Writer', 'WriterStats', 'insert_rows', 'to_row')
+__all__ = ('Writer', 'WriterStats')
 
 _log = RateLimitedLog()
 
@@ -122,13 +121,6 @@ _COST_INDEX = _COLUMNS.index('cost_usd')
 _UNITS_INDEX = _COLUMNS.index('units')
 
 
-def to_row(record: UsageRecord) -> dict[str, Any]:
-    """The `token_usage` row for a record."""
-    # The validated field values as they are (what `model_dump()` would copy); `metadata` is named the same on
-    # the model as in the table.
-    return dict(record.__dict__)
-
-
 def _copy_row(record: UsageRecord) -> tuple[Any, ...]:
     values = record.__dict__
     row = list(_get_columns(values))  # `metadata` is named the same on the model as in the table
@@ -164,21 +156,6 @@ def _priced(record: UsageRecord, table: PriceTable | None) -> UsageRecord:
     )
 
 
-def insert_rows(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert rows with SQLAlchemy Core, ignoring ids already present."""
-    if not rows:
-        return
-    dialect = conn.dialect.name
-    if dialect == 'postgresql':
-        # No conflict target: any unique index, e.g. the `(id, created_at)` key of a table partitioned by month.
-        stmt = postgresql.insert(_table).on_conflict_do_nothing()
-    elif dialect == 'sqlite':
-        stmt = sqlite.insert(_table).on_conflict_do_nothing(index_elements=['id'])
-    else:  # pragma: no cover - guarded by migrate()
-        raise RuntimeError(f'unsupported database {dialect!r}')
-    conn.execute(stmt, list(rows))
-
-
 _SQLITE_INSERT = (
     f'INSERT INTO token_usage ({_COLUMN_LIST}) VALUES ({", ".join("?" * len(_COLUMNS))}) ON CONFLICT DO NOTHING'
 )
@@ -186,10 +163,10 @@ _bind_processors: dict[sa.Dialect, tuple[tuple[int, Callable[[Any], Any]], ...]]
 
 
 def _insert_sqlite(conn: sa.Connection, records: Sequence[UsageRecord]) -> None:
-    """What `insert_rows` does on SQLite, without SQLAlchemy's per-row parameter machinery.
+    """Insert records on SQLite, ignoring ids already present, without SQLAlchemy's per-row parameter machinery.
 
     The column types' own bind processors (UUID, UTC datetime, exact decimals, JSON) convert the values, so the
-    rows are stored exactly as `insert_rows` stores them.
+    rows are stored exactly as a Core `insert()` stores them (`tests/test_writer.py` checks).
     """
     if not records:
         return

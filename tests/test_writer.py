@@ -23,11 +23,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 import pai_usage._writer as writer_module
 from pai_usage import UsageRecord, UsageTracker
 from pai_usage._log import RateLimitedLog
 from pai_usage.migrate import migrate
+from pai_usage.table import TOKEN_USAGE
 from pai_usage.tracker import create_engine
 from tests._pgproxy import PgProxy, pg_proxy, via_proxy
 from tests.conftest import PG_SERVER_URL
@@ -432,8 +434,14 @@ def test_duplicate_ids_are_stored_once(database_url: str, tmp_path: Path) -> Non
     assert (stats.failed_writes, stats.dropped, stats.spilled, stats.pending) == (0, 0, 0, 0)
 
 
+def _core_insert(conn: sa.Connection, records: list[UsageRecord]) -> None:
+    """The reference: SQLAlchemy Core's insert, ignoring rows already present (any unique key on PostgreSQL)."""
+    insert = postgresql.insert if conn.dialect.name == 'postgresql' else sqlite.insert
+    conn.execute(insert(TOKEN_USAGE).on_conflict_do_nothing(), [dict(r.__dict__) for r in records])
+
+
 def test_sqlite_rows_are_stored_as_core_stores_them(sqlite_url: str) -> None:
-    """The writer's SQLite insert (raw `executemany`) stores exactly what the Core `insert_rows` stores."""
+    """The writer's SQLite insert (raw `executemany`) stores exactly what a Core insert stores."""
     engine = create_engine(sqlite_url)
     migrate(engine)
     records = [
@@ -454,7 +462,7 @@ def test_sqlite_rows_are_stored_as_core_stores_them(sqlite_url: str) -> None:
             writer_module._insert_sqlite(conn, records)  # pyright: ignore[reportPrivateUsage]  # duplicates: ignored
             ours = conn.exec_driver_sql('SELECT * FROM token_usage ORDER BY id').all()
             conn.exec_driver_sql('DELETE FROM token_usage')
-            writer_module.insert_rows(conn, [writer_module.to_row(r) for r in records])
+            _core_insert(conn, records)
             core = conn.exec_driver_sql('SELECT * FROM token_usage ORDER BY id').all()
     finally:
         engine.dispose()
@@ -485,7 +493,7 @@ def test_partitioned_table_ignores_duplicates(pg_schema_url: str) -> None:
         with engine.connect() as conn:
             count, distinct = conn.execute(sa.text('SELECT count(*), count(DISTINCT id) FROM token_usage')).one()
         with engine.begin() as conn:
-            writer_module.insert_rows(conn, [writer_module.to_row(r) for r in first])  # Core: ignored too
+            _core_insert(conn, first)  # Core: ignored too
     finally:
         engine.dispose()
     assert (count, distinct) == (15, 15)
