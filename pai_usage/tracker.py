@@ -181,6 +181,7 @@ class UsageTracker:
             spill=SpillDir(_spill_path(spill_dir, self.engine)) if spill else None,
         )
         self._closed = False
+        self._observers: tuple[Callable[[UsageRecord | dict[str, Any]], None], ...] = ()
         _live_trackers.add(self)
         if handle_sigterm:
             _install_sigterm_handler()
@@ -211,6 +212,12 @@ class UsageTracker:
                     item['id'] = uuid4()
                 if 'created_at' not in item:
                     item['created_at'] = datetime.now(UTC)
+            for observer in self._observers:
+                # Budgets count spend here, at settle, before the writer has the row (see `add_observer`).
+                try:
+                    observer(item)
+                except Exception as exc:
+                    _log.error('observer', 'pai-usage: a track() observer failed: %r', exc)
             if self._closed:
                 # Late events (e.g. from a thread still running at exit) go straight to the spill file.
                 self._writer.spill_now(item, closed=True)
@@ -262,6 +269,18 @@ class UsageTracker:
         """Call `listener` in the writer thread with each record written from now on; failures are logged."""
         # Swapping in a new tuple is atomic: the writer thread sees the old or the new listeners, never half.
         self._writer.listeners = (*self._writer.listeners, listener)
+
+    def add_observer(self, observer: Callable[[UsageRecord | dict[str, Any]], None]) -> None:
+        """Call `observer` synchronously inside `track()`, on the caller's thread, with each record as given.
+
+        For in-process accounting that cannot wait for the writer (budgets). The record is not validated yet;
+        the observer must be cheap and must not keep it. Failures are logged, never raised into `track()`.
+        """
+        self._observers = (*self._observers, observer)
+
+    def remove_observer(self, observer: Callable[[UsageRecord | dict[str, Any]], None]) -> None:
+        """Stop calling `observer` from `track()`."""
+        self._observers = tuple(o for o in self._observers if o is not observer)
 
     def stats(self) -> TrackerStats:
         """Counters of what happened to tracked records (in this process, since it started or forked)."""
