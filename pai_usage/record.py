@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 __all__ = (
     'MAX_COST_USD',
+    'MAX_LABEL_LENGTH',
     'MAX_METADATA_BYTES',
     'MAX_TOKENS',
     'MAX_UNITS',
@@ -20,6 +22,7 @@ __all__ = (
     'Source',
     'Status',
     'UsageRecord',
+    'normalize_label',
 )
 
 Source = Literal['agent', 'direct']
@@ -37,6 +40,33 @@ MAX_COST_USD = 1_000_000
 """Upper bound for the cost of one event: larger values are corrupt input (and overflow SQLite's scaled integer)."""
 MAX_UNITS = 1_000_000_000
 """Upper bound for the billable units of one event."""
+
+MAX_LABEL_LENGTH = 255
+"""Longest label (ids, names) stored as given; longer ones are shortened by `normalize_label`."""
+_HASH_CHARS = 16
+
+
+def normalize_label(value: object) -> str | None:
+    """The form in which the ledger stores a label (user id, organization id, model, ...).
+
+    Surrounding whitespace and NUL bytes (which PostgreSQL refuses) are removed; an empty result is None.
+    A label longer than `MAX_LABEL_LENGTH` keeps its start and ends in `~` and a hash of the whole, so that
+    distinct long labels stay distinct and the same label always maps to the same stored value.
+    Budgets and summaries use it too, so that a lookup by the raw id finds what the ledger stored.
+    """
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    if '\x00' in text:
+        text = text.replace('\x00', '')
+    text = text.strip()
+    if not text:
+        return None
+    if len(text) > MAX_LABEL_LENGTH:
+        digest = hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:_HASH_CHARS]
+        text = f'{text[: MAX_LABEL_LENGTH - _HASH_CHARS - 1]}~{digest}'
+    return text
+
 
 _Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
 _Label = Annotated[str, Field(min_length=1, max_length=255)]
