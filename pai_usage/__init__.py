@@ -11,7 +11,7 @@ from .deps import HasUsageAttribution, UsageDeps
 from .pricing import PriceTable, TokenPrice, UnitPrice, set_price_table
 from .record import UsageRecord
 from .summary import SummaryRow, UsageSummary, UsageTotals
-from .table import TokenUsage
+from .table import TokenUsage, metadata
 from .tracker import TrackerStats, UsageTracker, configure, get_tracker
 from .usage import TokenCounts
 
@@ -43,6 +43,7 @@ __all__ = (
     'configure',
     'current_usage_context',
     'get_tracker',
+    'metadata',
     'set_price_table',
     'usage_context',
 )

@@ -15,9 +15,10 @@ from uuid import UUID
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
-__all__ = ('COST_SCALE', 'TOKEN_USAGE', 'UNITS_SCALE', 'ExactDecimal', 'TokenUsage', 'UTCDateTime')
+__all__ = ('COST_SCALE', 'TOKEN_USAGE', 'UNITS_SCALE', 'ExactDecimal', 'TokenUsage', 'UTCDateTime', 'metadata')
 
 COST_SCALE = 12
 """Decimal places kept for `cost_usd` (pico-dollars): enough for any per-token price in genai-prices."""
@@ -85,8 +86,19 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
 
 _JSON = sa.JSON().with_variant(JSONB(), 'postgresql')
 
+metadata = sa.MetaData()
+"""pai-usage's own `MetaData`: never the application's `SQLModel.metadata`.
 
-class TokenUsage(SQLModel, table=True):
+So an application's `SQLModel.metadata.create_all()`/`drop_all()` and its Alembic autogenerate leave our
+tables alone (see `pai_usage.alembic` for living with Alembic). `pai-usage migrate` owns this schema.
+"""
+
+
+class _Base(SQLModel, registry=registry(metadata=metadata)):
+    """Base of pai-usage's tables: its own registry, hence its own `metadata`."""
+
+
+class TokenUsage(_Base, table=True):
     """One row per usage event. Column semantics are documented in `docs/columns.md`."""
 
     __tablename__ = 'token_usage'  # pyright: ignore[reportAssignmentType]

@@ -10,9 +10,8 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlmodel import SQLModel
 
-import pai_usage  # noqa: F401  # registers every table on SQLModel.metadata
+import pai_usage
 from pai_usage.migrate import (
     MIGRATIONS_TABLE,
     MigrationError,
@@ -26,7 +25,7 @@ NOT_MODELED = {
     MIGRATIONS_TABLE,  # our bookkeeping
     'token_usage_daily',  # PostgreSQL's derived daily rollup (0002), deliberately not a SQLModel table
 }
-"""Tables the migrations create that `SQLModel.metadata` does not describe, on purpose."""
+"""Tables the migrations create that `pai_usage.metadata` does not describe, on purpose."""
 
 
 def _all_names(dialect: str) -> list[str]:
@@ -52,7 +51,7 @@ def _drift(engine: sa.Engine) -> list[Any]:
         context = MigrationContext.configure(
             conn, opts={'compare_type': True, 'compare_server_default': True, 'include_object': _include}
         )
-        return list(compare_metadata(context, SQLModel.metadata))
+        return list(compare_metadata(context, pai_usage.metadata))
 
 
 def test_migrated_schema_matches_the_model(engine: sa.Engine):
