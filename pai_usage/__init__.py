@@ -6,7 +6,14 @@ from importlib import import_module
 from importlib.metadata import version as _metadata_version
 from typing import TYPE_CHECKING, Any
 
-from .context import UsageContext, current_usage_context, usage_context
+from ._warnings import (
+    MissingAttributionWarning,
+    PaiUsageWarning,
+    UnknownFieldWarning,
+    UnpricedModelWarning,
+    set_strict,
+)
+from .context import UsageContext, current_usage_context, run_in_thread, usage_context, with_current_context
 from .deps import HasUsageAttribution, UsageDeps
 from .pricing import PriceTable, TokenPrice, UnitPrice, set_price_table
 from .record import UsageRecord
@@ -25,6 +32,8 @@ __all__ = (
     'BudgetExceeded',
     'EnforceBudgets',
     'HasUsageAttribution',
+    'MissingAttributionWarning',
+    'PaiUsageWarning',
     'PriceTable',
     'SummaryRow',
     'TokenCounts',
@@ -33,6 +42,8 @@ __all__ = (
     'TrackUsage',
     'TrackerStats',
     'UnitPrice',
+    'UnknownFieldWarning',
+    'UnpricedModelWarning',
     'UsageContext',
     'UsageDeps',
     'UsageRecord',
@@ -44,8 +55,11 @@ __all__ = (
     'current_usage_context',
     'get_tracker',
     'metadata',
+    'run_in_thread',
     'set_price_table',
+    'set_strict',
     'usage_context',
+    'with_current_context',
 )
 
 # The capabilities import pydantic-ai's agent machinery (~0.6 s): load them on first use, so that

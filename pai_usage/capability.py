@@ -41,6 +41,7 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import RunContext
 from pydantic_ai.usage import RequestUsage, RunUsage
 
+from . import _warnings
 from ._log import RateLimitedLog
 from .context import UsageContext, current_usage_context, usage_context
 from .tracker import UsageTracker, get_tracker
@@ -168,6 +169,8 @@ class TrackUsage(AbstractCapability[Any]):
     def _guard(self, func: Any, *args: Any) -> Any:
         try:
             return func(*args)
+        except _warnings.PaiUsageWarning:
+            raise  # a developer mistake, raised because strict mode or a warning filter asks for it
         except Exception as exc:
             TrackUsage.errors += 1
             _log.error('capability', 'pai-usage: TrackUsage failed, usage may be incomplete: %r', exc, exc_info=True)
@@ -196,6 +199,13 @@ class TrackUsage(AbstractCapability[Any]):
                 'pai-usage: deps of type `%s` have no `user_id` / `organization_id`; usage of runs with them is '
                 'recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.',
                 kind,
+            )
+            _warnings.warn_once(
+                f'attribution:{kind}:{id(deps_type)}',
+                f'pai-usage: deps of type `{kind}` have no `user_id` / `organization_id`; usage of runs with them '
+                'is recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.',
+                _warnings.MissingAttributionWarning,
+                stacklevel=4,
             )
         deps_tracker = getattr(deps, 'tracker', None)
         tracker = (

@@ -3,20 +3,28 @@
 The PydanticAI capability sets it for the duration of a run, so that sub-agents and direct API calls
 made inside the run's tools (e.g. `GeminiService`) inherit the run's attribution and link to it.
 Applications can set it themselves around any block of code with `usage_context(...)`.
+
+Context variables follow `await`, `asyncio.create_task` and `asyncio.to_thread`, but not
+`loop.run_in_executor` or `ThreadPoolExecutor.submit`: wrap the function with `run_in_thread` (or
+`with_current_context`) so that calls made in the worker thread keep the run's attribution.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import functools
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 if TYPE_CHECKING:
     from .tracker import UsageTracker
 
-__all__ = ('UsageContext', 'current_usage_context', 'usage_context')
+__all__ = ('UsageContext', 'current_usage_context', 'run_in_thread', 'usage_context', 'with_current_context')
+
+_P = ParamSpec('_P')
+_R = TypeVar('_R')
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,3 +70,33 @@ def usage_context(context: UsageContext | None = None, /, **fields: Any) -> Gene
         yield context
     finally:
         _current.reset(token)
+
+
+def with_current_context(func: Callable[_P, _R], /) -> Callable[_P, _R]:
+    """Wrap `func` to run, in whichever thread calls it, in a copy of the context current *now*.
+
+    The usage context (organization, user, run id) set by the calling run thus reaches a worker thread:
+    `pool.map(with_current_context(fn), items)`. Each call gets its own copy, so concurrent calls are fine.
+    """
+    context = copy_context()
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        # `Context.run` refuses a context already entered in another thread: run each call in its own copy.
+        return context.copy().run(func, *args, **kwargs)
+
+    return wrapper
+
+
+def run_in_thread(func: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> Callable[[], _R]:
+    """A zero-argument callable running `func(*args, **kwargs)` in a copy of the current context.
+
+    For executors, which drop context variables (unlike `asyncio.to_thread`):
+
+    ```python
+    await loop.run_in_executor(None, pai_usage.run_in_thread(service.analyze_text, text))
+    pool.submit(pai_usage.run_in_thread(service.generate_image, prompt))
+    ```
+    """
+    bound = with_current_context(func)
+    return functools.partial(bound, *args, **kwargs)

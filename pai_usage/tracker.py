@@ -20,7 +20,9 @@ from uuid import uuid4
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.pool import StaticPool
 
+from . import _warnings
 from ._log import RateLimitedLog
 from ._spill import SpillDir, default_spill_dir
 from ._writer import Writer, WriterStats
@@ -31,6 +33,7 @@ from .summary import GroupBy, UsageSummary, month_bounds, query_summary
 __all__ = (
     'DATABASE_URL_ENV_VAR',
     'DEFAULT_DATABASE_URL',
+    'DISABLED_ENV_VAR',
     'TrackerStats',
     'UsageTracker',
     'configure',
@@ -42,6 +45,16 @@ DATABASE_URL_ENV_VAR = 'PAI_USAGE_DATABASE_URL'
 """Environment variable holding the default database URL."""
 DEFAULT_DATABASE_URL = 'sqlite:///pai_usage.db'
 """The embedded default, used when neither a URL nor the environment variable is given."""
+DISABLED_ENV_VAR = 'PAI_USAGE_DISABLED'
+"""Set to `1` to turn `track()` into a no-op (counted in `stats().disabled`), e.g. in a test or a batch job."""
+
+_RECORD_FIELDS = frozenset(UsageRecord.model_fields)
+# The off switch: None follows `$PAI_USAGE_DISABLED` (read when a tracker is created), else `configure(enabled=)`.
+_enabled: bool | None = None
+# Set by `pai_usage.testing` while a `usage_ledger` captures records: `track()` hands them over instead of queuing.
+_sink: Callable[[UsageTracker, UsageRecord | dict[str, Any]], None] | None = None
+# Set by `pai_usage.testing` so that a test session's default tracker is in memory, never a real ledger.
+_default_factory: Callable[[], UsageTracker] | None = None
 
 _log = RateLimitedLog()
 
@@ -66,6 +79,8 @@ class TrackerStats:
     """Written with `cost_usd = NULL` because no price was known."""
     errors: int = 0
     """Written with `status='error'`: calls that failed (a Gemini `APIError`) and agent runs that failed."""
+    disabled: int = 0
+    """Ignored because tracking is switched off (`PAI_USAGE_DISABLED=1` or `configure(enabled=False)`)."""
     spilled: int = 0
     """Saved to the spill file (queue full, database failing, or shutdown deadline); replayed later."""
     replayed: int = 0
@@ -75,7 +90,9 @@ class TrackerStats:
 def create_engine(database: str | sa.Engine | None = None) -> sa.Engine:
     """The engine for a database URL (default: `$PAI_USAGE_DATABASE_URL`, else the embedded SQLite file).
 
-    `postgresql://` URLs use psycopg 3; SQLite connections get WAL and a busy timeout.
+    `postgresql://` URLs use psycopg 3; SQLite connections get WAL and a busy timeout. An in-memory SQLite
+    database (`sqlite:///:memory:`) is one connection shared by every thread, so the writer, the migrations and
+    the reads all see the same tables.
     """
     if isinstance(database, sa.Engine):
         return database
@@ -87,11 +104,19 @@ def create_engine(database: str | sa.Engine | None = None) -> sa.Engine:
     if url.startswith('postgresql'):
         # Pre-ping drops connections a restart or network cut killed; the timeout bounds a connect to a hung host.
         engine = sa.create_engine(url, pool_pre_ping=True, connect_args={'connect_timeout': 10})
+    elif _is_sqlite_memory(url):
+        # Each new connection would be a new, empty database: keep one, shared with the writer thread.
+        engine = sa.create_engine(url, poolclass=StaticPool, connect_args={'check_same_thread': False})
     else:
         engine = sa.create_engine(url)
     if engine.dialect.name == 'sqlite':
         event.listen(engine, 'connect', _sqlite_pragmas)
     return engine
+
+
+def _is_sqlite_memory(url: str) -> bool:
+    parsed = sa.make_url(url)
+    return parsed.get_backend_name() == 'sqlite' and parsed.database in (None, '', ':memory:')
 
 
 def _spill_path(spill_dir: str | os.PathLike[str] | None, engine: sa.Engine) -> Path:
@@ -181,6 +206,9 @@ class UsageTracker:
             spill=SpillDir(_spill_path(spill_dir, self.engine)) if spill else None,
         )
         self._closed = False
+        self._enabled_by_env = os.environ.get(DISABLED_ENV_VAR, '').strip().lower() not in ('1', 'true', 'yes')
+        self._disabled = 0
+        self._disabled_lock = threading.Lock()
         self._observers: tuple[Callable[[UsageRecord | dict[str, Any]], None], ...] = ()
         _live_trackers.add(self)
         if handle_sigterm:
@@ -197,7 +225,15 @@ class UsageTracker:
 
         Pass a `UsageRecord`, a mapping of its fields, or its fields as keywords. Raw fields are
         validated in the background; invalid records are logged and counted in `stats().invalid`.
+        Field names `UsageRecord` does not have are dropped, values unseen, with an `UnknownFieldWarning`
+        (raised in strict mode, see `pai_usage.set_strict`).
         """
+        if not (_enabled if _enabled is not None else self._enabled_by_env):
+            with self._disabled_lock:
+                self._disabled += 1
+            return
+        if _warnings.has_pending():
+            _warnings.emit_pending(stacklevel=2)
         try:
             if record is None:
                 item: UsageRecord | dict[str, Any] = fields
@@ -207,6 +243,8 @@ class UsageTracker:
             else:
                 item = {**record, **fields}
             if isinstance(item, dict):
+                if not _RECORD_FIELDS.issuperset(item):
+                    item = _drop_unknown_fields(item)
                 # Identity and time are fixed now, so a retried or replayed record is the same event.
                 if 'id' not in item:
                     item['id'] = uuid4()
@@ -218,11 +256,16 @@ class UsageTracker:
                     observer(item)
                 except Exception as exc:
                     _log.error('observer', 'pai-usage: a track() observer failed: %r', exc)
-            if self._closed:
+            sink = _sink
+            if sink is not None:
+                sink(self, item)
+            elif self._closed:
                 # Late events (e.g. from a thread still running at exit) go straight to the spill file.
                 self._writer.spill_now(item, closed=True)
             else:
                 self._writer.put(item)
+        except _warnings.PaiUsageWarning:
+            raise  # a developer mistake, raised because strict mode or a warning filter asks for it
         except Exception as exc:
             self._writer.count_dropped()
             _log.error('track', 'pai-usage: could not track a usage record: %r', exc)
@@ -232,7 +275,10 @@ class UsageTracker:
 
         Returns False if `timeout` ran out.
         """
-        return self._writer.flush(timeout)
+        done = self._writer.flush(timeout)
+        if _warnings.has_pending():
+            _warnings.emit_pending(stacklevel=2)
+        return done
 
     def close(self, timeout: float | None = None) -> bool:
         """Flush and stop the writer within `timeout` (default `close_timeout`); spill whatever remains.
@@ -243,7 +289,10 @@ class UsageTracker:
             return True
         self._closed = True
         _live_trackers.discard(self)
-        return self._writer.stop(self.close_timeout if timeout is None else timeout)
+        done = self._writer.stop(self.close_timeout if timeout is None else timeout)
+        if _warnings.has_pending():
+            _warnings.emit_pending(stacklevel=2)
+        return done
 
     async def aflush(self, timeout: float | None = 10.0) -> bool:
         """`flush()` without blocking the event loop."""
@@ -298,6 +347,7 @@ class UsageTracker:
             errors=s.errors,
             spilled=s.spilled,
             replayed=s.replayed,
+            disabled=self._disabled,
         )
 
     def get_usage_summary(
@@ -321,8 +371,41 @@ class UsageTracker:
         start, end = month_bounds(now or datetime.now(UTC))
         return self.get_usage_summary(start, end, organization_id=organization_id, group_by=group_by)
 
+    async def aget_usage_summary(
+        self,
+        start: datetime,
+        end: datetime,
+        *,
+        organization_id: str | None = None,
+        user_id: str | None = None,
+        group_by: Sequence[GroupBy] = ('model',),
+    ) -> UsageSummary:
+        """`get_usage_summary()` without blocking the event loop (the query runs in a worker thread)."""
+        return await asyncio.to_thread(
+            self.get_usage_summary, start, end, organization_id=organization_id, user_id=user_id, group_by=group_by
+        )
+
+    async def aget_current_month_usage(
+        self, organization_id: str, *, group_by: Sequence[GroupBy] = ('model',), now: datetime | None = None
+    ) -> UsageSummary:
+        """`get_current_month_usage()` without blocking the event loop (the query runs in a worker thread)."""
+        return await asyncio.to_thread(self.get_current_month_usage, organization_id, group_by=group_by, now=now)
+
     def __repr__(self) -> str:
         return f'UsageTracker({self.engine.url.render_as_string(hide_password=True)!r})'
+
+
+def _drop_unknown_fields(item: dict[str, Any]) -> dict[str, Any]:
+    # Only the names are reported: a mistaken `prompt=` must never reach a log, the spill file or the database.
+    unknown = sorted(k for k in item if k not in _RECORD_FIELDS)
+    _warnings.warn_once(
+        f'unknown-field:{",".join(unknown)}',
+        f'pai-usage: `track()` got unknown field(s) {", ".join(f"`{k}`" for k in unknown)}; their values were '
+        'discarded. The fields are those of `pai_usage.UsageRecord`.',
+        _warnings.UnknownFieldWarning,
+        stacklevel=3,
+    )
+    return {k: v for k, v in item.items() if k in _RECORD_FIELDS}
 
 
 _live_trackers: weakref.WeakSet[UsageTracker] = weakref.WeakSet()
@@ -382,13 +465,22 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 _default: UsageTracker | None = None
 
 
-def configure(database: str | sa.Engine | None = None, **options: Any) -> UsageTracker:
+def configure(database: str | sa.Engine | None = None, *, enabled: bool | None = None, **options: Any) -> UsageTracker:
     """Set the process-wide default tracker, used when neither deps nor a capability names one.
 
     In the spirit of `logfire.configure()`: call it once at start-up. Replaces (and closes) any previous default.
+    `enabled=False` switches tracking off in the whole process (every tracker's `track()` becomes a no-op,
+    counted in `stats().disabled`), `enabled=True` back on; by default `$PAI_USAGE_DISABLED` decides.
     """
-    global _default
-    previous, _default = _default, UsageTracker(database, **options)
+    global _default, _enabled
+    if enabled is not None:
+        _enabled = enabled
+    if database is None and not options and _default_factory is not None:
+        # Under `pai_usage.testing`: `$PAI_USAGE_DATABASE_URL` may name the real ledger, so stay in memory.
+        new = _default_factory()
+    else:
+        new = UsageTracker(database, **options)
+    previous, _default = _default, new
     if previous is not None:
         previous.close()
     return _default
@@ -398,5 +490,5 @@ def get_tracker() -> UsageTracker:
     """The process-wide default tracker, created from the environment on first use."""
     global _default
     if _default is None:
-        _default = UsageTracker()
+        _default = _default_factory() if _default_factory is not None else UsageTracker()
     return _default
