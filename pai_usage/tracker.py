@@ -26,6 +26,7 @@ from . import _warnings
 from ._log import RateLimitedLog
 from ._spill import SpillDir, default_spill_dir
 from ._writer import Writer, WriterStats
+from .migrate import migrate
 from .pricing import PriceTable
 from .record import UsageRecord
 from .summary import GroupBy, UsageSummary, month_bounds, query_summary
@@ -188,6 +189,9 @@ class UsageTracker:
                 only from the main thread.
         """
         self.engine = create_engine(database)
+        if auto_migrate and _is_sqlite_memory(self.engine.url.render_as_string()):
+            # A private in-memory database starts empty: create the tables now, so that reads work before writes.
+            migrate(self.engine)
         self.close_timeout = close_timeout
         self.handle_sigterm = handle_sigterm
         self._stats = WriterStats()
