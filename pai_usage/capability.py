@@ -41,8 +41,8 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import RunContext
 from pydantic_ai.usage import RequestUsage, RunUsage
 
-from . import _warnings
 from ._log import RateLimitedLog
+from ._warnings import MissingAttributionWarning, PaiUsageWarning, warn_once
 from .context import UsageContext, current_usage_context, usage_context
 from .tracker import UsageTracker, get_tracker
 from .usage import TokenCounts
@@ -169,7 +169,7 @@ class TrackUsage(AbstractCapability[Any]):
     def _guard(self, func: Any, *args: Any) -> Any:
         try:
             return func(*args)
-        except _warnings.PaiUsageWarning:
+        except PaiUsageWarning:
             raise  # a developer mistake, raised because strict mode or a warning filter asks for it
         except Exception as exc:
             TrackUsage.errors += 1
@@ -200,11 +200,11 @@ class TrackUsage(AbstractCapability[Any]):
                 'recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.',
                 kind,
             )
-            _warnings.warn_once(
+            warn_once(
                 f'attribution:{kind}:{id(deps_type)}',
                 f'pai-usage: deps of type `{kind}` have no `user_id` / `organization_id`; usage of runs with them '
                 'is recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.',
-                _warnings.MissingAttributionWarning,
+                MissingAttributionWarning,
                 stacklevel=4,
             )
         deps_tracker = getattr(deps, 'tracker', None)

@@ -20,8 +20,8 @@ from typing import Any, Literal, cast
 
 import genai_prices
 
-from . import _warnings
 from ._log import RateLimitedLog
+from ._warnings import UnpricedModelWarning, warn_later
 from .record import MAX_COST_USD, PricingStatus
 from .usage import TokenCounts
 
@@ -374,11 +374,11 @@ def _warn_unpriced(provider: str | None, model: str | None, unit_type: str | Non
     if provider != 'test':  # pydantic-ai's `TestModel` is unpriced by design
         # Usually called in the writer thread: the warning is given on the caller's thread, at its next
         # `track()`/`flush()`, where warning filters and strict mode apply.
-        _warnings.warn_later(
+        warn_later(
             f'unpriced:{provider}:{model}:{unit_type}',
             f'pai-usage: no price for {what}`{provider}/{model}`; its usage is recorded with cost_usd=NULL. '
             f'Add it to your price table (`{PRICES_ENV_VAR}`).',
-            _warnings.UnpricedModelWarning,
+            UnpricedModelWarning,
         )
     _log.warning(
         f'unpriced:{provider}:{model}:{unit_type}',

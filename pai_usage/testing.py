@@ -33,8 +33,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from . import _warnings
 from . import tracker as _tracker
+from ._warnings import emit_pending, has_pending
+from ._warnings import reset as _reset_warnings
 from .pricing import PriceTable, price_usage
 from .record import UsageRecord
 from .tracker import UsageTracker
@@ -134,8 +135,8 @@ class UsageLedger:
         writer = getattr(tracker, '_writer', None)
         record = _price(record, getattr(writer, 'price_table', None))
         self.records.append(record)
-        if _warnings.has_pending():  # an unpriced model, found just now
-            _warnings.emit_pending(stacklevel=4)
+        if has_pending():  # an unpriced model, found just now
+            emit_pending(stacklevel=4)
         for listener in getattr(writer, 'listeners', ()):
             listener(record)
 
@@ -230,7 +231,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Give pai-usage's once-per-process warnings again in each test."""
-    _warnings.reset()
+    _reset_warnings()
 
 
 _previous_factory = pytest.StashKey[Callable[[], UsageTracker] | None]()

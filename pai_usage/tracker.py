@@ -22,9 +22,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.pool import StaticPool
 
-from . import _warnings
 from ._log import RateLimitedLog
 from ._spill import SpillDir, default_spill_dir
+from ._warnings import PaiUsageWarning, UnknownFieldWarning, emit_pending, has_pending, warn_once
 from ._writer import Writer, WriterStats
 from .migrate import migrate
 from .pricing import PriceTable
@@ -236,8 +236,8 @@ class UsageTracker:
             with self._disabled_lock:
                 self._disabled += 1
             return
-        if _warnings.has_pending():
-            _warnings.emit_pending(stacklevel=2)
+        if has_pending():
+            emit_pending(stacklevel=2)
         try:
             if record is None:
                 item: UsageRecord | dict[str, Any] = fields
@@ -268,7 +268,7 @@ class UsageTracker:
                 self._writer.spill_now(item, closed=True)
             else:
                 self._writer.put(item)
-        except _warnings.PaiUsageWarning:
+        except PaiUsageWarning:
             raise  # a developer mistake, raised because strict mode or a warning filter asks for it
         except Exception as exc:
             self._writer.count_dropped()
@@ -280,8 +280,8 @@ class UsageTracker:
         Returns False if `timeout` ran out.
         """
         done = self._writer.flush(timeout)
-        if _warnings.has_pending():
-            _warnings.emit_pending(stacklevel=2)
+        if has_pending():
+            emit_pending(stacklevel=2)
         return done
 
     def close(self, timeout: float | None = None) -> bool:
@@ -294,8 +294,8 @@ class UsageTracker:
         self._closed = True
         _live_trackers.discard(self)
         done = self._writer.stop(self.close_timeout if timeout is None else timeout)
-        if _warnings.has_pending():
-            _warnings.emit_pending(stacklevel=2)
+        if has_pending():
+            emit_pending(stacklevel=2)
         return done
 
     async def aflush(self, timeout: float | None = 10.0) -> bool:
@@ -402,11 +402,11 @@ class UsageTracker:
 def _drop_unknown_fields(item: dict[str, Any]) -> dict[str, Any]:
     # Only the names are reported: a mistaken `prompt=` must never reach a log, the spill file or the database.
     unknown = sorted(k for k in item if k not in _RECORD_FIELDS)
-    _warnings.warn_once(
+    warn_once(
         f'unknown-field:{",".join(unknown)}',
         f'pai-usage: `track()` got unknown field(s) {", ".join(f"`{k}`" for k in unknown)}; their values were '
         'discarded. The fields are those of `pai_usage.UsageRecord`.',
-        _warnings.UnknownFieldWarning,
+        UnknownFieldWarning,
         stacklevel=3,
     )
     return {k: v for k, v in item.items() if k in _RECORD_FIELDS}
