@@ -108,10 +108,12 @@ class _Anonymous:
 
 def test_deps_without_attribution_warn_once(sqlite_tracker: UsageTracker):
     agent = Agent(FunctionModel(_reply, model_name='gpt-4o'), deps_type=_Anonymous, capabilities=[TrackUsage()])
-    with pytest.warns(MissingAttributionWarning, match='`_Anonymous` have no `user_id`') as caught:
-        with pai_usage.usage_context(tracker=sqlite_tracker):
-            agent.run_sync('hi', deps=_Anonymous())
-            agent.run_sync('hi', deps=_Anonymous())
+    with (
+        pytest.warns(MissingAttributionWarning, match='`_Anonymous` have no `user_id`') as caught,
+        pai_usage.usage_context(tracker=sqlite_tracker),
+    ):
+        agent.run_sync('hi', deps=_Anonymous())
+        agent.run_sync('hi', deps=_Anonymous())
     assert len(caught) == 1
     assert sqlite_tracker.flush()
     assert len(token_usage_rows(sqlite_tracker.engine)) == 2  # still recorded, unattributed
