@@ -104,7 +104,15 @@ def create_engine(database: str | sa.Engine | None = None) -> sa.Engine:
             url = 'postgresql+psycopg://' + url[len(prefix) :]
     if url.startswith('postgresql'):
         # Pre-ping drops connections a restart or network cut killed; the timeout bounds a connect to a hung host.
-        engine = sa.create_engine(url, pool_pre_ping=True, connect_args={'connect_timeout': 10})
+        try:
+            engine = sa.create_engine(url, pool_pre_ping=True, connect_args={'connect_timeout': 10})
+        except ModuleNotFoundError as exc:
+            if not (exc.name or '').startswith('psycopg'):
+                raise
+            raise ModuleNotFoundError(
+                f'PostgreSQL needs psycopg 3, which is not installed: `pip install \'pai-usage[postgres]\'` ({exc})',
+                name=exc.name,
+            ) from exc
     elif _is_sqlite_memory(url):
         # Each new connection would be a new, empty database: keep one, shared with the writer thread.
         engine = sa.create_engine(url, poolclass=StaticPool, connect_args={'check_same_thread': False})
