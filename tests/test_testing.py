@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib.metadata import entry_points
@@ -19,6 +20,8 @@ from pai_usage import TrackUsage, UsageDeps, UsageTracker
 from pai_usage.testing import UsageLedger, assert_every_request_recorded, capture_usage, memory_tracker
 
 pytest_plugins = ['pytester']
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SAMPLE_SUITE = """
 import os
@@ -119,10 +122,12 @@ def test_sample_suite_uses_the_plugin(pytester: pytest.Pytester, monkeypatch: py
     real = pytester.path / 'real_ledger.db'
     monkeypatch.setenv('PAI_USAGE_DATABASE_URL', f'sqlite:///{real}')
     monkeypatch.delenv('PAI_USAGE_DISABLED', raising=False)
-    pytester.makepyfile(test_app=SAMPLE_SUITE)
+    docs_sample = re.search(r'```python\n(.*?)```', (ROOT / 'docs' / 'testing.md').read_text(), re.S)
+    assert docs_sample is not None and 'usage_ledger' in docs_sample.group(1)
+    pytester.makepyfile(test_app=SAMPLE_SUITE, test_docs_sample=docs_sample.group(1))
     pytester.makeini('[pytest]\nfilterwarnings = error\n')
     result = pytester.runpytest_subprocess('-p', 'no:cacheprovider', '-q')
-    result.assert_outcomes(passed=7)
+    result.assert_outcomes(passed=8)
     assert not real.exists()
     assert not (pytester.path / 'pai_usage.db').exists()
 
