@@ -132,10 +132,11 @@ def test_sample_suite_uses_the_plugin(pytester: pytest.Pytester, monkeypatch: py
     assert not (pytester.path / 'pai_usage.db').exists()
 
 
-def test_ledger_catches_records_of_every_tracker(tmp_path: Path):
+@pytest.mark.anyio
+async def test_ledger_catches_records_of_every_tracker(tmp_path: Path):
     with UsageTracker(f'sqlite:///{tmp_path}/app.db', spill=False) as tracker:
         with capture_usage() as ledger:
-            result = AGENT.run_sync('hi', deps=UsageDeps(user_id='u1', organization_id='acme', tracker=tracker))
+            result = await AGENT.run('hi', deps=UsageDeps(user_id='u1', organization_id='acme', tracker=tracker))
             assert_every_request_recorded(result)
         assert ledger.total_cost(org='acme') == EXPECTED
         assert tracker.stats().enqueued == 0
@@ -145,8 +146,9 @@ def test_ledger_catches_records_of_every_tracker(tmp_path: Path):
     tracker.engine.dispose()
 
 
-def test_assert_every_request_recorded_fails_when_rows_are_missing(usage_ledger: UsageLedger):
-    result = AGENT.run_sync('hi', deps=ACME)
+@pytest.mark.anyio
+async def test_assert_every_request_recorded_fails_when_rows_are_missing(usage_ledger: UsageLedger):
+    result = await AGENT.run('hi', deps=ACME)
     usage_ledger.clear()
     with pytest.raises(AssertionError, match='recorded none'):
         usage_ledger.assert_every_request_recorded(result)
@@ -158,7 +160,7 @@ def test_assert_every_request_recorded_fails_when_rows_are_missing(usage_ledger:
     async def ask_child(ctx: RunContext[UsageDeps]) -> str:  # pyright: ignore[reportUnusedFunction]
         return (await child.run('q', usage=ctx.usage)).output
 
-    result = parent.run_sync('go', deps=ACME)
+    result = await parent.run('go', deps=ACME)
     assert result.usage.input_tokens == 10 + 20 + 1000
     with pytest.raises(AssertionError, match=r'1100 tokens of run .* were recorded by no request row'):
         usage_ledger.assert_every_request_recorded(result)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import pai_usage.tracker as tracker_module
-from pai_usage import TrackerStats, UsageRecord, UsageTracker, configure, get_tracker
+from pai_usage import TrackerStats, UnknownFieldWarning, UsageRecord, UsageTracker, configure, get_tracker
 from tests._pgproxy import pg_proxy, via_proxy
 from tests.conftest import PG_SERVER_URL
 from tests.test_writer import FAST, event, rows, wait_until
@@ -31,10 +31,12 @@ def test_track_flush_stats(tracker: UsageTracker) -> None:
 
 def test_track_never_raises(tracker: UsageTracker) -> None:
     tracker.track(['not', 'a', 'mapping'])  # pyright: ignore[reportArgumentType]
-    tracker.track(UsageRecord(), not_a_field=1)
+    with pytest.warns(UnknownFieldWarning, match='not_a_field'):
+        tracker.track(UsageRecord(), not_a_field=1)  # the unknown field is dropped (and warned), the record kept
     assert tracker.flush()
     stats = tracker.stats()
-    assert stats.dropped + stats.invalid == 2
+    assert stats.dropped + stats.invalid == 1
+    assert stats.written == 1
     assert stats.pending == 0
 
 
