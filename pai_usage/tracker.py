@@ -110,7 +110,7 @@ def create_engine(database: str | sa.Engine | None = None) -> sa.Engine:
             if not (exc.name or '').startswith('psycopg'):
                 raise
             raise ModuleNotFoundError(
-                f'PostgreSQL needs psycopg 3, which is not installed: `pip install \'pai-usage[postgres]\'` ({exc})',
+                f"PostgreSQL needs psycopg 3, which is not installed: `pip install 'pai-usage[postgres]'` ({exc})",
                 name=exc.name,
             ) from exc
     elif _is_sqlite_memory(url):
