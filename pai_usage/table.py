@@ -18,7 +18,16 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
-__all__ = ('COST_SCALE', 'TOKEN_USAGE', 'UNITS_SCALE', 'ExactDecimal', 'TokenUsage', 'UTCDateTime', 'metadata')
+__all__ = (
+    'COST_SCALE',
+    'TOKEN_USAGE',
+    'UNITS_SCALE',
+    'ExactDecimal',
+    'TableBase',
+    'TokenUsage',
+    'UTCDateTime',
+    'metadata',
+)
 
 COST_SCALE = 12
 """Decimal places kept for `cost_usd` (pico-dollars): enough for any per-token price in genai-prices."""
@@ -94,11 +103,11 @@ tables alone (see `pai_usage.alembic` for living with Alembic). `pai-usage migra
 """
 
 
-class _Base(SQLModel, registry=registry(metadata=metadata)):
-    """Base of pai-usage's tables: its own registry, hence its own `metadata`."""
+class TableBase(SQLModel, registry=registry(metadata=metadata)):
+    """Base of pai-usage's SQLModel tables: its own registry, hence `metadata`, never the application's."""
 
 
-class TokenUsage(_Base, table=True):
+class TokenUsage(TableBase, table=True):
     """One row per usage event. Column semantics are documented in `docs/columns.md`."""
 
     __tablename__ = 'token_usage'  # pyright: ignore[reportAssignmentType]

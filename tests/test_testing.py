@@ -75,15 +75,15 @@ def test_default_tracker_is_in_memory():
 
 
 def test_off_switch(usage_ledger):
-    before = get_tracker().stats().disabled
-    pai_usage.configure(enabled=False)
+    tracker = pai_usage.configure(enabled=False)
     try:
         agent.run_sync('hi', deps=ACME)
+        get_tracker().track(model='gpt-4o')
     finally:
         pai_usage.configure(enabled=True)
     assert usage_ledger.records == []
-    assert get_tracker().stats().disabled - before == 0  # configure() made a new default tracker...
-    assert pai_usage.get_tracker().engine.url.database in (None, '', ':memory:')  # ...still in memory
+    assert tracker.stats().disabled == 2  # the run's row and the direct one, counted, not recorded
+    assert tracker.engine.url.database in (None, '', ':memory:')  # configure() without a URL stays in memory
 
 
 @pytest.mark.parametrize('attempt', [1, 2])
@@ -194,6 +194,17 @@ def test_ledger_keeps_no_values_of_invalid_records(usage_ledger: UsageLedger):
     assert usage_ledger.records == []
     assert sorted(m.split(':')[0] for m in usage_ledger.invalid) == ['input_tokens', 'user_id']
     assert 'secret' not in ''.join(usage_ledger.invalid)
+
+
+def test_env_off_switch(monkeypatch: pytest.MonkeyPatch, usage_ledger: UsageLedger):
+    monkeypatch.setenv('PAI_USAGE_DISABLED', '1')
+    with memory_tracker() as tracker:
+        tracker.track(provider='openai', model='gpt-4o', input_tokens=1)
+        assert tracker.flush()
+        assert (tracker.stats().disabled, tracker.stats().enqueued) == (1, 0)
+        assert tracker.get_current_month_usage('acme').totals.events == 0
+    assert usage_ledger.records == []
+    tracker.engine.dispose()
 
 
 def test_assert_every_request_recorded_needs_a_capture():
