@@ -183,3 +183,17 @@ def test_managed_mode_reports_drift_of_our_table(database_url: str):
     assert [d[0] for d in diffs] == ['add_index']
     assert _diffs(engine, pai_usage.metadata, include_object=include_object) == []
     engine.dispose()
+
+
+def test_app_create_all_and_drop_all_leave_our_tables_alone(sqlite_url: str):
+    engine = sa.create_engine(sqlite_url)
+    pai_usage.migrate.migrate(engine)
+    app = sa.MetaData()
+    sa.Table('hero', app, sa.Column('id', sa.Integer, primary_key=True))
+    for metadata in (SQLModel.metadata, app):
+        metadata.create_all(engine)
+        metadata.drop_all(engine)
+    with engine.connect() as conn:
+        assert {'token_usage', 'pai_usage_migrations'} <= set(sa.inspect(conn).get_table_names())
+        assert 'hero' not in sa.inspect(conn).get_table_names()
+    engine.dispose()
