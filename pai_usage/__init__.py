@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from .context import UsageContext, current_usage_context, usage_context
 from .deps import HasUsageAttribution, UsageDeps
-from .pricing import PriceTable, TokenPrice, UnitPrice, set_price_table
+from .pricing import Priced, PriceTable, TokenPrice, UnitPrice, price_fields, set_price_table
 from .record import UsageRecord
+from .reprice import RepriceGroup, RepriceResult, reprice
 from .summary import SummaryRow, UsageSummary, UsageTotals
 from .table import TokenUsage
 from .tracker import TrackerStats, UsageTracker, configure, get_tracker
@@ -26,6 +27,9 @@ __all__ = (
     'EnforceBudgets',
     'HasUsageAttribution',
     'PriceTable',
+    'Priced',
+    'RepriceGroup',
+    'RepriceResult',
     'SummaryRow',
     'TokenCounts',
     'TokenPrice',
@@ -43,6 +47,8 @@ __all__ = (
     'configure',
     'current_usage_context',
     'get_tracker',
+    'price_fields',
+    'reprice',
     'set_price_table',
     'usage_context',
 )

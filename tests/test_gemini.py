@@ -20,7 +20,7 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCall
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
-from pai_usage import UsageContext, UsageDeps, UsageTracker, usage_context
+from pai_usage import PriceTable, UsageContext, UsageDeps, UsageTracker, usage_context
 from pai_usage._log import RateLimitedLog
 from pai_usage.capability import TrackUsage
 from pai_usage.gemini import GeminiService, GeminiUsageMixin, gemini_stats, token_counts
@@ -79,6 +79,13 @@ def price(model: str, provider: str = 'google-gla', **inclusive: int) -> Decimal
     """What genai-prices charges for the inclusive counts, at the ledger's 12 decimal places."""
     total = genai_prices.calc_price(genai_prices.Usage(**inclusive), model, provider_id=provider).total_price
     return total.quantize(Decimal('1e-12'))
+
+
+def unit_cost(provider: str, model: str, unit_type: str, units: int) -> Decimal:
+    """What the shipped unit table charges (genai-prices has no price for these models)."""
+    entry = PriceTable().unit_price(provider, model, unit_type)
+    assert entry is not None and entry.source and entry.as_of  # every shipped figure says where it came from
+    return units * entry.usd_per_unit
 
 
 def usage(**counts: Any) -> dict[str, Any]:
@@ -186,8 +193,15 @@ async def test_cached_thinking_and_tool_use_tokens(
         'reasoning_tokens': 500,
         'output_tokens': 200,
     }
-    assert row['details'] == {'tool_use_prompt_tokens': 100}
-    assert row['cost_usd'] == price('gemini-2.5-flash', input_tokens=10_100, cache_read_tokens=8_000, output_tokens=700)
+    assert row['details'] == {'input_tool_tokens': 100}  # part of `input_tokens`, under genai-prices' name
+    assert row['cost_usd'] == price(
+        'gemini-2.5-flash',
+        input_tokens=10_100,
+        input_tool_tokens=100,
+        cache_read_tokens=8_000,
+        output_tokens=700,
+        output_reasoning_tokens=500,
+    )
     # Counting the cache twice or leaving thoughts out would both give a different price.
     assert row['cost_usd'] != price('gemini-2.5-flash', input_tokens=18_100, cache_read_tokens=8_000, output_tokens=700)
     assert row['cost_usd'] != price('gemini-2.5-flash', input_tokens=10_100, cache_read_tokens=8_000, output_tokens=200)
@@ -213,7 +227,7 @@ def test_token_counts_audio_and_vertex_shapes():
         input_audio_tokens=300,
         output_tokens=50,
         output_audio_tokens=200,
-        details={'cache_audio_read_tokens': 300},
+        details={'cache_audio_read_tokens': 300, 'output_text_tokens': 50},
     )
     assert counts.total_tokens == 1_000 + 250
     assert token_counts(None) is None
@@ -301,7 +315,11 @@ async def test_imagen_per_image(
         'generate_image',
     )
     assert (row['units'], row['unit_type'], buckets(row)) == (Decimal(3), 'image', {})
-    assert (row['cost_usd'], row['pricing_status'], row['price_source']) == (Decimal('0.06'), 'override', 'config')
+    assert (row['cost_usd'], row['pricing_status'], row['price_source']) == (
+        unit_cost('google-vertex', 'imagen-4.0-generate-001', 'image', 3),
+        'override',
+        'config: units google*/imagen-4.0-generate-*',
+    )
 
 
 @pytest.mark.parametrize('mode', ['sync', 'async'])
@@ -322,18 +340,23 @@ async def test_veo_video_seconds(
     assert (row['model'], row['operation'], row['unit_type']) == (
         'veo-3.0-generate-001',
         'generate_video',
-        'video_second',
+        'video_second_audio',  # Veo 3 makes sound unless `generate_audio=False`
     )
     assert row['units'] == Decimal(12)  # 6 s x (3 requested - 1 filtered)
-    assert row['cost_usd'] == Decimal('0.60')
-    assert row['metadata'] == {'filtered_videos': 1, 'videos': 2, 'duration_seconds': 6}
+    assert row['cost_usd'] == unit_cost('google-vertex', 'veo-3.0-generate-001', 'video_second_audio', 12)
+    assert row['metadata'] == {
+        'filtered_videos': 1,
+        'videos': 2,
+        'duration_seconds': 6,
+        'generate_audio_assumed': True,
+    }
 
 
 async def test_track_units_elevenlabs(service: GeminiService, ledger: UsageTracker):
     service.track_units('elevenlabs', 'eleven_multilingual_v2', 'text_to_speech', 'character', 1_200)
     row = only_row(ledger)
     assert (row['provider'], row['units'], row['unit_type']) == ('elevenlabs', Decimal(1200), 'character')
-    assert row['cost_usd'] == Decimal('0.036')
+    assert row['cost_usd'] == unit_cost('elevenlabs', 'eleven_multilingual_v2', 'character', 1_200)
     assert (row['organization_id'], row['user_id']) == ('acme', 'u1')
 
 
@@ -601,7 +624,10 @@ async def test_rows_on_every_backend(gemini_client: Client, fake_gemini: FakeGem
     text, speech = rows(tracker)
     assert buckets(text) == {'input_tokens': 2_000, 'cache_read_tokens': 1_000, 'output_tokens': 77}
     assert text['cost_usd'] == price('gemini-2.5-flash', input_tokens=3_000, cache_read_tokens=1_000, output_tokens=77)
-    assert (speech['units'], speech['cost_usd']) == (Decimal(333), Decimal('0.00999'))
+    assert (speech['units'], speech['cost_usd']) == (
+        Decimal(333),
+        unit_cost('elevenlabs', 'eleven_multilingual_v2', 'character', 333),
+    )
 
 
 def test_example_online_needs_a_key(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):

@@ -125,7 +125,7 @@ def test_unknown_model_is_unpriced_not_zero(tracker: UsageTracker, caplog: pytes
 
     assert row['cost_usd'] is None
     assert row['pricing_status'] == 'unpriced'
-    assert row['price_source'] is None
+    assert row['price_source'] == f'unpriced: no genai-prices price for acme-ai/{model}'
     assert tracker.stats().unpriced == 1
     summary = tracker.get_usage_summary(datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
     assert summary.totals.unpriced_events == 1
@@ -211,11 +211,13 @@ CONFIGURED_CASES = [
             'output_tokens': 800,
         },
         (8_000 * Decimal(2) + 4_000 * Decimal('0.5') + 800 * Decimal(8)) / 1_000_000,
+        'config: tokens openai/gpt-4o',
         id='token-override',
     ),
     pytest.param(
         {'model': 'imagen-4.0-generate-001', 'provider': 'google-vertex', 'units': Decimal(3), 'unit_type': 'image'},
         3 * Decimal('0.04'),
+        'config: units google*/imagen-*',
         id='imagen-image',
     ),
     pytest.param(
@@ -226,37 +228,82 @@ CONFIGURED_CASES = [
             'unit_type': 'video_second',
         },
         16 * Decimal('0.4'),
+        'config: units google*/veo-*',
         id='veo-second',
     ),
     pytest.param(
         {'model': 'eleven_multilingual_v2', 'provider': 'elevenlabs', 'units': Decimal(1234), 'unit_type': 'character'},
         1234 * Decimal('0.00018'),
+        'config: units elevenlabs/*',
         id='elevenlabs-character',
     ),
 ]
 
 
 @pytest.mark.usefixtures('configured_prices')
-@pytest.mark.parametrize(('fields', 'expected'), CONFIGURED_CASES)
-def test_configured_prices(tracker: UsageTracker, fields: dict[str, Any], expected: Decimal):
+@pytest.mark.parametrize(('fields', 'expected', 'source'), CONFIGURED_CASES)
+def test_configured_prices(tracker: UsageTracker, fields: dict[str, Any], expected: Decimal, source: str):
     row = _track_and_read(tracker, **fields)
     assert row['cost_usd'] == expected
-    assert (row['pricing_status'], row['price_source']) == ('override', 'config')
+    assert (row['pricing_status'], row['price_source']) == ('override', source)
 
 
-# The documented defaults (issue #2): $0.02 per Imagen image, $0.05 per Veo second, $0.00003 per ElevenLabs character.
+# The shipped list prices: one entry per current model and unit, each saying where its figure came from.
 @pytest.mark.parametrize(
-    ('fields', 'expected'),
+    ('provider', 'model', 'unit_type'),
     [
-        ({'model': 'imagen-3.0-generate-002', 'provider': 'google-vertex', 'units': 4, 'unit_type': 'image'}, '0.08'),
-        ({'model': 'veo-2.0-generate-001', 'provider': 'google-gla', 'units': 8, 'unit_type': 'video_second'}, '0.40'),
-        ({'model': 'eleven_v3', 'provider': 'elevenlabs', 'units': 1000, 'unit_type': 'character'}, '0.03'),
+        ('google-vertex', 'imagen-3.0-generate-002', 'image'),
+        ('google-vertex', 'imagen-3.0-fast-generate-001', 'image'),
+        ('google-gla', 'imagen-4.0-generate-001', 'image'),
+        ('google-gla', 'imagen-4.0-fast-generate-001', 'image'),
+        ('google-gla', 'imagen-4.0-ultra-generate-001', 'image'),
+        ('google-gla', 'veo-2.0-generate-001', 'video_second'),
+        ('google-vertex', 'veo-2.0-generate-001', 'video_second'),
+        ('google-gla', 'veo-3.0-generate-001', 'video_second'),
+        ('google-gla', 'veo-3.0-generate-001', 'video_second_audio'),
+        ('google-vertex', 'veo-3.0-fast-generate-001', 'video_second'),
+        ('google-vertex', 'veo-3.0-fast-generate-001', 'video_second_audio'),
+        ('elevenlabs', 'eleven_v3', 'character'),
+        ('elevenlabs', 'eleven_multilingual_v2', 'character'),
+        ('elevenlabs', 'eleven_flash_v2_5', 'character'),
+        ('elevenlabs', 'eleven_turbo_v2_5', 'character'),
     ],
 )
-def test_default_unit_prices(tracker: UsageTracker, fields: dict[str, Any], expected: str):
-    row = _track_and_read(tracker, **fields)
-    assert row['cost_usd'] == Decimal(expected)
-    assert row['pricing_status'] == 'override'
+def test_shipped_unit_prices(tracker: UsageTracker, provider: str, model: str, unit_type: str):
+    entry = PriceTable().unit_price(provider, model, unit_type)
+    assert entry is not None and entry.as_of and entry.source
+    assert entry.usd_per_unit > 0
+    row = _track_and_read(tracker, model=model, provider=provider, units=7, unit_type=unit_type)
+    assert row['cost_usd'] == 7 * entry.usd_per_unit
+    assert (row['pricing_status'], row['price_source']) == ('override', f'config: units {entry.provider}/{entry.model}')
+
+
+def test_fast_models_cost_less_than_standard_and_ultra():
+    table = PriceTable()
+
+    def usd(model: str, unit_type: str = 'image') -> Decimal:
+        entry = table.unit_price('google-gla', model, unit_type)
+        assert entry is not None
+        return entry.usd_per_unit
+
+    assert usd('imagen-4.0-fast-generate-001') < usd('imagen-4.0-generate-001') < usd('imagen-4.0-ultra-generate-001')
+    assert usd('veo-3.0-fast-generate-001', 'video_second') < usd('veo-3.0-generate-001', 'video_second')
+    assert usd('veo-3.0-generate-001', 'video_second') < usd('veo-3.0-generate-001', 'video_second_audio')
+
+
+@pytest.mark.parametrize(
+    ('provider', 'model', 'unit_type'),
+    [
+        ('google-vertex', 'imagen-5.0-generate-001', 'image'),  # no entry: never a flat default
+        ('google-gla', 'veo-9.0-generate-001', 'video_second'),
+        ('elevenlabs', 'eleven_future_v9', 'character'),
+        ('google-gla', 'veo-2.0-generate-001', 'video_second_audio'),  # Veo 2 has no audio price
+    ],
+)
+def test_models_without_an_entry_are_unpriced(tracker: UsageTracker, provider: str, model: str, unit_type: str):
+    row = _track_and_read(tracker, model=model, provider=provider, units=3, unit_type=unit_type)
+    assert (row['cost_usd'], row['pricing_status']) == (None, 'unpriced')
+    assert row['price_source'] == f'unpriced: no price for {unit_type} of {provider}/{model}'
 
 
 def test_units_without_a_price_are_unpriced(tracker: UsageTracker):
@@ -275,7 +322,7 @@ def test_token_override_beats_genai_prices():
         table=table,
     )
     assert priced.cost_usd == (1_000 * 1 + 200 * 3) / Decimal(1_000_000)
-    assert (priced.pricing_status, priced.price_source) == ('override', 'config')
+    assert (priced.pricing_status, priced.price_source) == ('override', 'config: tokens google*/gemini-2.0-*')
 
 
 def test_first_matching_unit_price_wins():
@@ -364,17 +411,23 @@ def test_effective_price_of_a_gemini_model_has_no_foreign_unit_prices():
 
 
 @pytest.mark.parametrize(
-    ('model', 'provider', 'unit_type', 'usd'),
+    ('model', 'provider', 'unit_types'),
     [
-        ('imagen-3.0-generate-002', 'google-vertex', 'image', '0.02'),
-        ('imagen-3.0-generate-002', None, 'image', '0.02'),
-        ('veo-3.0-generate-001', 'google-gla', 'video_second', '0.05'),
-        ('eleven_multilingual_v2', 'elevenlabs', 'character', '0.00003'),
+        ('imagen-3.0-generate-002', 'google-vertex', ['image']),
+        ('imagen-3.0-generate-002', None, ['image']),
+        ('veo-3.0-generate-001', 'google-gla', ['video_second', 'video_second_audio']),
+        ('eleven_multilingual_v2', 'elevenlabs', ['character']),
     ],
 )
-def test_effective_unit_prices_match_the_provider(model: str, provider: str | None, unit_type: str, usd: str):
+def test_effective_unit_prices_match_the_provider(model: str, provider: str | None, unit_types: list[str]):
     price = effective_price(model, provider)
-    assert price.unit_prices == {unit_type: Decimal(usd)}
+    table = PriceTable()
+    expected: dict[str, Decimal] = {}
+    for unit_type in unit_types:
+        entry = table.unit_price(provider or 'google-vertex', model, unit_type)
+        assert entry is not None
+        expected[unit_type] = entry.usd_per_unit
+    assert price.unit_prices == expected
     assert (price.source, price.price_source) == ('config', 'config')
 
 
@@ -401,17 +454,17 @@ def test_model_lookups_are_cached_misses_included(monkeypatch: pytest.MonkeyPatc
     for _ in range(3):
         priced = price_usage(provider='acme-ai', model=unknown, tokens=tokens)
         assert (priced.cost_usd, priced.pricing_status) == (None, 'unpriced')
-    assert len(calls) == 2  # under the provider, then by name alone; never again
+    assert len(calls) == 1  # under the provider given, and never again
 
-    reseller = f'reseller-{uuid4().hex[:8]}'  # a provider id genai-prices does not know: found by model name
-    expected = genai_prices.calc_price(
-        genai_prices.Usage(input_tokens=1_000, output_tokens=100), 'claude-sonnet-4', genai_request_timestamp=WHEN
-    ).total_price
+    # A provider id genai-prices does not know is never priced as another provider (issue 13, case 1).
+    reseller = f'reseller-{uuid4().hex[:8]}'
+    with pytest.raises(LookupError):
+        genai_prices.calc_price(genai_prices.Usage(input_tokens=1_000), 'claude-sonnet-4', provider_id=reseller)
     calls.clear()
     for _ in range(3):
         priced = price_usage(provider=reseller, model='claude-sonnet-4', tokens=tokens, timestamp=WHEN)
-        assert (priced.cost_usd, priced.pricing_status) == (expected, 'priced')
-    assert len(calls) == 2
+        assert (priced.cost_usd, priced.pricing_status) == (None, 'unpriced')
+    assert len(calls) == 1
 
 
 def test_new_price_data_is_looked_up_again():
