@@ -33,7 +33,7 @@ from genai_prices.units import UnitDef, UnitRegistry
 
 from ._log import RateLimitedLog
 from .record import MAX_COST_USD, PricingStatus
-from .usage import USAGE_KEYS, TokenCounts, price_values
+from .usage import DETAIL_ALIASES, USAGE_KEYS, TokenCounts, price_values
 
 __all__ = (
     'CONFIG_SOURCE',
@@ -680,8 +680,10 @@ def price_fields(fields: Mapping[str, Any], table: PriceTable | None = None) -> 
     cost = fields.get('cost_usd')
     status = fields.get('pricing_status')
     if cost is not None or status is not None:
-        ours = resolved.token_price(resolved.resolve_provider(provider), model) is not None or (
-            provider is not None and provider in resolved.provider_aliases
+        ours = (
+            resolved.token_price(resolved.resolve_provider(provider), model) is not None
+            or (provider is not None and provider in resolved.provider_aliases)
+            or (status == 'priced' and _missed_by_caller(fields))
         )
         if not ours:
             if status is not None:
@@ -698,6 +700,15 @@ def price_fields(fields: Mapping[str, Any], table: PriceTable | None = None) -> 
         service_tier=fields.get('service_tier'),
         table=resolved,
     )
+
+
+def _missed_by_caller(fields: Mapping[str, Any]) -> bool:
+    """Whether pydantic-ai's cost left out a billable quantity it keeps only in `details` (web search requests)."""
+    source = fields.get('price_source')
+    details = fields.get('details')
+    if not details or not isinstance(source, str) or not source.startswith(_CALLER_PRICED_PREFIX):
+        return False
+    return any(details.get(alias) and not details.get(key) for alias, key in DETAIL_ALIASES.items())
 
 
 def _units(value: Any) -> Decimal | None:
