@@ -515,12 +515,14 @@ def _find_model(provider: str | None, model: str) -> _Found | None:
 class _Compiled:
     """One resolved model price as plain `(usage key, price, per)` terms, in genai-prices' order of summing."""
 
-    terms: tuple[tuple[str, Decimal, int], ...]
+    terms: tuple[tuple[str, Decimal | TieredPrices, int], ...]
     """`(usage key, price, per)` in the order genai-prices adds them up; `requests` counts one per request."""
+    tiered: bool
+    """Whether a price depends on the request's total input tokens."""
     leaves: tuple[tuple[str, tuple[str, ...]], ...]
     """`(usage key, its priced descendants)`, most specific first: the order genai-prices decomposes in."""
     exact: bool
-    """Whether `terms` give genai-prices' result (no tiers); otherwise genai-prices prices each row."""
+    """Whether `terms` give genai-prices' result; otherwise (time-of-day prices, ...) genai-prices prices each row."""
     free: bool
     """The price has no entries at all: genai-prices prices everything at 0."""
     priced: tuple[UnitDef, ...]
@@ -567,7 +569,7 @@ def _compiled(found: _Found, when: datetime, context: Mapping[str, str] | None) 
 def _compile(price: ModelPrice, provider: Provider, info: ModelInfo) -> _Compiled:
     items = [(k, v) for k, v in price.__dict__.items() if not k.startswith('_') and v is not None]
     exact = not (provider.id == 'groq' and info.id.startswith('whisper'))  # genai-prices bills >= 10 s there
-    terms: list[tuple[str, Decimal, int]] = []
+    terms: list[tuple[str, Decimal | TieredPrices, int]] = []
     priced: list[UnitDef] = []
     for price_key, value in items:
         try:
@@ -576,10 +578,8 @@ def _compile(price: ModelPrice, provider: Provider, info: ModelInfo) -> _Compile
             exact = False  # a price key our registry does not know: genai-prices decides
             continue
         priced.append(unit)
-        if isinstance(value, TieredPrices):
-            exact = False
-        else:
-            terms.append((unit.usage_key, cast(Decimal, value), unit.per))
+        terms.append((unit.usage_key, cast(Decimal | TieredPrices, value), unit.per))
+    tiered = any(isinstance(price, TieredPrices) for _, price, _ in terms)
     token_units = sorted(
         (u for u in priced if u.usage_key != 'requests'), key=lambda u: (-len(u.dimensions), u.usage_key)
     )
@@ -592,7 +592,7 @@ def _compile(price: ModelPrice, provider: Provider, info: ModelInfo) -> _Compile
         )
         for unit in token_units
     )
-    return _Compiled(tuple(terms), leaves, exact, free=not items, priced=tuple(priced))
+    return _Compiled(tuple(terms), tiered, leaves, exact, free=not items, priced=tuple(priced))
 
 
 def _genai_cost(found: _Found, values: dict[str, Any], when: datetime, service_tier: str | None) -> Decimal | str:
@@ -620,40 +620,67 @@ def _genai_cost(found: _Found, values: dict[str, Any], when: datetime, service_t
 def _fast_total(compiled: _Compiled, values: Mapping[str, Any]) -> Decimal | None:
     """genai-prices' total for `values` from the compiled terms, or None when it must decide itself.
 
-    The same leaf counts (each priced key minus its priced descendants) and the same Decimal operations in the
-    same order as `ModelPrice.calc_price`, so the result is identical, rounding included.
+    The same leaf counts (each priced key minus its priced descendants), the same tier choice and the same
+    Decimal operations in the same order as `ModelPrice.calc_price`, so the result is identical, rounding included.
     """
     leaves: dict[str, Any] = {}
     for usage_key, descendants in compiled.leaves:
         value = values.get(usage_key)
         if value is None:
-            if any(values.get(d) for d in descendants) or _may_overlap(usage_key, values):
+            if any(values.get(d) for d in descendants) or any(
+                values.get(a) and values.get(b) for a, b in _joins_of(usage_key)
+            ):
                 return None  # genai-prices infers or refuses a missing total: let it say which
             value = 0
         leaf = value - sum(leaves[d] for d in descendants) if descendants else value
         if leaf < 0:
             return None
         leaves[usage_key] = leaf
+    total_input = 0
+    if compiled.tiered:
+        total_input = values.get('input_tokens')
+        if total_input is None:
+            return None
     total = Decimal(0)
     for usage_key, price, per in compiled.terms:
         count = 1 if usage_key == 'requests' else leaves[usage_key]
-        if count:
+        if not count:
+            continue
+        if isinstance(price, TieredPrices):
+            applicable = price.base
+            for tier in reversed(price.tiers):
+                if total_input > tier.start:
+                    applicable = tier.price
+                    break
+            total += applicable * count / per
+        else:
             total += price * count / per
     return total
 
 
-def _may_overlap(usage_key: str, values: Mapping[str, Any]) -> bool:
-    # A missing priced key that two reported keys jointly describe (cache reads + audio input -> cached audio):
-    # genai-prices refuses to guess it.
-    dims = dict(_UNITS[usage_key].dimensions)
-    reported = [_UNITS[k] for k, v in values.items() if v]
-    return any(
-        a.is_compatible_with(b)
+def _joins(unit: UnitDef) -> tuple[tuple[str, str], ...]:
+    # Pairs of usage keys that jointly describe `unit` without either containing the other (cache reads and
+    # audio input describe cached audio): reported together, genai-prices refuses to infer `unit` itself.
+    units = list(_UNITS.values())
+    return tuple(
+        (a.usage_key, b.usage_key)
+        for i, a in enumerate(units)
+        for b in units[i + 1 :]
+        if a.is_compatible_with(b)
         and not (a.dimensions.items() <= b.dimensions.items() or b.dimensions.items() <= a.dimensions.items())
-        and {**a.dimensions, **b.dimensions} == dims
-        for i, a in enumerate(reported)
-        for b in reported[i + 1 :]
+        and {**a.dimensions, **b.dimensions} == dict(unit.dimensions)
     )
+
+
+_JOINS: dict[str, tuple[tuple[str, str], ...]] = {}
+
+
+def _joins_of(usage_key: str) -> tuple[tuple[str, str], ...]:
+    try:
+        return _JOINS[usage_key]
+    except KeyError:  # worked out on first use: all pairs of units, too slow for import time
+        joins = _JOINS[usage_key] = _joins(_UNITS[usage_key])
+        return joins
 
 
 # --- one call for the writer and for budgets ---------------------------------------------------------------
