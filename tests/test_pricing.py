@@ -735,7 +735,8 @@ def test_units_genai_prices_prices_go_to_it_first(
     assert (row['pricing_status'], row['price_source']) == ('priced', GENAI_PRICES_SOURCE)
 
 
-def test_process_wide_override_prices_direct_and_agent_rows(tracker: UsageTracker):
+@pytest.mark.anyio
+async def test_process_wide_override_prices_direct_and_agent_rows(tracker: UsageTracker):
     set_price_table(
         PriceTable(tokens=(TokenPrice('gpt-4o', provider='openai', input_mtok=Decimal(1), output_mtok=Decimal(2)),))
     )
@@ -745,7 +746,7 @@ def test_process_wide_override_prices_direct_and_agent_rows(tracker: UsageTracke
         return ModelResponse(parts=[TextPart('ok')], provider_name='openai', usage=RequestUsage(**usage))
 
     agent = Agent(FunctionModel(fn, model_name='gpt-4o'), capabilities=[TrackUsage(tracker)])
-    result = agent.run_sync('q')
+    result = await agent.run('q')
     assert result.usage.cost is not None  # pydantic-ai priced it at genai-prices' price...
     tracker.track(model='gpt-4o', provider='openai', created_at=WHEN, **usage)
     assert tracker.flush()
@@ -757,14 +758,15 @@ def test_process_wide_override_prices_direct_and_agent_rows(tracker: UsageTracke
         assert (row['pricing_status'], row['price_source']) == ('override', 'config: tokens openai/gpt-4o')
 
 
-def test_agent_web_search_requests_are_billed(tracker: UsageTracker):
+@pytest.mark.anyio
+async def test_agent_web_search_requests_are_billed(tracker: UsageTracker):
     usage = RequestUsage(input_tokens=300, output_tokens=70, details={'web_search_requests': 2})
 
     def fn(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         return ModelResponse(parts=[TextPart('ok')], provider_name='anthropic', usage=usage)
 
     agent = Agent(FunctionModel(fn, model_name='claude-3-7-sonnet-latest'), capabilities=[TrackUsage(tracker)])
-    agent.run_sync('q')
+    await agent.run('q')
     assert tracker.flush()
     with tracker.engine.connect() as conn:
         row = conn.execute(sa.select(TOKEN_USAGE)).mappings().one()
