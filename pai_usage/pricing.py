@@ -717,11 +717,16 @@ def price_fields(fields: Mapping[str, Any], table: PriceTable | None = None) -> 
                 return Priced(cost, status, fields.get('price_source'))
             return Priced(cost, 'priced', fields.get('price_source'))
     created = fields.get('created_at')
+    try:
+        tokens = TokenCounts.from_columns(fields)
+        units = _units(fields.get('units'))
+    except (TypeError, ValueError, ArithmeticError):
+        return _unpriced('invalid usage counts')  # the writer rejects the record itself; budgets must not raise
     return price_usage(
         provider=provider,
         model=model,
-        tokens=TokenCounts.from_columns(fields),
-        units=_units(fields.get('units')),
+        tokens=tokens,
+        units=units,
         unit_type=fields.get('unit_type'),
         timestamp=created if isinstance(created, datetime) else None,
         service_tier=fields.get('service_tier'),

@@ -785,3 +785,9 @@ def test_price_fields_prices_as_the_writer_does(tracker: UsageTracker):
     )
     given = price_fields({**fields, 'cost_usd': Decimal('0.5'), 'price_source': 'invoice'})
     assert (given.cost_usd, given.pricing_status, given.price_source) == (Decimal('0.5'), 'priced', 'invoice')
+
+
+@pytest.mark.parametrize('bad', [{'input_tokens': 'lots'}, {'units': 'three', 'unit_type': 'image'}])
+def test_price_fields_never_raises(bad: dict[str, Any]):
+    priced = price_fields({'model': 'gpt-4o', 'provider': 'openai', **bad})
+    assert (priced.cost_usd, priced.pricing_status) == (None, 'unpriced')
