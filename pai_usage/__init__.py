@@ -15,8 +15,9 @@ from ._warnings import (
 )
 from .context import UsageContext, current_usage_context, run_in_thread, usage_context, with_current_context
 from .deps import HasUsageAttribution, UsageDeps
-from .pricing import PriceTable, TokenPrice, UnitPrice, set_price_table
+from .pricing import Priced, PriceTable, TokenPrice, UnitPrice, price_fields, set_price_table
 from .record import UsageRecord
+from .reprice import RepriceGroup, RepriceResult, reprice
 from .summary import SummaryRow, UsageSummary, UsageTotals
 from .table import TokenUsage, metadata
 from .tracker import TrackerStats, UsageTracker, configure, get_tracker
@@ -35,6 +36,9 @@ __all__ = (
     'MissingAttributionWarning',
     'PaiUsageWarning',
     'PriceTable',
+    'Priced',
+    'RepriceGroup',
+    'RepriceResult',
     'SummaryRow',
     'TokenCounts',
     'TokenPrice',
@@ -55,6 +59,8 @@ __all__ = (
     'current_usage_context',
     'get_tracker',
     'metadata',
+    'price_fields',
+    'reprice',
     'run_in_thread',
     'set_price_table',
     'set_strict',

@@ -168,6 +168,21 @@ def _parser() -> argparse.ArgumentParser:
     prices.add_argument('model', nargs='?', metavar='MODEL', help='model name, e.g. gpt-4o')
     prices.add_argument('--provider', metavar='P', help='provider id, e.g. openai, google-vertex, elevenlabs')
     prices.set_defaults(command=_prices)
+
+    reprice_cmd = commands.add_parser(
+        'reprice',
+        help='recompute stored costs with the current prices; --apply to update',
+        description='Recompute the costs of stored rows from their stored usage with the current price tables '
+        f'(genai-prices and ${PRICES_ENV_VAR}) and show the difference per model. Nothing changes without '
+        '--apply; with it, changed rows are updated and their old cost is kept in token_usage_reprice.',
+    )
+    reprice_cmd.add_argument('--database-url', metavar='URL', help=f'database URL (default: ${DATABASE_URL_ENV_VAR})')
+    reprice_cmd.add_argument('--since', metavar='DATE', required=True, help='start, inclusive: YYYY-MM-DD or ISO')
+    reprice_cmd.add_argument('--until', metavar='DATE', help='end, exclusive: YYYY-MM-DD or ISO (default: now)')
+    reprice_cmd.add_argument('--org', metavar='ID', help='only this organization')
+    reprice_cmd.add_argument('--model', metavar='MODEL', help='only this model')
+    reprice_cmd.add_argument('--apply', action='store_true', help='update the rows (default: a dry run)')
+    reprice_cmd.set_defaults(command=_reprice)
     return parser
 
 
@@ -654,3 +669,44 @@ def _print_effective_price(price: EffectivePrice) -> None:
 
 def _plain(value: Decimal) -> str:
     return format(value.normalize(), 'f')
+
+
+# --- reprice ------------------------------------------------------------------------------------
+
+
+def _reprice(args: argparse.Namespace) -> int:
+    """`pai-usage reprice`: self-contained, so that it reads the same whatever the other commands share."""
+    from .reprice import format_reprice, reprice
+
+    def moment(option: str, value: str | None) -> datetime | None:
+        if value is None:
+            return None
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise _Fail(f'{option}: expected YYYY-MM-DD or an ISO datetime, got {value!r}') from None
+        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+    since = moment('--since', args.since)
+    assert since is not None
+    until = moment('--until', args.until)
+    try:
+        table = get_price_table()
+    except ValueError as exc:
+        raise _Fail(str(exc)) from None
+    url = args.database_url or os.environ.get(DATABASE_URL_ENV_VAR) or DEFAULT_DATABASE_URL
+    try:
+        engine = create_engine(url)
+    except (sa_exc.ArgumentError, ValueError) as exc:
+        raise _Fail(f'invalid database URL: {exc}') from None
+    try:
+        migrate(engine)  # the rows are read with today's columns (`service_tier`, migration 0003)
+        result = reprice(
+            engine, since=since, until=until, organization_id=args.org, model=args.model, apply=args.apply, table=table
+        )
+    except sa_exc.SQLAlchemyError as exc:
+        raise _Fail(f'cannot reprice: {str(exc).splitlines()[0]}') from None
+    finally:
+        engine.dispose()
+    print(format_reprice(result))
+    return 0

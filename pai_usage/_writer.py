@@ -40,11 +40,10 @@ from pydantic import TypeAdapter, ValidationError
 from ._log import RateLimitedLog
 from ._spill import SpillDir, encode
 from .migrate import migrate
-from .pricing import PriceTable, price_usage
+from .pricing import PriceTable, price_fields
 from .record import UsageRecord
 from .table import COST_SCALE, UNITS_SCALE
 from .table import TOKEN_USAGE as _table
-from .usage import TokenCounts
 
 __all__ = ('Writer', 'WriterStats')
 
@@ -133,20 +132,15 @@ def _copy_row(record: UsageRecord) -> tuple[Any, ...]:
 
 
 def _priced(record: UsageRecord, table: PriceTable | None) -> UsageRecord:
-    override = table is not None and table.token_price(record.provider, record.model) is not None
-    if record.pricing_status is not None and not override:
+    # One rule for every row, shared with budgets (`price_fields`): the tracker's table, else the process-wide one.
+    priced = price_fields(record.__dict__, table)
+    values = record.__dict__
+    if (
+        priced.cost_usd == values['cost_usd']
+        and priced.pricing_status == values['pricing_status']
+        and priced.price_source == values['price_source']
+    ):
         return record
-    if record.cost_usd is not None and record.pricing_status is None and not override:
-        return record.model_copy(update={'pricing_status': 'priced', 'price_source': record.price_source})
-    priced = price_usage(
-        provider=record.provider,
-        model=record.model,
-        tokens=TokenCounts.from_columns(record.__dict__),
-        units=record.units,
-        unit_type=record.unit_type,
-        timestamp=record.created_at,
-        table=table,
-    )
     return record.model_copy(
         update={
             'cost_usd': priced.cost_usd,

@@ -1,8 +1,15 @@
-"""Costs: genai-prices for tokens, plus a small configurable table for what it lacks.
+"""Costs: genai-prices first, our own table for overrides and the units genai-prices does not price.
 
-Token costs come from genai-prices, priced per request at the request's timestamp, so tiered and
-historic prices are right. `PriceTable` adds per-unit prices (images, video seconds, characters) and
-lets users override any model's token prices. Nothing here touches the network.
+Every billable quantity of a record goes to pricing under genai-prices' own usage keys (tokens by modality,
+cache reads and writes, reasoning and citation tokens, web searches, characters, audio seconds, ...). A row is
+priced in full or not at all: anything billable that no price covers leaves it unpriced, with the reason in
+`price_source`. A provider is never guessed: the provider the row names must be the one genai-prices prices
+the model under, unless the price file maps it explicitly (`provider_aliases`).
+
+Rows are priced per request at the request's timestamp and service tier, so tiered, historic and batch or
+priority prices are right. Each model price is compiled once into `(usage key, price)` pairs and multiplied per
+row; tiered and time-of-day prices, and usage the compiled form cannot split, go through genai-prices itself,
+whose result is the reference the tests compare against. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -12,24 +19,31 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import genai_prices
+from genai_prices.data_snapshot import DataSnapshot
+from genai_prices.data_units import unit_data
+from genai_prices.types import ModelInfo, ModelPrice, Provider, TieredPrices, TimeOfDateConstraint
+from genai_prices.units import UnitDef, UnitRegistry
 
 from ._log import RateLimitedLog
 from ._warnings import UnpricedModelWarning, warn_later
 from .record import MAX_COST_USD, PricingStatus
-from .usage import TokenCounts
+from .usage import DETAIL_ALIASES, USAGE_KEYS, TokenCounts, price_values
 
 __all__ = (
     'CONFIG_SOURCE',
     'DEFAULT_UNIT_PRICES',
     'GENAI_PRICES_SOURCE',
     'PRICES_ENV_VAR',
+    'SERVICE_TIERS',
+    'UNIT_USAGE_KEYS',
+    'UNPRICED_SOURCE',
     'EffectivePrice',
     'PriceTable',
     'Priced',
@@ -37,6 +51,8 @@ __all__ = (
     'UnitPrice',
     'effective_price',
     'get_price_table',
+    'price_context',
+    'price_fields',
     'price_usage',
     'set_price_table',
 )
@@ -44,40 +60,64 @@ __all__ = (
 GENAI_PRICES_SOURCE = f'genai-prices {genai_prices.__version__}'
 """`price_source` of rows priced by genai-prices."""
 CONFIG_SOURCE = 'config'
-"""`price_source` of rows priced by the `PriceTable`."""
+"""`price_source` prefix of rows priced by the `PriceTable` (the rule follows: `config: units google*/veo-3*`)."""
+UNPRICED_SOURCE = 'unpriced'
+"""`price_source` prefix of unpriced rows; the reason follows (`unpriced: no price for web_searches`)."""
 PRICES_ENV_VAR = 'PAI_USAGE_PRICES'
 """Environment variable naming a TOML or JSON price file that replaces the default table."""
+SERVICE_TIERS = ('standard', 'flex', 'priority', 'batch')
+"""The service tiers a record can name; others are passed to genai-prices as given."""
+UNIT_USAGE_KEYS: Mapping[str, str] = {
+    'character': 'input_characters',
+    'audio_second': 'audio_seconds',
+    'input_audio_second': 'input_audio_seconds',
+    'output_audio_second': 'output_audio_seconds',
+    'web_search': 'web_searches',
+    'document_page': 'input_document_pages',
+}
+"""Our `unit_type`s that genai-prices prices, by its usage key (its own usage keys are accepted as unit types too)."""
 
 _log = RateLimitedLog()
 _MTOK = Decimal(1_000_000)
+_MAX_SOURCE = 100
+_REGISTRY = UnitRegistry(unit_data)
+_UNITS: Mapping[str, UnitDef] = _REGISTRY.units
+
+
+def _pattern_matches(pattern: str, value: str | None) -> bool:
+    return fnmatchcase(value or '', pattern)
 
 
 @dataclass(frozen=True, slots=True)
 class UnitPrice:
-    """A price per non-token unit, for models genai-prices does not cover."""
+    """A price per non-token unit, for models genai-prices does not price."""
 
     model: str
-    """Model name, or a glob pattern such as `imagen-*`."""
+    """Model name, or a glob pattern such as `imagen-4.0-fast-*`."""
     unit_type: str
-    """The unit priced: `image`, `video_second`, `character`, ..."""
+    """The unit priced: `image`, `video_second`, `video_second_audio`, `character`, ..."""
     usd_per_unit: Decimal
     """USD for one unit."""
     _: KW_ONLY
     provider: str = '*'
     """Provider id or glob pattern (`google*` matches `google-gla` and `google-vertex`)."""
+    as_of: str | None = None
+    """The date the price was read from its source (ISO date)."""
+    source: str | None = None
+    """Where the figure comes from (a price page), and whether it could be checked."""
 
     def matches(self, provider: str | None, model: str | None, unit_type: str | None) -> bool:
         """Whether this price applies to the call."""
         return (
             unit_type == self.unit_type
-            and fnmatchcase(model or '', self.model)
-            and fnmatchcase(provider or '', self.provider)
+            and _pattern_matches(self.model, model)
+            and _pattern_matches(self.provider, provider)
         )
 
 
 @dataclass(frozen=True, slots=True)
 class TokenPrice:
-    """USD per million tokens for one model, overriding genai-prices."""
+    """USD per million tokens for one model, overriding genai-prices (and pydantic-ai's cost)."""
 
     model: str
     """Model name, or a glob pattern."""
@@ -97,7 +137,7 @@ class TokenPrice:
 
     def matches(self, provider: str | None, model: str | None) -> bool:
         """Whether this price applies to the call."""
-        return fnmatchcase(model or '', self.model) and fnmatchcase(provider or '', self.provider)
+        return _pattern_matches(self.model, model) and _pattern_matches(self.provider, provider)
 
     def cost(self, tokens: TokenCounts) -> Decimal:
         """The cost of `tokens` at these prices."""
@@ -116,22 +156,53 @@ def _or(value: Decimal | None, default: Decimal) -> Decimal:
     return default if value is None else value
 
 
+_GEMINI_PRICING = 'ai.google.dev/gemini-api/docs/pricing'
+_VERTEX_PRICING = 'cloud.google.com/vertex-ai/generative-ai/pricing'
+_UNVERIFIED = 'list price as recalled, not verifiable offline when shipped (2026-12-02): check it against the page'
+
+
+def _list_price(model: str, unit_type: str, usd: str, provider: str, page: str) -> UnitPrice:
+    return UnitPrice(
+        model, unit_type, Decimal(usd), provider=provider, as_of='2025-10-01', source=f'{page}; {_UNVERIFIED}'
+    )
+
+
+# Most specific patterns first: the first matching entry wins.
 DEFAULT_UNIT_PRICES: tuple[UnitPrice, ...] = (
-    UnitPrice('imagen-*', 'image', Decimal('0.02'), provider='google*'),
-    UnitPrice('veo-*', 'video_second', Decimal('0.05'), provider='google*'),
-    UnitPrice('*', 'character', Decimal('0.00003'), provider='elevenlabs'),
+    # Imagen, per image generated (Gemini API and Vertex AI list the same figures).
+    _list_price('imagen-4.0-ultra-*', 'image', '0.06', 'google*', _GEMINI_PRICING),
+    _list_price('imagen-4.0-fast-*', 'image', '0.02', 'google*', _GEMINI_PRICING),
+    _list_price('imagen-4.0-generate-*', 'image', '0.04', 'google*', _GEMINI_PRICING),
+    _list_price('imagen-3.0-fast-*', 'image', '0.02', 'google*', _VERTEX_PRICING),
+    _list_price('imagen-3.0-generate-*', 'image', '0.03', 'google*', _GEMINI_PRICING),
+    _list_price('imagen-3.0-capability-*', 'image', '0.03', 'google*', _VERTEX_PRICING),
+    # Veo, per second of video delivered; `video_second_audio` when the video has generated audio.
+    _list_price('veo-3.0-fast-*', 'video_second_audio', '0.15', 'google*', _GEMINI_PRICING),
+    _list_price('veo-3.0-fast-*', 'video_second', '0.10', 'google*', _GEMINI_PRICING),
+    _list_price('veo-3.0-generate-*', 'video_second_audio', '0.40', 'google*', _GEMINI_PRICING),
+    _list_price('veo-3.0-generate-*', 'video_second', '0.20', 'google*', _GEMINI_PRICING),
+    _list_price('veo-2.0-*', 'video_second', '0.35', 'google-gla', _GEMINI_PRICING),
+    _list_price('veo-2.0-*', 'video_second', '0.50', 'google-vertex', _VERTEX_PRICING),
+    # ElevenLabs text to speech, per character (API pay-as-you-go: $0.10 / $0.05 per 1,000 characters).
+    _list_price('eleven_multilingual_v2', 'character', '0.0001', 'elevenlabs', 'elevenlabs.io/pricing/api'),
+    _list_price('eleven_v3', 'character', '0.0001', 'elevenlabs', 'elevenlabs.io/pricing/api'),
+    _list_price('eleven_flash_v2*', 'character', '0.00005', 'elevenlabs', 'elevenlabs.io/pricing/api'),
+    _list_price('eleven_turbo_v2*', 'character', '0.00005', 'elevenlabs', 'elevenlabs.io/pricing/api'),
 )
-"""Defaults, not truth: check them against your contracts and override them in a price file."""
+"""List prices for models genai-prices does not price, each with its date and source. Check them against your
+contracts and override them in a price file; a model with no entry is unpriced, never priced at a flat default."""
 
 
 @dataclass(frozen=True, slots=True)
 class PriceTable:
-    """Our own prices: per-unit prices and token-price overrides. The first matching entry wins."""
+    """Our own prices: unit prices, token-price overrides and gateway aliases. The first matching entry wins."""
 
     units: tuple[UnitPrice, ...] = DEFAULT_UNIT_PRICES
     """Per-unit prices."""
     tokens: tuple[TokenPrice, ...] = ()
-    """Token-price overrides; they win over genai-prices."""
+    """Token-price overrides; they win over genai-prices and pydantic-ai's cost."""
+    provider_aliases: Mapping[str, str] = field(default_factory=dict[str, str])
+    """Provider ids genai-prices does not know, mapped to the one whose prices apply (`{'my-gateway': 'openai'}`)."""
 
     def unit_price(self, provider: str | None, model: str | None, unit_type: str | None) -> UnitPrice | None:
         """The unit price for the call, if any."""
@@ -141,21 +212,30 @@ class PriceTable:
         """The token-price override for the model, if any."""
         return next((p for p in self.tokens if p.matches(provider, model)), None)
 
+    def resolve_provider(self, provider: str | None) -> str | None:
+        """The provider id to price under: the alias target for a mapped gateway, else `provider` itself."""
+        if provider is None or not self.provider_aliases:
+            return provider
+        return self.provider_aliases.get(provider, provider)
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, include_defaults: bool = True) -> PriceTable:
-        """Build a table from parsed TOML/JSON: `[[units]]` and `[[tokens]]` arrays of tables.
+        """Build a table from parsed TOML/JSON: `[[units]]`, `[[tokens]]` and a `[provider_aliases]` table.
 
         Entries from the file come first, so they override the defaults for the same model and unit.
         Raises `ValueError` naming the bad entry.
         """
-        unknown = set(data) - {'units', 'tokens'}
+        unknown = set(data) - {'units', 'tokens', 'provider_aliases'}
         if unknown:
-            raise ValueError(f'unknown price table keys: {sorted(unknown)!r}; expected `units` and `tokens`')
+            raise ValueError(
+                f'unknown price table keys: {sorted(unknown)!r}; expected `units`, `tokens` and `provider_aliases`'
+            )
         units = tuple(_build(UnitPrice, entry, 'units', i) for i, entry in enumerate(_entries(data, 'units')))
         tokens = tuple(_build(TokenPrice, entry, 'tokens', i) for i, entry in enumerate(_entries(data, 'tokens')))
+        aliases = _aliases(data.get('provider_aliases', {}))
         if include_defaults:
             units += DEFAULT_UNIT_PRICES
-        return cls(units=units, tokens=tokens)
+        return cls(units=units, tokens=tokens, provider_aliases=aliases)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, include_defaults: bool = True) -> PriceTable:
@@ -186,12 +266,22 @@ def _entries(data: Mapping[str, Any], key: str) -> list[Any]:
     return cast(list[Any], entries)
 
 
+def _aliases(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f'`provider_aliases` must be a table of provider ids, got {type(value).__name__}')
+    aliases = cast(Mapping[Any, Any], value)
+    for key, target in aliases.items():
+        if not isinstance(key, str) or not isinstance(target, str) or not target:
+            raise ValueError(f'bad entry `provider_aliases.{key}` {target!r}: expected a provider id')
+    return {str(k): str(v) for k, v in aliases.items()}
+
+
 def _build(kind: type[UnitPrice] | type[TokenPrice], entry: Any, key: str, index: int) -> Any:
     if not isinstance(entry, Mapping):
         raise ValueError(f'bad entry `{key}[{index}]` {entry!r}: expected a table')
     entry = cast(Mapping[str, Any], entry)
     try:
-        for name in ('model', 'unit_type', 'provider'):
+        for name in ('model', 'unit_type', 'provider', 'as_of', 'source'):
             if name in entry and not isinstance(entry[name], str):
                 raise ValueError(f'{name} must be a string')
         values: dict[str, Any] = {k: _decimal(v) if k in _DECIMAL_FIELDS else v for k, v in entry.items()}
@@ -236,7 +326,20 @@ class Priced:
     pricing_status: PricingStatus
     """`priced`, `override` or `unpriced`."""
     price_source: str | None
-    """Where the price came from."""
+    """The rule that priced the row, or why it is unpriced (`unpriced: ...`)."""
+
+
+def _unpriced(reason: str) -> Priced:
+    return Priced(None, 'unpriced', f'{UNPRICED_SOURCE}: {reason}'[:_MAX_SOURCE])
+
+
+def price_context(service_tier: str | None) -> dict[str, str] | None:
+    """The genai-prices `price_context` for a service tier: `batch` is a processing mode, the rest tiers."""
+    if not service_tier or service_tier == 'standard':
+        return None
+    if service_tier == 'batch':
+        return {'processing': 'batch'}
+    return {'service_tier': service_tier}
 
 
 def price_usage(
@@ -247,13 +350,14 @@ def price_usage(
     units: Decimal | None = None,
     unit_type: str | None = None,
     timestamp: datetime | None = None,
+    service_tier: str | None = None,
     table: PriceTable | None = None,
 ) -> Priced:
-    """Price one request. Never raises: an unknown model gives `Priced(None, 'unpriced', None)`.
+    """Price one request. Never raises: what cannot be priced gives `Priced(None, 'unpriced', 'unpriced: why')`.
 
-    Tokens are priced by a `TokenPrice` override if one matches, else by genai-prices at `timestamp`;
-    units by the table's `UnitPrice`. A call whose tokens or units have no price is unpriced as a whole,
-    never partly priced or zero.
+    Tokens are priced by a `TokenPrice` override if one matches, else by genai-prices at `timestamp` and
+    `service_tier`; units by genai-prices when it prices them for the model, else by the table's `UnitPrice`.
+    A call with anything billable that has no price is unpriced as a whole, never partly priced or zero.
     """
     if table is None:
         try:
@@ -261,36 +365,81 @@ def price_usage(
         except ValueError as exc:
             # A broken price file must not break the caller, nor price with a table the user did not mean.
             _log.error('price-table', 'pai-usage: %s; usage is recorded unpriced until it is fixed', exc)
-            return Priced(None, 'unpriced', None)
-    overridden = False
-    parts: list[Decimal] = []
-    sources: list[str] = []
+            return _unpriced('bad price file')
+    if not model:
+        return _unpriced('no model')
+    provider = table.resolve_provider(provider)
+    values = price_values(tokens)
+    unit_key: str | None = None
+    if units is not None and unit_type is not None and units:
+        unit_key = unit_type if unit_type in USAGE_KEYS else UNIT_USAGE_KEYS.get(unit_type)
+    override = table.token_price(provider, model)
+    if override is not None:
+        return _price_override(table, override, provider, model, tokens, values, units, unit_type)
 
-    if units is not None and unit_type is not None:
-        unit_price = table.unit_price(provider, model, unit_type)
-        if unit_price is not None:
-            parts.append(units * unit_price.usd_per_unit)
-            sources.append(CONFIG_SOURCE)
-            overridden = True
-        elif not tokens.total_tokens:
-            _warn_unpriced(provider, model, unit_type)
-            return Priced(None, 'unpriced', None)
-
-    if tokens.total_tokens or not parts:
-        override = table.token_price(provider, model)
-        if override is not None:
-            parts.append(override.cost(tokens))
-            sources.append(CONFIG_SOURCE)
-            overridden = True
+    found = _find_model(provider, model)
+    when = timestamp or datetime.now(UTC)
+    own_unit: UnitPrice | None = None
+    if unit_key is not None and units is not None:
+        if found is not None and _compiled(found, when, price_context(service_tier)).covers(unit_key):
+            values[unit_key] = units
         else:
-            token_cost = _genai_prices_cost(provider, model, tokens, timestamp)
-            if token_cost is None:
-                return Priced(None, 'unpriced', None)
-            parts.append(token_cost)
-            sources.append(GENAI_PRICES_SOURCE)
+            own_unit = table.unit_price(provider, model, unit_type)
+            if own_unit is None:
+                return _no_price(provider, model, unit_type)
+    elif units is not None and unit_type is not None and units:
+        own_unit = table.unit_price(provider, model, unit_type)
+        if own_unit is None:
+            return _no_price(provider, model, unit_type)
 
-    source = ' + '.join(dict.fromkeys(sources))
-    total = sum(parts, Decimal(0))
+    if own_unit is not None and not values:
+        assert units is not None
+        return _checked(units * own_unit.usd_per_unit, 'override', _unit_source(own_unit), provider, model)
+    if found is None:
+        return _no_price(provider, model, None)
+    result = _genai_cost(found, values, when, service_tier)
+    if isinstance(result, str):
+        _log.warning(
+            f'unpriced:{provider}:{model}:{result}', 'pai-usage: cannot price %s/%s: %s', provider, model, result
+        )
+        return _unpriced(result)
+    if own_unit is not None:
+        assert units is not None
+        source = f'{GENAI_PRICES_SOURCE} + {_unit_source(own_unit)}'
+        return _checked(result + units * own_unit.usd_per_unit, 'override', source, provider, model)
+    return _checked(result, 'priced', GENAI_PRICES_SOURCE, provider, model)
+
+
+def _unit_source(price: UnitPrice) -> str:
+    return f'{CONFIG_SOURCE}: units {price.provider}/{price.model}'
+
+
+def _price_override(
+    table: PriceTable,
+    override: TokenPrice,
+    provider: str | None,
+    model: str,
+    tokens: TokenCounts,
+    values: Mapping[str, Any],
+    units: Decimal | None,
+    unit_type: str | None,
+) -> Priced:
+    # A token override prices tokens only: any other billable quantity (web searches, ...) has no price in it.
+    for key, value in values.items():
+        if value and _UNITS[key].dimensions.get('family') != 'tokens':
+            return _unpriced(f'override {override.provider}/{override.model} has no price for {key}')
+    cost = override.cost(tokens)
+    source = f'{CONFIG_SOURCE}: tokens {override.provider}/{override.model}'
+    if units is not None and unit_type is not None and units:
+        unit_price = table.unit_price(provider, model, unit_type)
+        if unit_price is None:
+            return _no_price(provider, model, unit_type)
+        cost += units * unit_price.usd_per_unit
+        source = f'{source} + units {unit_price.provider}/{unit_price.model}'
+    return _checked(cost, 'override', source, provider, model)
+
+
+def _checked(total: Decimal, status: PricingStatus, source: str, provider: str | None, model: str | None) -> Priced:
     if total > MAX_COST_USD:
         # Not believable for one event (corrupt counts or a mistyped price), and too large to store exactly.
         _log.error(
@@ -301,75 +450,11 @@ def price_usage(
             total,
             MAX_COST_USD,
         )
-        return Priced(None, 'unpriced', None)
-    return Priced(total, 'override' if overridden else 'priced', source)
+        return _unpriced(f'over ${MAX_COST_USD} for one event')
+    return Priced(total, status, source[:_MAX_SOURCE])
 
 
-def _genai_prices_cost(
-    provider: str | None, model: str | None, tokens: TokenCounts, timestamp: datetime | None
-) -> Decimal | None:
-    if not model:
-        _warn_unpriced(provider, model, None)
-        return None
-    snapshot = genai_prices.data_snapshot.get_snapshot()
-    found = _find_model(snapshot, provider, model)
-    if found is None:
-        _warn_unpriced(provider, model, None)
-        return None
-    provider_info, model_info = found
-    try:
-        # What `genai_prices.calc_price` does once it has found the model, per request (tiers, history).
-        return model_info.calc_price(
-            tokens.to_price_usage(),
-            provider_info,
-            genai_request_timestamp=timestamp or datetime.now(UTC),
-            auto_update_timestamp=snapshot.timestamp if snapshot.from_auto_update else None,
-        ).total_price
-    except LookupError:
-        _warn_unpriced(provider, model, None)
-    except ValueError as exc:
-        _log.warning(f'inconsistent:{provider}:{model}', 'pai-usage: cannot price %s/%s: %s', provider, model, exc)
-    return None
-
-
-_Found = tuple[genai_prices.types.Provider, genai_prices.types.ModelInfo]
-_MAX_CACHED_MODELS = 4096
-_found: dict[tuple[str | None, str], _Found | None] = {}
-_found_in: list[genai_prices.data_snapshot.DataSnapshot | None] = [None]
-
-
-def _find_model(snapshot: genai_prices.data_snapshot.DataSnapshot, provider: str | None, model: str) -> _Found | None:
-    """The genai-prices provider and model for a call, or None; cached per snapshot, unknown models included.
-
-    genai-prices caches the models it finds, but not a miss: an unknown model, or a model named with a provider
-    id it does not know the model under, would be matched against every pattern of the provider on each call.
-    """
-    if _found_in[0] is not snapshot:  # new price data (`UpdatePrices`, `set_custom_snapshot`): look again
-        _found.clear()
-        _found_in[0] = snapshot
-    key = (provider, model)
-    try:
-        return _found[key]
-    except KeyError:
-        pass
-    found: _Found | None
-    try:
-        found = snapshot.find_provider_model(model, None, provider, None)
-    except LookupError:
-        found = None
-        if provider is not None:
-            # genai-prices may know the model under another provider id (e.g. a reseller's name).
-            try:
-                found = snapshot.find_provider_model(model, None, None, None)
-            except LookupError:
-                pass
-    if len(_found) >= _MAX_CACHED_MODELS:  # arbitrary model names must not grow memory without bound
-        _found.clear()
-    _found[key] = found
-    return found
-
-
-def _warn_unpriced(provider: str | None, model: str | None, unit_type: str | None) -> None:
+def _no_price(provider: str | None, model: str | None, unit_type: str | None) -> Priced:
     what = f'`{unit_type}` units of ' if unit_type else ''
     if provider != 'test':  # pydantic-ai's `TestModel` is unpriced by design
         # Usually called in the writer thread: the warning is given on the caller's thread, at its next
@@ -389,6 +474,292 @@ def _warn_unpriced(provider: str | None, model: str | None, unit_type: str | Non
         model,
         PRICES_ENV_VAR,
     )
+    if unit_type:
+        return _unpriced(f'no price for {unit_type} of {provider}/{model}')
+    return _unpriced(f'no genai-prices price for {provider}/{model}')
+
+
+# --- the genai-prices side --------------------------------------------------------------------------------
+
+
+_Found = tuple[Provider, ModelInfo]
+_MAX_CACHED = 4096
+_found: dict[tuple[str | None, str], _Found | None] = {}
+_compiled_prices: dict[tuple[int, date, tuple[tuple[str, str], ...]], _Compiled] = {}
+_cached_for: list[DataSnapshot | None] = [None]
+
+
+def _check_snapshot() -> DataSnapshot:
+    snapshot = genai_prices.data_snapshot.get_snapshot()
+    if _cached_for[0] is not snapshot:  # new price data (`UpdatePrices`, `set_custom_snapshot`): look again
+        _found.clear()
+        _compiled_prices.clear()
+        _cached_for[0] = snapshot
+    return snapshot
+
+
+def _find_model(provider: str | None, model: str) -> _Found | None:
+    """The genai-prices provider and model for a call, exactly as `calc_price(provider_id=provider)` finds them.
+
+    Never under another provider: a provider id genai-prices does not know is unpriced (map gateways with
+    `provider_aliases`). Cached per snapshot, misses included (genai-prices caches only what it finds).
+    """
+    snapshot = _check_snapshot()
+    key = (provider, model)
+    try:
+        return _found[key]
+    except KeyError:
+        pass
+    found: _Found | None
+    try:
+        found = snapshot.find_provider_model(model, None, provider, None)
+    except LookupError:
+        found = None
+    if len(_found) >= _MAX_CACHED:  # arbitrary model names must not grow memory without bound
+        _found.clear()
+    _found[key] = found
+    return found
+
+
+@dataclass(slots=True)
+class _Compiled:
+    """One resolved model price as plain `(usage key, price, per)` terms, in genai-prices' order of summing."""
+
+    terms: tuple[tuple[str, Decimal | TieredPrices, int], ...]
+    """`(usage key, price, per)` in the order genai-prices adds them up; `requests` counts one per request."""
+    tiered: bool
+    """Whether a price depends on the request's total input tokens."""
+    leaves: tuple[tuple[str, tuple[str, ...]], ...]
+    """`(usage key, its priced descendants)`, most specific first: the order genai-prices decomposes in."""
+    exact: bool
+    """Whether `terms` give genai-prices' result; otherwise (time-of-day prices, ...) genai-prices prices each row."""
+    free: bool
+    """The price has no entries at all: genai-prices prices everything at 0."""
+    priced: tuple[UnitDef, ...]
+    """The units this price has a price for."""
+    covered: dict[str, bool] = field(default_factory=dict[str, bool])
+    """Usage key -> whether a priced unit covers it (itself or an ancestor)."""
+
+    def covers(self, key: str) -> bool:
+        """Whether a price applies to `key` (a price for it, or for a more general unit that includes it)."""
+        try:
+            return self.covered[key]
+        except KeyError:
+            dims = _UNITS[key].dimensions.items()
+            result = self.free or any(p.dimensions.items() <= dims for p in self.priced)
+            self.covered[key] = result
+            return result
+
+
+def _has_time_of_day(info: ModelInfo) -> bool:
+    constraints = [p.constraint for p in info.prices] if isinstance(info.prices, list) else []
+    constraints += [v.constraint for v in info.price_variants or ()]
+    return any(isinstance(c, TimeOfDateConstraint) for c in constraints)
+
+
+def _compiled(found: _Found, when: datetime, context: Mapping[str, str] | None) -> _Compiled:
+    provider, info = found
+    # genai-prices ignores the request context for a model found through a fallback provider.
+    if context and not any(info is m for m in provider.models):
+        context = None
+    key = (id(info), when.astimezone(UTC).date(), tuple(sorted(context.items())) if context else ())
+    compiled = _compiled_prices.get(key)
+    if compiled is not None:
+        return compiled
+    compiled = _compile(info.get_prices(when, context), provider, info)
+    if _has_time_of_day(info):
+        compiled.exact = False  # the price depends on the time of day, not only the date: never reused as exact
+        return compiled
+    if len(_compiled_prices) >= _MAX_CACHED:
+        _compiled_prices.clear()
+    _compiled_prices[key] = compiled
+    return compiled
+
+
+def _compile(price: ModelPrice, provider: Provider, info: ModelInfo) -> _Compiled:
+    items = [(k, v) for k, v in price.__dict__.items() if not k.startswith('_') and v is not None]
+    exact = not (provider.id == 'groq' and info.id.startswith('whisper'))  # genai-prices bills >= 10 s there
+    terms: list[tuple[str, Decimal | TieredPrices, int]] = []
+    priced: list[UnitDef] = []
+    for price_key, value in items:
+        try:
+            unit = _REGISTRY.unit_for_price_key(price_key)
+        except KeyError:
+            exact = False  # a price key our registry does not know: genai-prices decides
+            continue
+        priced.append(unit)
+        terms.append((unit.usage_key, cast(Decimal | TieredPrices, value), unit.per))
+    tiered = any(isinstance(price, TieredPrices) for _, price, _ in terms)
+    token_units = sorted(
+        (u for u in priced if u.usage_key != 'requests'), key=lambda u: (-len(u.dimensions), u.usage_key)
+    )
+    leaves = tuple(
+        (
+            unit.usage_key,
+            tuple(
+                d.usage_key for d in token_units if d is not unit and unit.dimensions.items() <= d.dimensions.items()
+            ),
+        )
+        for unit in token_units
+    )
+    return _Compiled(tuple(terms), tiered, leaves, exact, free=not items, priced=tuple(priced))
+
+
+def _genai_cost(found: _Found, values: dict[str, Any], when: datetime, service_tier: str | None) -> Decimal | str:
+    """The cost genai-prices gives `values`, or the reason there is none."""
+    compiled = _compiled(found, when, price_context(service_tier))
+    for key, value in values.items():
+        if value and not compiled.covers(key):
+            return f'no price for {key} of {found[0].id}/{found[1].id}'
+    if compiled.exact:
+        total = _fast_total(compiled, values)
+        if total is not None:
+            return total
+    provider, info = found
+    try:
+        return info.calc_price(
+            genai_prices.Usage(**values),
+            provider,
+            genai_request_timestamp=when,
+            price_context=price_context(service_tier),
+        ).total_price
+    except (LookupError, ValueError) as exc:
+        return f'genai-prices: {exc}'
+
+
+def _fast_total(compiled: _Compiled, values: Mapping[str, Any]) -> Decimal | None:
+    """genai-prices' total for `values` from the compiled terms, or None when it must decide itself.
+
+    The same leaf counts (each priced key minus its priced descendants), the same tier choice and the same
+    Decimal operations in the same order as `ModelPrice.calc_price`, so the result is identical, rounding included.
+    """
+    leaves: dict[str, Any] = {}
+    for usage_key, descendants in compiled.leaves:
+        value = values.get(usage_key)
+        if value is None:
+            if any(values.get(d) for d in descendants) or any(
+                values.get(a) and values.get(b) for a, b in _joins_of(usage_key)
+            ):
+                return None  # genai-prices infers or refuses a missing total: let it say which
+            value = 0
+        leaf = value - sum(leaves[d] for d in descendants) if descendants else value
+        if leaf < 0:
+            return None
+        leaves[usage_key] = leaf
+    total_input = 0
+    if compiled.tiered:
+        total_input = values.get('input_tokens')
+        if total_input is None:
+            return None
+    total = Decimal(0)
+    for usage_key, price, per in compiled.terms:
+        count = 1 if usage_key == 'requests' else leaves[usage_key]
+        if not count:
+            continue
+        if isinstance(price, TieredPrices):
+            applicable = price.base
+            for tier in reversed(price.tiers):
+                if total_input > tier.start:
+                    applicable = tier.price
+                    break
+            total += applicable * count / per
+        else:
+            total += price * count / per
+    return total
+
+
+def _joins(unit: UnitDef) -> tuple[tuple[str, str], ...]:
+    # Pairs of usage keys that jointly describe `unit` without either containing the other (cache reads and
+    # audio input describe cached audio): reported together, genai-prices refuses to infer `unit` itself.
+    units = list(_UNITS.values())
+    return tuple(
+        (a.usage_key, b.usage_key)
+        for i, a in enumerate(units)
+        for b in units[i + 1 :]
+        if a.is_compatible_with(b)
+        and not (a.dimensions.items() <= b.dimensions.items() or b.dimensions.items() <= a.dimensions.items())
+        and {**a.dimensions, **b.dimensions} == dict(unit.dimensions)
+    )
+
+
+_JOINS: dict[str, tuple[tuple[str, str], ...]] = {}
+
+
+def _joins_of(usage_key: str) -> tuple[tuple[str, str], ...]:
+    try:
+        return _JOINS[usage_key]
+    except KeyError:  # worked out on first use: all pairs of units, too slow for import time
+        joins = _JOINS[usage_key] = _joins(_UNITS[usage_key])
+        return joins
+
+
+# --- one call for the writer and for budgets ---------------------------------------------------------------
+
+
+_CALLER_PRICED_PREFIX = 'pydantic-ai'
+
+
+def price_fields(fields: Mapping[str, Any], table: PriceTable | None = None) -> Priced:
+    """Price a record's fields exactly as the writer will, e.g. on the caller's thread for a budget check.
+
+    `fields` is a `UsageRecord`'s `__dict__` or the raw mapping given to `track()`. A cost the caller gave is
+    kept (`pricing_status` `priced`, its `price_source`), unless a token override of the table applies to the
+    model or the provider is mapped as a gateway: our table wins over pydantic-ai's cost. `table` None means
+    the process-wide table. Never raises.
+    """
+    try:
+        resolved = table if table is not None else get_price_table()
+    except ValueError as exc:
+        _log.error('price-table', 'pai-usage: %s; usage is recorded unpriced until it is fixed', exc)
+        return _unpriced('bad price file')
+    provider = fields.get('provider')
+    model = fields.get('model')
+    cost = fields.get('cost_usd')
+    status = fields.get('pricing_status')
+    if cost is not None or status is not None:
+        ours = (
+            resolved.token_price(resolved.resolve_provider(provider), model) is not None
+            or (provider is not None and provider in resolved.provider_aliases)
+            or (status == 'priced' and _missed_by_caller(fields))
+        )
+        if not ours:
+            if status is not None:
+                return Priced(cost, status, fields.get('price_source'))
+            return Priced(cost, 'priced', fields.get('price_source'))
+    created = fields.get('created_at')
+    try:
+        tokens = TokenCounts.from_columns(fields)
+        units = _units(fields.get('units'))
+    except (TypeError, ValueError, ArithmeticError):
+        return _unpriced('invalid usage counts')  # the writer rejects the record itself; budgets must not raise
+    return price_usage(
+        provider=provider,
+        model=model,
+        tokens=tokens,
+        units=units,
+        unit_type=fields.get('unit_type'),
+        timestamp=created if isinstance(created, datetime) else None,
+        service_tier=fields.get('service_tier'),
+        table=resolved,
+    )
+
+
+def _missed_by_caller(fields: Mapping[str, Any]) -> bool:
+    """Whether pydantic-ai's cost left out a billable quantity it keeps only in `details` (web search requests)."""
+    source = fields.get('price_source')
+    details = fields.get('details')
+    if not details or not isinstance(source, str) or not source.startswith(_CALLER_PRICED_PREFIX):
+        return False
+    return any(details.get(alias) and not details.get(key) for alias, key in DETAIL_ALIASES.items())
+
+
+def _units(value: Any) -> Decimal | None:
+    if value is None or isinstance(value, Decimal):
+        return value
+    return Decimal(str(value))
+
+
+# --- what `pai-usage prices MODEL` shows ------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,7 +773,7 @@ class EffectivePrice:
     source: Literal['config', 'genai-prices', 'none']
     """Where the token prices come from; `config` also when only unit prices are known."""
     token_prices: dict[str, Decimal] = field(default_factory=dict[str, Decimal])
-    """USD per million tokens, by kind (`input_mtok`, `output_mtok`, ...); the base tier when tiered."""
+    """USD per million tokens (or per unit, for genai-prices' other keys), by price key; the base tier when tiered."""
     unit_prices: dict[str, Decimal] = field(default_factory=dict[str, Decimal])
     """USD per unit, by unit type, from our table, for this provider and model."""
     token_tiers: dict[str, tuple[tuple[int, Decimal], ...]] = field(
@@ -410,7 +781,7 @@ class EffectivePrice:
     )
     """Tiered token prices: `(input tokens from which it applies, USD per million)` above the base tier."""
     price_source: str | None = None
-    """The `price_source` rows priced this way get: `genai-prices 0.2.3`, `config`, or None."""
+    """The `price_source` rows priced this way get: `genai-prices 0.2.3`, `config: ...`, or None."""
 
 
 def effective_price(
@@ -422,13 +793,15 @@ def effective_price(
     or found by genai-prices), only unit prices naming the model itself apply, not provider-wide ones.
     """
     table = table or get_price_table()
+    provider = table.resolve_provider(provider)
+    found: _Found | None
     try:
-        found_provider, info = genai_prices.data_snapshot.get_snapshot().find_provider_model(
+        found = genai_prices.data_snapshot.get_snapshot().find_provider_model(
             model, provider=None, provider_id=provider, provider_api_url=None
         )
     except LookupError:
-        found_provider, info = None, None
-    resolved = provider or (found_provider.id if found_provider is not None else None)
+        found = None
+    resolved = provider or (found[0].id if found is not None else None)
     units = {p.unit_type: p.usd_per_unit for p in reversed(table.units) if _unit_applies(p, resolved, model)}
 
     override = table.token_price(resolved, model)
@@ -444,34 +817,34 @@ def effective_price(
             }.items()
             if v is not None
         }
-        return EffectivePrice(resolved, model, 'config', tokens, units, price_source=CONFIG_SOURCE)
-    if info is None or found_provider is None:
+        source = f'{CONFIG_SOURCE}: tokens {override.provider}/{override.model}'
+        return EffectivePrice(resolved, model, 'config', tokens, units, price_source=source)
+    if found is None:
         source = 'config' if units else 'none'
         return EffectivePrice(resolved, model, source, {}, units, price_source=CONFIG_SOURCE if units else None)
-    model_price = info.get_prices(at or datetime.now(UTC))
+    model_price = found[1].get_prices(at or datetime.now(UTC))
     tokens, tiers = _price_fields(model_price)
-    return EffectivePrice(found_provider.id, model, 'genai-prices', tokens, units, tiers, GENAI_PRICES_SOURCE)
+    return EffectivePrice(found[0].id, model, 'genai-prices', tokens, units, tiers, GENAI_PRICES_SOURCE)
 
 
 def _unit_applies(price: UnitPrice, provider: str | None, model: str) -> bool:
     if not fnmatchcase(model, price.model):
         return False
     if provider is None:
-        # Unknown provider: a catch-all model pattern (ElevenLabs' `*`) would claim every model.
+        # Unknown provider: a catch-all model pattern would claim every model.
         return price.model != '*'
     return fnmatchcase(provider, price.provider)
 
 
-def _price_fields(model_price: object) -> tuple[dict[str, Decimal], dict[str, tuple[tuple[int, Decimal], ...]]]:
+def _price_fields(model_price: ModelPrice) -> tuple[dict[str, Decimal], dict[str, tuple[tuple[int, Decimal], ...]]]:
     prices: dict[str, Decimal] = {}
     tiers: dict[str, tuple[tuple[int, Decimal], ...]] = {}
-    attributes = vars(model_price)
-    for name, value in attributes.items():
-        if not name.endswith('_mtok'):
+    for name, value in vars(model_price).items():
+        if name.startswith('_'):
             continue
         if isinstance(value, Decimal):
             prices[name] = value
-        elif isinstance(value, genai_prices.types.TieredPrices):
+        elif isinstance(value, TieredPrices):
             prices[name] = value.base
             tiers[name] = tuple((tier.start, tier.price) for tier in value.tiers)
     return prices, tiers

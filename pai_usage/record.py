@@ -109,7 +109,9 @@ class UsageRecord(BaseModel):
     provider: _Label | None = None
     """Provider id as genai-prices knows it (`openai`, `anthropic`, `google-gla`, `google-vertex`, ...)."""
     model: _Label | None = None
-    """Model name as the provider reported it."""
+    """Model name as the provider reported it (the model that served the call, when the response names it)."""
+    service_tier: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+    """Tier the call was served at (`standard`, `flex`, `priority`, `batch`), priced as such; None is standard."""
     operation: _Label = 'request'
     """What the call did: `agent_run`, `generate_image`, `analyze_text`, `text_to_speech`, ..."""
     source: Source = 'direct'

@@ -126,6 +126,7 @@ class TokenUsage(TableBase, table=True):
 
     provider: str | None = Field(default=None, max_length=255)
     model: str | None = Field(default=None, max_length=255)
+    service_tier: str | None = Field(default=None, max_length=32)
     operation: str = Field(max_length=255)
     source: str = Field(max_length=16)
 

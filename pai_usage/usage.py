@@ -13,8 +13,9 @@ from dataclasses import KW_ONLY, dataclass, field, fields
 from typing import Any
 
 from genai_prices import Usage as PriceUsage
+from genai_prices.data_units import unit_data
 
-__all__ = ('TOKEN_BUCKETS', 'TokenCounts')
+__all__ = ('DETAIL_ALIASES', 'TOKEN_BUCKETS', 'USAGE_KEYS', 'TokenCounts', 'price_values')
 
 TOKEN_BUCKETS = (
     'input_tokens',
@@ -28,8 +29,24 @@ TOKEN_BUCKETS = (
 )
 """The token columns of `token_usage`, each counting tokens no other bucket counts."""
 
-# `details` keys that refine a bucket (never add to it) and that genai-prices knows how to price.
-_PRICED_DETAILS = ('cache_write_1h_tokens', 'cache_audio_read_tokens')
+USAGE_KEYS: frozenset[str] = frozenset(unit_data) - {'requests'}
+"""genai-prices' usage keys: every billable quantity it can price (`details` keys by these names are priced)."""
+_FROM_COLUMNS = frozenset(
+    {
+        'input_tokens',
+        'cache_read_tokens',
+        'cache_write_tokens',
+        'input_audio_tokens',
+        'output_tokens',
+        'output_reasoning_tokens',
+        'output_audio_tokens',
+        'output_image_tokens',
+    }
+)
+# genai-prices keys rebuilt from the bucket columns; a `details` entry of the same name (a provider's raw
+# count, e.g. Anthropic's uncached `input_tokens` in pydantic-ai's details) is never priced on top.
+DETAIL_ALIASES: dict[str, str] = {'web_search_requests': 'web_searches'}
+"""pydantic-ai `details` names of billable quantities, by genai-prices key (used when that key is absent)."""
 
 
 @dataclass(slots=True)
@@ -133,26 +150,28 @@ class TokenCounts:
             details=extra,
         )
 
+    @classmethod
+    def from_price_values(cls, values: Mapping[str, int]) -> TokenCounts:
+        """Buckets for genai-prices usage values (inclusive, under its keys); its other keys go to `details`."""
+        extra = {k: v for k, v in values.items() if k not in _FROM_COLUMNS and v}
+        cache_audio = extra.pop('cache_audio_read_tokens', 0)
+        counts = cls.from_inclusive(
+            input_tokens=values.get('input_tokens', 0),
+            cache_read_tokens=values.get('cache_read_tokens', 0),
+            cache_write_tokens=values.get('cache_write_tokens', 0),
+            input_audio_tokens=values.get('input_audio_tokens', 0),
+            cache_audio_read_tokens=cache_audio,
+            output_tokens=values.get('output_tokens', 0),
+            reasoning_tokens=values.get('output_reasoning_tokens', 0),
+            output_audio_tokens=values.get('output_audio_tokens', 0),
+            output_image_tokens=values.get('output_image_tokens', 0),
+            details=extra,
+        )
+        return counts
+
     def to_price_usage(self) -> PriceUsage:
-        """The inclusive `genai_prices.Usage` that prices exactly these tokens."""
-        values: dict[str, int] = {
-            'input_tokens': self.total_input_tokens,
-            'cache_read_tokens': self.cache_read_tokens,
-            'cache_write_tokens': self.cache_write_tokens,
-            'input_audio_tokens': self.input_audio_tokens + self.details.get('cache_audio_read_tokens', 0),
-            'output_tokens': self.total_output_tokens,
-            'output_audio_tokens': self.output_audio_tokens,
-            'output_image_tokens': self.output_image_tokens,
-        }
-        for key in _PRICED_DETAILS:
-            if self.details.get(key):
-                values[key] = self.details[key]
-        usage = {k: v for k, v in values.items() if v}
-        if values['input_audio_tokens'] and self.cache_read_tokens:
-            # Our buckets know exactly how much cached input was audio (0 unless noted); left out,
-            # genai-prices would have to guess, and refuses to.
-            usage['cache_audio_read_tokens'] = self.details.get('cache_audio_read_tokens', 0)
-        return PriceUsage(**usage)
+        """The inclusive `genai_prices.Usage` that prices exactly these tokens (see `price_values`)."""
+        return PriceUsage(**price_values(self))
 
     def __add__(self, other: TokenCounts) -> TokenCounts:
         summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != 'details'}
@@ -160,3 +179,39 @@ class TokenCounts:
         for k, v in other.details.items():
             details[k] = details.get(k, 0) + v
         return TokenCounts(**summed, details=details)
+
+
+def price_values(tokens: TokenCounts) -> dict[str, Any]:
+    """Every billable quantity of `tokens`, inclusive, under genai-prices' usage keys (zeros left out).
+
+    The buckets give the totals (`input_tokens` includes cache and audio, `output_tokens` includes reasoning,
+    audio and image); `details` entries named by a genai-prices key (modality breakdowns, cache TTLs, web
+    searches, citation tokens, ...) are passed as they are, since they refine a total without adding to it.
+    """
+    values: dict[str, Any] = {}
+    details = tokens.details
+    cache_audio = details.get('cache_audio_read_tokens', 0)
+    for key, value in (
+        ('input_tokens', tokens.total_input_tokens),
+        ('cache_read_tokens', tokens.cache_read_tokens),
+        ('cache_write_tokens', tokens.cache_write_tokens),
+        ('input_audio_tokens', tokens.input_audio_tokens + cache_audio),
+        ('output_tokens', tokens.total_output_tokens),
+        ('output_reasoning_tokens', tokens.reasoning_tokens),
+        ('output_audio_tokens', tokens.output_audio_tokens),
+        ('output_image_tokens', tokens.output_image_tokens),
+    ):
+        if value:
+            values[key] = value
+    if details:
+        for key, value in details.items():
+            if value and key in USAGE_KEYS and key not in _FROM_COLUMNS:
+                values[key] = value
+        for alias, key in DETAIL_ALIASES.items():
+            if key not in values and details.get(alias):
+                values[key] = details[alias]
+    if 'input_audio_tokens' in values and tokens.cache_read_tokens and 'cache_audio_read_tokens' not in values:
+        # Our buckets know exactly how much cached input was audio (0 unless noted); left out,
+        # genai-prices would have to guess, and refuses to.
+        values['cache_audio_read_tokens'] = 0
+    return values

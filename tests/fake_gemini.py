@@ -80,6 +80,10 @@ class Reply:
     """Per-chunk `usageMetadata` when streamed; default: running totals ending at `usage`."""
     cut_after: int | None = None
     """When streamed, drop the connection after this many chunks (a network failure mid-stream)."""
+    model_version: str | None = None
+    """`modelVersion` of the answer (the model that served an alias); default: the model requested."""
+    service_tier: str | None = None
+    """Sent as the `x-gemini-service-tier` response header, as the Gemini API reports the tier served."""
 
 
 @dataclass
@@ -139,6 +143,7 @@ class FakeGemini:
     _failures: deque[_Failure] = field(default_factory=deque[_Failure])
     _operations: dict[str, dict[str, Any]] = field(default_factory=dict[str, dict[str, Any]])
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _headers: dict[str, str] = field(default_factory=dict[str, str])
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -205,9 +210,12 @@ class FakeGemini:
             return failure.code, 'application/json', json.dumps(body).encode()
         action = request.action
         if action == 'generateContent':
-            return 200, 'application/json', json.dumps(self._generate(request, self._next_reply())).encode()
+            reply = self._next_reply()
+            self._set_headers(reply)
+            return 200, 'application/json', json.dumps(self._generate(request, reply)).encode()
         if action == 'streamGenerateContent':
             reply = self._next_reply()
+            self._set_headers(reply)
             chunks = list(self._stream(request, reply))
             events = ''.join(f'data: {json.dumps(chunk)}\r\n\r\n' for chunk in chunks[: reply.cut_after])
             if reply.cut_after is not None:
@@ -222,6 +230,16 @@ class FakeGemini:
             return 200, 'application/json', json.dumps(self._fetch_video(request)).encode()
         body = {'error': {'code': 404, 'message': f'fake Gemini has no {request.path!r}', 'status': 'NOT_FOUND'}}
         return 404, 'application/json', json.dumps(body).encode()
+
+    def _set_headers(self, reply: Reply) -> None:
+        with self._lock:
+            self._headers = {'x-gemini-service-tier': reply.service_tier} if reply.service_tier else {}
+
+    def take_headers(self) -> dict[str, str]:
+        """Extra headers for the answer being sent (set by its `Reply`), once."""
+        with self._lock:
+            headers, self._headers = self._headers, {}
+        return headers
 
     def _wants_image(self, request: RecordedRequest, reply: Reply) -> bool:
         if reply.image is not None:
@@ -272,7 +290,7 @@ class FakeGemini:
             parts.append({'inlineData': {'mimeType': 'image/png', 'data': base64.b64encode(PNG_1X1).decode()}})
         body: dict[str, Any] = {
             'candidates': [{'content': {'role': 'model', 'parts': parts}, 'finishReason': 'STOP', 'index': 0}],
-            'modelVersion': request.model,
+            'modelVersion': reply.model_version or request.model,
             'responseId': uuid.uuid4().hex[:20],
         }
         usage = self._usage(request, reply, image)
@@ -290,7 +308,7 @@ class FakeGemini:
             last = i == n - 1
             chunk: dict[str, Any] = {
                 'candidates': [{'content': {'role': 'model', 'parts': [{'text': piece}]}, 'index': 0}],
-                'modelVersion': request.model,
+                'modelVersion': reply.model_version or request.model,
                 'responseId': response_id,
             }
             if last:
@@ -375,6 +393,8 @@ def _handler(fake: FakeGemini) -> type[BaseHTTPRequestHandler]:
                 payload = payload.removesuffix(_CUT)
             self.send_response(status)
             self.send_header('Content-Type', content_type)
+            for name, value in fake.take_headers().items():
+                self.send_header(name, value)
             self.send_header('Content-Length', str(len(payload) + (1000 if cut else 0)))
             self.end_headers()
             self.wfile.write(payload)

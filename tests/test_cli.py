@@ -24,12 +24,16 @@ from pai_usage import UsageRecord, UsageTracker, _cli
 from pai_usage._cli import cli_logic
 from pai_usage.export import export_rows
 from pai_usage.migrate import available_migrations
-from pai_usage.pricing import PRICES_ENV_VAR, set_price_table
+from pai_usage.pricing import PRICES_ENV_VAR, PriceTable, get_price_table, set_price_table
 from pai_usage.table import TOKEN_USAGE
 from pai_usage.tracker import DATABASE_URL_ENV_VAR
 from pai_usage.usage import TOKEN_BUCKETS
 
 ALL_TIME = ['--since', '2000-01-01', '--until', '2099-12-31']
+_IMAGEN_3 = PriceTable().unit_price('google-vertex', 'imagen-3.0-generate-002', 'image')
+assert _IMAGEN_3 is not None
+IMAGEN_3_PRICE = _IMAGEN_3.usd_per_unit
+"""The shipped list price of an Imagen 3 image (`pai_usage.pricing.DEFAULT_UNIT_PRICES`)."""
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -133,7 +137,7 @@ def test_summary_json_cost_matches_genai_prices(populated: UsageTracker, capsys:
         'gemini-2.0-flash',
         provider_id='google-gla',
     ).total_price
-    images = 3 * Decimal('0.02')  # the documented default Imagen price
+    images = 3 * IMAGEN_3_PRICE  # the shipped Imagen 3 list price
     assert Decimal(document['total_cost_usd']) == flash + images
     assert document['organization_id'] == 'globex'
     assert {row['model'] for row in document['rows']} == {'gemini-2.0-flash', 'imagen-3.0-generate-002'}
@@ -184,7 +188,7 @@ def test_summary_csv(populated: UsageTracker, capsys: pytest.CaptureFixture[str]
     by_model = {row['model']: row for row in rows}
     assert by_model['gpt-4o']['events'] == '2'
     assert by_model['mystery-llm']['cost_usd'] == ''
-    assert Decimal(by_model['imagen-3.0-generate-002']['cost_usd']) == Decimal('0.06')
+    assert Decimal(by_model['imagen-3.0-generate-002']['cost_usd']) == 3 * IMAGEN_3_PRICE
     assert sum(Decimal(row['cost_usd'] or 0) for row in rows) == _raw_totals(populated.engine)['cost']
 
 
@@ -302,7 +306,8 @@ def test_prices_of_a_unit_priced_model(capsys: pytest.CaptureFixture[str]):
     code, out, _ = _run(capsys, 'prices', 'veo-3.0-generate-001', '--provider', 'google-vertex')
     assert code == 0
     assert 'source:   config' in out
-    assert 'video_second  $0.05' in out
+    veo = get_price_table().unit_price('google-vertex', 'veo-3.0-generate-001', 'video_second')
+    assert veo is not None and f'video_second  ${veo.usd_per_unit.normalize():f}' in out
 
 
 def test_prices_of_an_unknown_model(capsys: pytest.CaptureFixture[str]):
@@ -315,7 +320,7 @@ def test_prices_lists_the_table(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     code, out, _ = _run(capsys, 'prices')
     assert code == 0
     assert 'built-in defaults' in out
-    assert 'google*/imagen-*  image  $0.02  (default)' in out
+    assert f'google*/imagen-3.0-generate-*  image  ${IMAGEN_3_PRICE}  (default)' in out
 
     path = tmp_path / 'prices.toml'
     path.write_text('[[tokens]]\nmodel = "gpt-4o"\ninput_mtok = 2\noutput_mtok = 8\n')

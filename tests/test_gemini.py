@@ -20,7 +20,7 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCall
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
-from pai_usage import UsageContext, UsageDeps, UsageTracker, usage_context
+from pai_usage import PriceTable, UsageContext, UsageDeps, UsageTracker, usage_context
 from pai_usage._log import RateLimitedLog
 from pai_usage.capability import TrackUsage
 from pai_usage.gemini import GeminiService, GeminiUsageMixin, gemini_stats, token_counts
@@ -79,6 +79,13 @@ def price(model: str, provider: str = 'google-gla', **inclusive: int) -> Decimal
     """What genai-prices charges for the inclusive counts, at the ledger's 12 decimal places."""
     total = genai_prices.calc_price(genai_prices.Usage(**inclusive), model, provider_id=provider).total_price
     return total.quantize(Decimal('1e-12'))
+
+
+def unit_cost(provider: str, model: str, unit_type: str, units: int) -> Decimal:
+    """What the shipped unit table charges (genai-prices has no price for these models)."""
+    entry = PriceTable().unit_price(provider, model, unit_type)
+    assert entry is not None and entry.source and entry.as_of  # every shipped figure says where it came from
+    return units * entry.usd_per_unit
 
 
 def usage(**counts: Any) -> dict[str, Any]:
@@ -186,8 +193,15 @@ async def test_cached_thinking_and_tool_use_tokens(
         'reasoning_tokens': 500,
         'output_tokens': 200,
     }
-    assert row['details'] == {'tool_use_prompt_tokens': 100}
-    assert row['cost_usd'] == price('gemini-2.5-flash', input_tokens=10_100, cache_read_tokens=8_000, output_tokens=700)
+    assert row['details'] == {'input_tool_tokens': 100}  # part of `input_tokens`, under genai-prices' name
+    assert row['cost_usd'] == price(
+        'gemini-2.5-flash',
+        input_tokens=10_100,
+        input_tool_tokens=100,
+        cache_read_tokens=8_000,
+        output_tokens=700,
+        output_reasoning_tokens=500,
+    )
     # Counting the cache twice or leaving thoughts out would both give a different price.
     assert row['cost_usd'] != price('gemini-2.5-flash', input_tokens=18_100, cache_read_tokens=8_000, output_tokens=700)
     assert row['cost_usd'] != price('gemini-2.5-flash', input_tokens=10_100, cache_read_tokens=8_000, output_tokens=200)
@@ -213,7 +227,7 @@ def test_token_counts_audio_and_vertex_shapes():
         input_audio_tokens=300,
         output_tokens=50,
         output_audio_tokens=200,
-        details={'cache_audio_read_tokens': 300},
+        details={'cache_audio_read_tokens': 300, 'output_text_tokens': 50},
     )
     assert counts.total_tokens == 1_000 + 250
     assert token_counts(None) is None
@@ -301,7 +315,11 @@ async def test_imagen_per_image(
         'generate_image',
     )
     assert (row['units'], row['unit_type'], buckets(row)) == (Decimal(3), 'image', {})
-    assert (row['cost_usd'], row['pricing_status'], row['price_source']) == (Decimal('0.06'), 'override', 'config')
+    assert (row['cost_usd'], row['pricing_status'], row['price_source']) == (
+        unit_cost('google-vertex', 'imagen-4.0-generate-001', 'image', 3),
+        'override',
+        'config: units google*/imagen-4.0-generate-*',
+    )
 
 
 @pytest.mark.parametrize('mode', ['sync', 'async'])
@@ -322,18 +340,23 @@ async def test_veo_video_seconds(
     assert (row['model'], row['operation'], row['unit_type']) == (
         'veo-3.0-generate-001',
         'generate_video',
-        'video_second',
+        'video_second_audio',  # Veo 3 makes sound unless `generate_audio=False`
     )
     assert row['units'] == Decimal(12)  # 6 s x (3 requested - 1 filtered)
-    assert row['cost_usd'] == Decimal('0.60')
-    assert row['metadata'] == {'filtered_videos': 1, 'videos': 2, 'duration_seconds': 6}
+    assert row['cost_usd'] == unit_cost('google-vertex', 'veo-3.0-generate-001', 'video_second_audio', 12)
+    assert row['metadata'] == {
+        'filtered_videos': 1,
+        'videos': 2,
+        'duration_seconds': 6,
+        'generate_audio_assumed': True,
+    }
 
 
 async def test_track_units_elevenlabs(service: GeminiService, ledger: UsageTracker):
     service.track_units('elevenlabs', 'eleven_multilingual_v2', 'text_to_speech', 'character', 1_200)
     row = only_row(ledger)
     assert (row['provider'], row['units'], row['unit_type']) == ('elevenlabs', Decimal(1200), 'character')
-    assert row['cost_usd'] == Decimal('0.036')
+    assert row['cost_usd'] == unit_cost('elevenlabs', 'eleven_multilingual_v2', 'character', 1_200)
     assert (row['organization_id'], row['user_id']) == ('acme', 'u1')
 
 
@@ -601,7 +624,10 @@ async def test_rows_on_every_backend(gemini_client: Client, fake_gemini: FakeGem
     text, speech = rows(tracker)
     assert buckets(text) == {'input_tokens': 2_000, 'cache_read_tokens': 1_000, 'output_tokens': 77}
     assert text['cost_usd'] == price('gemini-2.5-flash', input_tokens=3_000, cache_read_tokens=1_000, output_tokens=77)
-    assert (speech['units'], speech['cost_usd']) == (Decimal(333), Decimal('0.00999'))
+    assert (speech['units'], speech['cost_usd']) == (
+        Decimal(333),
+        unit_cost('elevenlabs', 'eleven_multilingual_v2', 'character', 333),
+    )
 
 
 def test_example_online_needs_a_key(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
@@ -640,3 +666,143 @@ async def test_cached_text_with_audio_input_is_priced(
         cache_audio_read_tokens=0,
         output_tokens=50,
     )
+
+
+# --- issue 13: every Gemini cost equals genai-prices' price of the same REST body ----------------------------------
+
+
+def body_price(body: dict[str, Any], *, tier: str | None = None) -> Decimal | None:
+    """genai-prices' own reading of a `generateContent` body (its Google extractor), at 12 decimal places."""
+    extracted = genai_prices.extract_usage(body, provider_id='google')
+    context = {'service_tier': tier} if tier else None
+    try:
+        return extracted.calc_price(price_context=context).total_price.quantize(Decimal('1e-12'))
+    except (LookupError, ValueError):
+        return None
+
+
+MODALITY_CASES = [
+    pytest.param(
+        'gemini-live-2.5-flash',
+        usage(
+            promptTokenCount=3_100,
+            promptTokensDetails=[
+                {'modality': 'TEXT', 'tokenCount': 100},
+                {'modality': 'IMAGE', 'tokenCount': 1_000},
+                {'modality': 'VIDEO', 'tokenCount': 2_000},
+            ],
+            candidatesTokenCount=300,
+        ),
+        id='image-and-video-input',
+    ),
+    pytest.param(
+        'gemini-omni-flash-preview',
+        usage(
+            promptTokenCount=500,
+            candidatesTokenCount=1_200,
+            candidatesTokensDetails=[
+                {'modality': 'TEXT', 'tokenCount': 200},
+                {'modality': 'VIDEO', 'tokenCount': 1_000},
+            ],
+        ),
+        id='video-output',
+    ),
+    pytest.param(
+        'gemini-2.5-flash',
+        usage(
+            promptTokenCount=5_000,
+            cachedContentTokenCount=3_000,
+            promptTokensDetails=[{'modality': 'TEXT', 'tokenCount': 2_000}, {'modality': 'AUDIO', 'tokenCount': 3_000}],
+            cacheTokensDetails=[{'modality': 'TEXT', 'tokenCount': 1_000}, {'modality': 'AUDIO', 'tokenCount': 2_000}],
+            toolUsePromptTokenCount=400,
+            toolUsePromptTokensDetails=[{'modality': 'TEXT', 'tokenCount': 400}],
+            thoughtsTokenCount=600,
+            candidatesTokenCount=100,
+        ),
+        id='cached-audio-tools-thoughts',
+    ),
+    pytest.param(
+        'gemini-2.5-flash-image',
+        usage(
+            promptTokenCount=800,
+            promptTokensDetails=[{'modality': 'TEXT', 'tokenCount': 300}, {'modality': 'IMAGE', 'tokenCount': 500}],
+            candidatesTokenCount=1_400,
+            candidatesTokensDetails=[
+                {'modality': 'TEXT', 'tokenCount': 110},
+                {'modality': 'IMAGE', 'tokenCount': 1_290},
+            ],
+        ),
+        id='image-output',
+    ),
+]
+
+
+@pytest.mark.parametrize(('model', 'metadata'), MODALITY_CASES)
+async def test_every_modality_is_priced(
+    service: GeminiService, fake_gemini: FakeGemini, ledger: UsageTracker, model: str, metadata: dict[str, Any]
+):
+    fake_gemini.reply(usage=metadata, image=False)
+    service.generate_content('Describe', model=model)
+    row = only_row(ledger)
+    expected = body_price({'modelVersion': model, 'usageMetadata': metadata})
+    assert expected is not None and expected > 0
+    assert (row['cost_usd'], row['pricing_status']) == (expected, 'priced')
+    # Every token is in one bucket, so the row's total is Gemini's own total.
+    assert sum(buckets(row).values()) == metadata['totalTokenCount']
+
+
+async def test_an_alias_is_priced_as_the_model_that_served_it(
+    service: GeminiService, fake_gemini: FakeGemini, ledger: UsageTracker
+):
+    metadata = usage(promptTokenCount=10_000, candidatesTokenCount=2_000)
+    fake_gemini.reply(usage=metadata, model_version='gemini-2.5-flash')
+    service.generate_content('Hi', model='gemini-flash-latest')
+    row = only_row(ledger)
+    assert row['model'] == 'gemini-2.5-flash'
+    assert row['metadata']['requested_model'] == 'gemini-flash-latest'
+    assert row['cost_usd'] == price('gemini-2.5-flash', input_tokens=10_000, output_tokens=2_000)
+    assert row['cost_usd'] != price('gemini-flash-latest', input_tokens=10_000, output_tokens=2_000)
+
+
+@pytest.mark.parametrize('tier', ['priority', 'flex'])
+@pytest.mark.parametrize('stream', [False, True])
+async def test_the_service_tier_served_is_priced(
+    service: GeminiService, fake_gemini: FakeGemini, ledger: UsageTracker, tier: str, stream: bool
+):
+    model = 'gemini-3.8-flash-tts'  # genai-prices has flex and priority prices for it
+    metadata = usage(promptTokenCount=20_000, candidatesTokenCount=4_000)
+    fake_gemini.reply(usage=metadata, service_tier=tier.upper(), chunk_usage=[metadata] * 3 if stream else None)
+    if stream:
+        assert ''.join(c.text or '' for c in service.generate_content_stream('Read this', model=model))
+    else:
+        service.generate_content('Read this', model=model)
+    row = only_row(ledger)
+    body = {'modelVersion': model, 'usageMetadata': metadata}
+    assert row['service_tier'] == tier
+    assert row['cost_usd'] == body_price(body, tier=tier)
+    assert row['cost_usd'] != body_price(body)  # the standard price differs
+
+
+async def test_the_requested_tier_is_used_when_the_response_says_none(
+    service: GeminiService, fake_gemini: FakeGemini, ledger: UsageTracker
+):
+    model = 'gemini-3.8-flash-tts'
+    metadata = usage(promptTokenCount=20_000, candidatesTokenCount=4_000)
+    fake_gemini.reply(usage=metadata)
+    service.generate_content('Read this', model=model, config=types.GenerateContentConfig(service_tier='flex'))
+    row = only_row(ledger)
+    assert row['service_tier'] == 'flex'
+    assert row['cost_usd'] == body_price({'modelVersion': model, 'usageMetadata': metadata}, tier='flex')
+
+
+@pytest.mark.parametrize(('generate_audio', 'unit_type'), [(False, 'video_second'), (True, 'video_second_audio')])
+async def test_veo_audio_is_priced_separately(
+    vertex_service: GeminiService, fake_gemini: FakeGemini, ledger: UsageTracker, generate_audio: bool, unit_type: str
+):
+    vertex_service.generate_video(
+        'A sneaker ad', model='veo-3.0-fast-generate-001', duration_seconds=4, poll_interval=0,
+        generate_audio=generate_audio,
+    )  # fmt: skip
+    row = only_row(ledger)
+    assert (row['unit_type'], row['units']) == (unit_type, Decimal(4))
+    assert row['cost_usd'] == unit_cost('google-vertex', 'veo-3.0-fast-generate-001', unit_type, 4)

@@ -7,7 +7,7 @@ from typing import Any
 import genai_prices
 import pytest
 
-from pai_usage.usage import TOKEN_BUCKETS, TokenCounts
+from pai_usage.usage import TOKEN_BUCKETS, TokenCounts, price_values
 
 
 def test_from_inclusive_splits_into_non_overlapping_buckets():
@@ -71,9 +71,8 @@ def test_inconsistent_counts_never_make_negative_buckets(inclusive: dict[str, in
 def test_to_price_usage_restores_the_inclusive_counts(inclusive: dict[str, int]):
     usage = TokenCounts.from_inclusive(**inclusive).to_price_usage()
     for name, value in inclusive.items():
-        if name == 'reasoning_tokens':
-            continue  # genai-prices prices reasoning as output; it has no separate field
-        assert getattr(usage, name) == value, name
+        key = 'output_reasoning_tokens' if name == 'reasoning_tokens' else name
+        assert getattr(usage, key) == value, name
     assert isinstance(usage, genai_prices.Usage)
 
 
@@ -95,3 +94,37 @@ def test_addition_sums_buckets_and_details():
     a = TokenCounts(input_tokens=1, cache_read_tokens=2, details={'x': 1})
     b = TokenCounts(input_tokens=10, output_tokens=5, details={'x': 2, 'y': 3})
     assert a + b == TokenCounts(input_tokens=11, cache_read_tokens=2, output_tokens=5, details={'x': 3, 'y': 3})
+
+
+@pytest.mark.parametrize(
+    'values',
+    [
+        {'input_tokens': 3_100, 'input_text_tokens': 100, 'input_image_tokens': 1_000, 'input_video_tokens': 2_000,
+         'output_tokens': 300},
+        {'input_tokens': 1_700, 'cache_read_tokens': 200, 'input_image_tokens': 1_000, 'cache_image_read_tokens': 50,
+         'output_tokens': 600, 'output_image_tokens': 500},
+        {'input_tokens': 1_000, 'output_tokens': 5_000, 'output_reasoning_tokens': 3_000,
+         'output_citation_tokens': 1_500, 'web_searches': 4},
+        {'input_tokens': 5_400, 'cache_read_tokens': 3_000, 'input_audio_tokens': 3_000,
+         'cache_audio_read_tokens': 2_000, 'input_tool_tokens': 400, 'output_tokens': 700,
+         'output_reasoning_tokens': 600},
+    ],
+)  # fmt: skip
+def test_genai_prices_values_round_trip_through_the_buckets(values: dict[str, int]):
+    counts = TokenCounts.from_price_values(values)
+    assert price_values(counts) == values
+    # Each token once: the buckets add up to genai-prices' input and output totals.
+    assert counts.total_input_tokens == values['input_tokens']
+    assert counts.total_output_tokens == values['output_tokens']
+
+
+def test_provider_details_under_other_names_are_not_priced_twice():
+    # pydantic-ai keeps a provider's raw counts in `details`; only genai-prices' own keys are billable ones.
+    counts = TokenCounts(input_tokens=100, output_tokens=10, details={'input_tokens': 100, 'reasoning_tokens': 5})
+    assert price_values(counts) == {'input_tokens': 100, 'output_tokens': 10}
+
+
+def test_web_search_requests_are_priced_as_web_searches_unless_reported():
+    assert price_values(TokenCounts(input_tokens=1, details={'web_search_requests': 2}))['web_searches'] == 2
+    both = TokenCounts(input_tokens=1, details={'web_search_requests': 5, 'web_searches': 1})
+    assert price_values(both)['web_searches'] == 1  # Google: billed searches, not the query count

@@ -9,8 +9,9 @@ import time
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from enum import Enum
 from types import TracebackType
-from typing import Any, ParamSpec, Protocol
+from typing import Any, ParamSpec, Protocol, cast
 
 from google import genai
 from google.genai import errors, types
@@ -249,6 +250,7 @@ class GeminiUsageMixin:
         request_id: str | None = None,
         error: BaseException | None = None,
         metadata: Mapping[str, Any] | None = None,
+        service_tier: str | None = None,
     ) -> None:
         try:
             who = self._attribution()
@@ -265,6 +267,8 @@ class GeminiUsageMixin:
                 'request_id': request_id,
                 'duration_ms': duration_ms,
             }
+            if service_tier is not None:
+                fields['service_tier'] = service_tier
             missing = 0
             if error is not None:
                 meta.update(_error_metadata(error))
@@ -307,19 +311,23 @@ class GeminiUsageMixin:
         operation: str = 'generate_content',
         duration_ms: int | None = None,
         metadata: Mapping[str, Any] | None = None,
+        config: types.GenerateContentConfigOrDict | None = None,
     ) -> None:
-        """Record a `generate_content` response you obtained yourself: tokens from its `usage_metadata`."""
+        """Record a `generate_content` response you obtained yourself: tokens from its `usage_metadata`.
+
+        The row names the model that served the call (`model_version`) when the response says, and keeps the
+        requested name in `metadata.requested_model`; the service tier comes from the response, else `config`.
+        """
         meta = dict(metadata or {})
-        version = response.model_version
-        if version and _model_name(version) != _model_name(model):
-            meta['model_version'] = version
+        served = _served_model(model, response.model_version, meta)
         self._record(
             operation=operation,
-            model=model,
+            model=served,
             tokens=token_counts(response.usage_metadata),
             duration_ms=duration_ms,
             request_id=response.response_id,
             metadata=meta,
+            service_tier=_service_tier(response, config),
         )
 
     @_never_raises
@@ -366,7 +374,9 @@ class GeminiUsageMixin:
             response = self.client.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
                 model=model, contents=contents, config=config
             )
-        self.track_response(response, model=model, operation=operation, duration_ms=call.ms, metadata=metadata)
+        self.track_response(
+            response, model=model, operation=operation, duration_ms=call.ms, metadata=metadata, config=config
+        )
         return response
 
     async def atracked_generate_content(
@@ -383,7 +393,9 @@ class GeminiUsageMixin:
             response = await self.client.aio.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
                 model=model, contents=contents, config=config
             )
-        self.track_response(response, model=model, operation=operation, duration_ms=call.ms, metadata=metadata)
+        self.track_response(
+            response, model=model, operation=operation, duration_ms=call.ms, metadata=metadata, config=config
+        )
         return response
 
     def tracked_generate_content_stream(
@@ -400,7 +412,7 @@ class GeminiUsageMixin:
         Chunk usage is a running total, so the stream's usage is the last one seen, never a sum. A stream
         abandoned early is recorded with the usage seen so far and `metadata.stream_incomplete`.
         """
-        with _StreamState(self, model, operation, metadata) as stream:
+        with _StreamState(self, model, operation, metadata, config) as stream:
             chunks = self.client.models.generate_content_stream(  # pyright: ignore[reportUnknownMemberType]
                 model=model, contents=contents, config=config
             )
@@ -418,7 +430,7 @@ class GeminiUsageMixin:
         metadata: Mapping[str, Any] | None = None,
     ) -> AsyncGenerator[types.GenerateContentResponse]:
         """`client.aio.models.generate_content_stream(...)`, recorded like `tracked_generate_content_stream`."""
-        with _StreamState(self, model, operation, metadata) as stream:
+        with _StreamState(self, model, operation, metadata, config) as stream:
             chunks = await self.client.aio.models.generate_content_stream(  # pyright: ignore[reportUnknownMemberType]
                 model=model, contents=contents, config=config
             )
@@ -499,11 +511,16 @@ class GeminiUsageMixin:
             meta['filtered_videos'] = filtered
         meta['videos'] = delivered
         meta['duration_seconds'] = seconds
+        audio = config.generate_audio
+        if audio is None:
+            # Veo 3 generates sound unless told not to; Veo 2 has none. Priced per second, with or without audio.
+            audio = _model_name(model).startswith('veo-3')
+            meta['generate_audio_assumed'] = audio
         self._record(
             operation=operation,
             model=model,
             units=seconds * delivered,
-            unit_type='video_second',
+            unit_type='video_second_audio' if audio else 'video_second',
             duration_ms=ms,
             request_id=operation_result.name,
             metadata=meta,
@@ -597,8 +614,16 @@ class _TimedCall:
 class _StreamState:
     """What a stream has shown so far; records exactly once, when the `with` block around the stream ends."""
 
-    def __init__(self, owner: GeminiUsageMixin, model: str, operation: str, metadata: Mapping[str, Any] | None) -> None:
+    def __init__(
+        self,
+        owner: GeminiUsageMixin,
+        model: str,
+        operation: str,
+        metadata: Mapping[str, Any] | None,
+        config: types.GenerateContentConfigOrDict | None = None,
+    ) -> None:
         self.owner = owner
+        self.config = config
         self.model = model
         self.operation = operation
         self.metadata = dict(metadata or {})
@@ -636,21 +661,64 @@ class _StreamState:
         meta = {**self.metadata, 'chunks': self.chunks}
         if incomplete:
             meta['stream_incomplete'] = True
-        version = self.last.model_version if self.last is not None else None
-        if version and _model_name(version) != _model_name(self.model):
-            meta['model_version'] = version
+        served = _served_model(self.model, self.last.model_version if self.last is not None else None, meta)
         if error is not None and self.usage is not None:
             # Output was generated (and billed) before the stream broke: the row keeps its tokens.
             meta['stream_incomplete'] = True
         self.owner._record(  # pyright: ignore[reportPrivateUsage]
             operation=self.operation,
-            model=self.model,
+            model=served,
+            service_tier=_service_tier(self.last, self.config),
             tokens=token_counts(self.usage),
             duration_ms=ms,
             request_id=self.last.response_id if self.last is not None else None,
             error=error,
             metadata=meta,
         )
+
+
+def _served_model(requested: str, version: str | None, meta: dict[str, Any]) -> str:
+    """The model to price: the one that served the call (`model_version`), the requested alias kept in `meta`."""
+    if version and _model_name(version) != _model_name(requested):
+        meta['requested_model'] = _model_name(requested)
+        meta['model_version'] = version
+        return version
+    return requested
+
+
+_TRAFFIC_TIERS = {'ON_DEMAND': 'standard', 'ON_DEMAND_PRIORITY': 'priority', 'ON_DEMAND_FLEX': 'flex'}
+"""Vertex AI `usage_metadata.traffic_type` values that name a pay-as-you-go tier."""
+
+
+def _service_tier(
+    response: types.GenerateContentResponse | None, config: types.GenerateContentConfigOrDict | None
+) -> str | None:
+    """The tier the call was served at, lowercased: what the response says, else what the request asked for.
+
+    The Gemini API reports it in the `x-gemini-service-tier` response header, Vertex AI in
+    `usage_metadata.traffic_type`; the request's `config.service_tier` is the fallback.
+    """
+    if response is not None:
+        http = response.sdk_http_response
+        header = http.headers.get('x-gemini-service-tier') if http is not None and http.headers else None
+        if header:
+            return _tier_name(header)
+        traffic = response.usage_metadata.traffic_type if response.usage_metadata is not None else None
+        if traffic is not None and traffic.value in _TRAFFIC_TIERS:
+            return _TRAFFIC_TIERS[traffic.value]
+    requested: object = None
+    if isinstance(config, types.GenerateContentConfig):
+        requested = config.service_tier
+    elif config is not None:
+        requested = cast(Mapping[str, object], config).get('service_tier')
+    return _tier_name(requested.value if isinstance(requested, Enum) else requested)
+
+
+def _tier_name(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    name = value.lower()
+    return None if name in ('', 'unspecified', 'service_tier_unspecified') else name
 
 
 def _ms(start: float) -> int:

@@ -14,7 +14,7 @@ from google.genai import types
 
 from ..usage import TokenCounts
 
-__all__ = ('merge_usage_metadata', 'modality_tokens', 'token_counts')
+__all__ = ('merge_usage_metadata', 'modality_tokens', 'price_values', 'token_counts')
 
 
 def modality_tokens(details: Sequence[types.ModalityTokenCount] | None, modality: str) -> int:
@@ -27,6 +27,44 @@ def modality_tokens(details: Sequence[types.ModalityTokenCount] | None, modality
     return total
 
 
+# Modality breakdowns by genai-prices usage key, as its own Google extractor maps them (DOCUMENT is billed as image).
+_MODALITY_KEYS = {'TEXT': 'text', 'AUDIO': 'audio', 'IMAGE': 'image', 'DOCUMENT': 'image', 'VIDEO': 'video'}
+
+
+def price_values(usage: types.GenerateContentResponseUsageMetadata) -> dict[str, int]:
+    """`usage_metadata` as genai-prices usage values: the totals and every modality breakdown, inclusive.
+
+    The same keys genai-prices' Google extractor reads from the REST body (prompt, cache, candidates and
+    tool-use details by modality, thoughts as reasoning output), so that pricing here equals genai-prices'.
+    """
+    values: dict[str, int] = {}
+
+    def add(key: str, count: int | None) -> None:
+        if count:
+            values[key] = values.get(key, 0) + count
+
+    add('input_tokens', usage.prompt_token_count)
+    add('input_tokens', usage.tool_use_prompt_token_count)
+    add('input_tool_tokens', usage.tool_use_prompt_token_count)
+    add('cache_read_tokens', usage.cached_content_token_count)
+    add('output_tokens', usage.candidates_token_count)
+    add('output_tokens', usage.thoughts_token_count)
+    add('output_reasoning_tokens', usage.thoughts_token_count)
+    for details, template in (
+        (usage.prompt_tokens_details, 'input_{}_tokens'),
+        (usage.cache_tokens_details, 'cache_{}_read_tokens'),
+        (usage.candidates_tokens_details, 'output_{}_tokens'),
+        (usage.tool_use_prompt_tokens_details, 'input_{}_tokens'),
+        (usage.tool_use_prompt_tokens_details, 'input_{}_tool_tokens'),
+    ):
+        for detail in details or ():
+            name = detail.modality.value if detail.modality is not None else None
+            modality = _MODALITY_KEYS.get(name or '')
+            if modality is not None:
+                add(template.format(modality), detail.token_count)
+    return values
+
+
 def token_counts(usage: types.GenerateContentResponseUsageMetadata | None) -> TokenCounts | None:
     """Split one response's usage into buckets, or None when the response carried no usage.
 
@@ -34,31 +72,14 @@ def token_counts(usage: types.GenerateContentResponseUsageMetadata | None) -> To
       minus the cached tokens, which go to `cache_read_tokens`; audio input goes to `input_audio_tokens`.
     - output: `candidates_token_count` plus `thoughts_token_count`; thoughts go to `reasoning_tokens`, image and
       audio candidates (from `candidates_tokens_details`) to `output_image_tokens` / `output_audio_tokens`, the
-      rest (text) to `output_tokens`.
+      rest (text, video) to `output_tokens`.
+    - every modality breakdown (text, image, audio, video of prompt, cache, candidates and tool use) is kept in
+      `details` under genai-prices' names (`input_image_tokens`, `cache_video_read_tokens`, `output_video_tokens`,
+      ...), so that a model pricing a modality separately is priced right.
     """
     if usage is None:
         return None
-    prompt = usage.prompt_token_count or 0
-    tool_use = usage.tool_use_prompt_token_count or 0
-    cached = usage.cached_content_token_count or 0
-    thoughts = usage.thoughts_token_count or 0
-    candidates = usage.candidates_token_count or 0
-    details: dict[str, int] = {}
-    if tool_use:
-        # Part of `input_tokens`; kept so that the split can be audited.
-        details['tool_use_prompt_tokens'] = tool_use
-    return TokenCounts.from_inclusive(
-        input_tokens=prompt + tool_use,
-        cache_read_tokens=cached,
-        input_audio_tokens=modality_tokens(usage.prompt_tokens_details, 'AUDIO')
-        + modality_tokens(usage.tool_use_prompt_tokens_details, 'AUDIO'),
-        cache_audio_read_tokens=modality_tokens(usage.cache_tokens_details, 'AUDIO'),
-        output_tokens=candidates + thoughts,
-        reasoning_tokens=thoughts,
-        output_audio_tokens=modality_tokens(usage.candidates_tokens_details, 'AUDIO'),
-        output_image_tokens=modality_tokens(usage.candidates_tokens_details, 'IMAGE'),
-        details=details,
-    )
+    return TokenCounts.from_price_values(price_values(usage))
 
 
 def merge_usage_metadata(

@@ -289,12 +289,18 @@ class GeminiService(GeminiUsageMixin):
         number_of_videos: int = 1,
         poll_interval: float = 10.0,
         timeout: float | None = 600.0,
+        generate_audio: bool | None = None,
     ) -> list[types.Video]:
-        """Generate videos with Veo (needs a Vertex AI client), billed per `video_second`."""
+        """Generate videos with Veo (needs a Vertex AI client), billed per second of video.
+
+        The unit is `video_second_audio` when the video has sound (Veo 3, unless `generate_audio=False`).
+        """
         op = self.tracked_generate_videos(
             model=model or self.video_model,
             source=types.GenerateVideosSource(prompt=prompt),
-            config=types.GenerateVideosConfig(duration_seconds=duration_seconds, number_of_videos=number_of_videos),
+            config=types.GenerateVideosConfig(
+                duration_seconds=duration_seconds, number_of_videos=number_of_videos, generate_audio=generate_audio
+            ),
             poll_interval=poll_interval,
             timeout=timeout,
         )
@@ -309,12 +315,15 @@ class GeminiService(GeminiUsageMixin):
         number_of_videos: int = 1,
         poll_interval: float = 10.0,
         timeout: float | None = 600.0,
+        generate_audio: bool | None = None,
     ) -> list[types.Video]:
         """Async `generate_video`."""
         op = await self.atracked_generate_videos(
             model=model or self.video_model,
             source=types.GenerateVideosSource(prompt=prompt),
-            config=types.GenerateVideosConfig(duration_seconds=duration_seconds, number_of_videos=number_of_videos),
+            config=types.GenerateVideosConfig(
+                duration_seconds=duration_seconds, number_of_videos=number_of_videos, generate_audio=generate_audio
+            ),
             poll_interval=poll_interval,
             timeout=timeout,
         )

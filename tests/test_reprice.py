@@ -1,0 +1,168 @@
+"""Reprice: stored costs recomputed from stored usage with today's tables, shown per model, applied and audited."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import genai_prices
+import pytest
+import sqlalchemy as sa
+
+from pai_usage import PriceTable, TokenPrice, UsageRecord, UsageTracker, reprice, set_price_table
+from pai_usage._cli import cli_logic
+from pai_usage.reprice import REPRICE_AUDIT
+from pai_usage.table import TOKEN_USAGE
+
+WHEN = datetime(2026, 6, 10, 12, tzinfo=UTC)
+SINCE = datetime(2026, 6, 1, tzinfo=UTC)
+OLD = PriceTable(tokens=(TokenPrice('gpt-4o', provider='openai', input_mtok=Decimal(1), output_mtok=Decimal(2)),))
+"""The contract price the rows were written with, since withdrawn."""
+
+
+def _genai(model: str, provider: str, **usage: int) -> Decimal:
+    return genai_prices.calc_price(
+        genai_prices.Usage(**usage), model, provider_id=provider, genai_request_timestamp=WHEN
+    ).total_price
+
+
+def _populate(tracker: UsageTracker) -> dict[str, Any]:
+    """Rows priced under `OLD`, plus rows reprice must leave alone; their ids by name."""
+    set_price_table(OLD)
+    records = {
+        'gpt-a': UsageRecord(created_at=WHEN, organization_id='acme', provider='openai', model='gpt-4o',
+                             input_tokens=10_000, output_tokens=1_000),
+        'gpt-b': UsageRecord(created_at=WHEN, organization_id='globex', provider='openai', model='gpt-4o',
+                             input_tokens=2_000, output_tokens=300),
+        'claude': UsageRecord(created_at=WHEN, organization_id='acme', provider='anthropic', model='claude-sonnet-4',
+                              input_tokens=5_000, output_tokens=100),
+        'gateway': UsageRecord(created_at=WHEN, organization_id='acme', provider='my-gateway', model='gpt-4o-mini',
+                               input_tokens=7_000, output_tokens=700),
+        # A failed run's zero-cost marker and a response without usage: nothing to price them from.
+        'marker': UsageRecord(created_at=WHEN, organization_id='acme', operation='agent_run', source='agent',
+                              status='error', cost_usd=Decimal(0), pricing_status='priced'),
+        'no-usage': UsageRecord(created_at=WHEN, organization_id='acme', provider='google-gla',
+                                model='gemini-2.5-flash', pricing_status='unpriced', metadata={'usage_missing': True}),
+        'before': UsageRecord(created_at=datetime(2026, 5, 1, tzinfo=UTC), provider='openai', model='gpt-4o',
+                              input_tokens=1_000),
+    }  # fmt: skip
+    for record in records.values():
+        tracker.track(record)
+    assert tracker.flush()
+    set_price_table(None)
+    return {name: record.id for name, record in records.items()}
+
+
+def _rows(engine: sa.Engine) -> dict[Any, dict[str, Any]]:
+    with engine.connect() as conn:
+        return {row['id']: dict(row) for row in conn.execute(sa.select(TOKEN_USAGE)).mappings()}
+
+
+def test_dry_run_shows_the_difference_and_changes_nothing(tracker: UsageTracker):
+    ids = _populate(tracker)
+    before = _rows(tracker.engine)
+    result = reprice(tracker.engine, since=SINCE)
+    assert not result.applied
+    assert _rows(tracker.engine) == before
+    by_model = {(g.provider, g.model): g for g in result.groups}
+    gpt = by_model[('openai', 'gpt-4o')]
+    assert (gpt.rows, gpt.changed) == (2, 2)
+    assert gpt.old_total == before[ids['gpt-a']]['cost_usd'] + before[ids['gpt-b']]['cost_usd']
+    assert gpt.new_total == _genai('gpt-4o', 'openai', input_tokens=10_000, output_tokens=1_000) + _genai(
+        'gpt-4o', 'openai', input_tokens=2_000, output_tokens=300
+    )
+    claude = by_model[('anthropic', 'claude-sonnet-4')]
+    assert (claude.rows, claude.changed, claude.old_total) == (1, 0, claude.new_total)
+    assert (by_model[(None, None)].changed, by_model[('google-gla', 'gemini-2.5-flash')].changed) == (0, 0)
+    assert result.rows == 6  # `before` is outside the range
+    with tracker.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(REPRICE_AUDIT)).scalar_one() == 0
+
+
+def test_apply_updates_audits_and_keeps_summaries_exact(tracker: UsageTracker):
+    ids = _populate(tracker)
+    before = _rows(tracker.engine)
+    set_price_table(PriceTable(provider_aliases={'my-gateway': 'openai'}))  # the gateway is mapped now
+    result = reprice(tracker.engine, since=SINCE, apply=True)
+    assert result.applied and result.changed == 3
+
+    after = _rows(tracker.engine)
+    assert after[ids['gpt-a']]['cost_usd'] == _genai('gpt-4o', 'openai', input_tokens=10_000, output_tokens=1_000)
+    assert after[ids['gateway']]['cost_usd'] == _genai('gpt-4o-mini', 'openai', input_tokens=7_000, output_tokens=700)
+    assert before[ids['gateway']]['pricing_status'] == 'unpriced'
+    for name in ('gpt-a', 'gpt-b', 'gateway'):
+        assert (after[ids[name]]['pricing_status'], after[ids[name]]['price_source']) == (
+            'priced',
+            f'genai-prices {genai_prices.__version__}',
+        )
+    for name in ('claude', 'marker', 'no-usage', 'before'):
+        assert after[ids[name]] == before[ids[name]]
+
+    with tracker.engine.connect() as conn:
+        audit = {row['usage_id']: row for row in conn.execute(sa.select(REPRICE_AUDIT)).mappings()}
+    assert set(audit) == {ids['gpt-a'], ids['gpt-b'], ids['gateway']}
+    entry = audit[ids['gpt-a']]
+    assert (entry['old_cost_usd'], entry['old_pricing_status'], entry['old_price_source']) == (
+        before[ids['gpt-a']]['cost_usd'],
+        'override',
+        'config: tokens openai/gpt-4o',
+    )
+    assert (entry['new_cost_usd'], entry['repriced_at']) == (after[ids['gpt-a']]['cost_usd'], result.repriced_at)
+
+    # Applying again finds nothing left to change.
+    assert reprice(tracker.engine, since=SINCE, apply=True).changed == 0
+    _assert_rollup_equals_raw(tracker.engine)
+
+
+def _assert_rollup_equals_raw(engine: sa.Engine) -> None:
+    if engine.dialect.name != 'postgresql':
+        return  # the daily rollup (migration 0002) is PostgreSQL's
+    key = 'day, organization_id, provider, model, operation, source'
+    with engine.connect() as conn:
+        raw = conn.execute(
+            sa.text(
+                "SELECT (created_at AT TIME ZONE 'UTC')::date AS day, organization_id, provider, model, operation, "
+                'source, count(*), coalesce(sum(cost_usd), 0), '
+                "count(*) FILTER (WHERE pricing_status = 'unpriced') FROM token_usage GROUP BY 1, 2, 3, 4, 5, 6"
+            )
+        ).all()
+        rollup = conn.execute(
+            sa.text(f'SELECT {key}, events, cost_usd, unpriced_events FROM token_usage_daily WHERE events > 0')
+        ).all()
+    assert sorted(map(tuple, rollup), key=str) == sorted(map(tuple, raw), key=str)
+
+
+@pytest.mark.parametrize(
+    ('options', 'changed'),
+    [
+        (['--model', 'gpt-4o'], 2),
+        (['--org', 'globex'], 1),
+        (['--until', '2026-06-10'], 0),
+    ],
+)
+def test_filters(tracker: UsageTracker, options: list[str], changed: int, capsys: pytest.CaptureFixture[str]):
+    _populate(tracker)
+    url = tracker.engine.url.render_as_string(hide_password=False)
+    assert cli_logic(['reprice', '--database-url', url, '--since', '2026-06-01', *options]) == 0
+    out = capsys.readouterr().out
+    total = [line for line in out.splitlines() if line.startswith('total')]
+    assert total and total[0].split()[2] == str(changed)
+    assert 'dry run' in out
+
+
+def test_cli_apply(tracker: UsageTracker, capsys: pytest.CaptureFixture[str]):
+    ids = _populate(tracker)
+    url = tracker.engine.url.render_as_string(hide_password=False)
+    assert cli_logic(['reprice', '--database-url', url, '--since', '2026-06-01', '--apply']) == 0
+    out = capsys.readouterr().out
+    assert 'openai/gpt-4o ' in out and 'applied: 2 rows updated' in out
+    assert _rows(tracker.engine)[ids['gpt-b']]['cost_usd'] == _genai(
+        'gpt-4o', 'openai', input_tokens=2_000, output_tokens=300
+    )
+    _assert_rollup_equals_raw(tracker.engine)
+
+
+def test_cli_rejects_a_bad_date(capsys: pytest.CaptureFixture[str], sqlite_url: str):
+    assert cli_logic(['reprice', '--database-url', sqlite_url, '--since', 'last week']) == 2
+    assert '--since' in capsys.readouterr().err
