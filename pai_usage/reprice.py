@@ -20,10 +20,10 @@ from typing import Any
 from uuid import UUID
 
 import sqlalchemy as sa
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
 from .pricing import PriceTable, price_fields
-from .table import COST_SCALE, TOKEN_USAGE, ExactDecimal, UTCDateTime
+from .table import COST_SCALE, TOKEN_USAGE, ExactDecimal, TableBase, UTCDateTime
 from .usage import TOKEN_BUCKETS
 
 __all__ = ('REPRICE_AUDIT', 'RepriceGroup', 'RepriceResult', 'TokenUsageReprice', 'format_reprice', 'reprice')
@@ -32,7 +32,7 @@ _QUANTUM = Decimal(1).scaleb(-COST_SCALE)
 _BATCH = 1000
 
 
-class TokenUsageReprice(SQLModel, table=True):
+class TokenUsageReprice(TableBase, table=True):
     """One repriced row of one `reprice` run: what it cost before and after, and by which rule."""
 
     __tablename__ = 'token_usage_reprice'  # pyright: ignore[reportAssignmentType]
