@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import socket
 import sqlite3
 import subprocess
@@ -20,8 +21,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from pai_usage import UsageRecord, UsageTracker, _cli
+from pai_usage import UsageRecord, UsageTracker, _cli, export
 from pai_usage._cli import cli_logic
+from pai_usage._format import format_usd
 from pai_usage.export import export_rows
 from pai_usage.migrate import available_migrations
 from pai_usage.pricing import PRICES_ENV_VAR, set_price_table
@@ -156,15 +158,16 @@ def test_summary_table(populated: UsageTracker, capsys: pytest.CaptureFixture[st
     assert (code, err) == (0, '')
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith('organization'))
-    assert header.split()[:4] == ['organization', 'model', 'events', 'unpriced']
-    assert header.split()[-2:] == ['tokens', 'cost']
+    # No row has an error: no errors column; input and output add up their buckets (--wide shows each).
+    assert header.split() == ['organization', 'model', 'events', 'unpriced', 'input', 'output', 'cost']
     mystery = next(line for line in lines if 'mystery-llm' in line)
     assert mystery.split()[-1] == 'unpriced'  # unknown is not shown as $0
+    gpt = next(line for line in lines if 'gpt-4o' in line)
+    assert gpt.split()[-3:-1] == ['12,000', '700']  # 9,000 uncached + 3,000 cache reads in; 700 out
     raw = _raw_totals(populated.engine)
     current = raw['cost'] - Decimal('0.123456789012')  # minus the 2024 event
     total_line = lines[-1]
-    assert total_line.startswith(f'Total: ${current.normalize():f}')
-    assert 'over 5 events (1 unpriced' in total_line
+    assert total_line.startswith(f'Total: {format_usd(current)} over 5 events (1 unpriced')
     tokens = sum(raw[name] for name in TOKEN_BUCKETS)
     assert f'{tokens:,} tokens' in total_line
     # Aligned: the last column is right-justified, so the header, the rule and every row end together.
@@ -173,6 +176,22 @@ def test_summary_table(populated: UsageTracker, capsys: pytest.CaptureFixture[st
     assert set(table[1].replace(' ', '')) == {'-'}
     assert len(table) == 2 + 5  # header, rule, one line per (organization, model) this month
     assert len({len(line) for line in table}) == 1
+    # Money has four places everywhere, so the decimal points line up.
+    costs = [line.split()[-1] for line in table[2:] if line.split()[-1] != 'unpriced']
+    assert all(re.fullmatch(r'\$\d[\d,]*\.\d{4}', cost) for cost in costs), costs
+    assert len({line.rindex('.') for line in table[2:] if not line.endswith('unpriced')}) == 1
+
+
+def test_summary_table_wide(populated: UsageTracker, capsys: pytest.CaptureFixture[str]):
+    code, out, _ = _run(capsys, 'summary', '--database-url', _url(populated), '--by', 'model', '--wide')
+    assert code == 0
+    header = next(line for line in out.splitlines() if line.startswith('model'))
+    assert header.split() == [
+        'model', 'events', 'unpriced', 'errors', 'input_tokens', 'cache_read_tokens', 'output_tokens',
+        'reasoning_tokens', 'tokens', 'cost',
+    ]  # fmt: skip
+    pro = next(line for line in out.splitlines() if line.startswith('gemini-2.5-pro'))
+    assert '230,000' in pro.split() and '4,000' in pro.split()  # exact counts, not 230k
 
 
 def test_summary_csv(populated: UsageTracker, capsys: pytest.CaptureFixture[str]):
@@ -438,7 +457,8 @@ def test_daily_chart_spans_the_days_with_usage(june: UsageTracker, capsys: pytes
 def test_no_daily_chart(june: UsageTracker, capsys: pytest.CaptureFixture[str], args: list[str]):
     code, out, _ = _run(capsys, 'summary', '--database-url', _url(june), *args)
     assert code == 0
-    assert '█' not in out and '$0.0000' not in out
+    assert '█' not in out
+    assert not re.search(r'^\d{4}-\d{2}-\d{2}  .*\$', out, re.MULTILINE)  # no chart line, not even an empty one
 
 
 def test_summary_focus_csv(june: UsageTracker, capsys: pytest.CaptureFixture[str]):
@@ -575,7 +595,7 @@ def _broken_rows(*args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
 def test_export_database_failure_midway(
     june: UsageTracker, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
-    monkeypatch.setattr(_cli, 'export_rows', _broken_rows)
+    monkeypatch.setattr(export, 'export_rows', _broken_rows)
     target = tmp_path / 'exports' / 'out.csv'
     target.parent.mkdir()
     code, out, err = _run(capsys, 'export', '--database-url', _url(june), *JUNE, '-o', str(target))
@@ -669,11 +689,11 @@ def this_month(tracker: UsageTracker) -> UsageTracker:
 @pytest.mark.parametrize(
     ('options', 'code', 'spend'),
     [
-        (['--limit', '3', '--org', 'acme'], 1, '3.0000'),  # spend reached the limit: exceeded
-        (['--limit', '3.01', '--org', 'acme'], 0, '3.0000'),
-        (['--limit', '$5', '--org', 'acme', '--period', 'day'], 0, '3.0000'),
-        (['--limit', '4.25'], 1, '4.2500'),  # all usage this month
-        (['--limit', '100', '--org', 'initech'], 0, '0.0000'),  # an org without spend
+        (['--limit', '3', '--org', 'acme'], 1, '$3.0000'),  # spend reached the limit: exceeded
+        (['--limit', '3.01', '--org', 'acme'], 0, '$3.0000'),
+        (['--limit', '$5', '--org', 'acme', '--period', 'day'], 0, '$3.0000'),
+        (['--limit', '4.25'], 1, '$4.2500'),  # all usage this month
+        (['--limit', '100', '--org', 'initech'], 0, '$0.0000'),  # an org without spend
     ],
 )
 def test_budgets_limit(
@@ -699,9 +719,9 @@ def test_budgets_file(this_month: UsageTracker, capsys: pytest.CaptureFixture[st
     per_org = {line.split()[3]: line for line in lines if line.startswith('per organization, $2.5/month')}
     acme, globex = per_org['acme'], per_org['globex']
     daily = next(line for line in lines if line.startswith('globex daily'))
-    assert '3.0000' in acme.split() and acme.endswith('EXCEEDED')
-    assert '1.2500' in globex.split() and not globex.endswith('EXCEEDED')
-    assert '1.2500' in daily.split() and '10.00' in daily.split() and not daily.endswith('EXCEEDED')
+    assert '$3.0000' in acme.split() and acme.endswith('EXCEEDED')
+    assert '$1.2500' in globex.split() and not globex.endswith('EXCEEDED')
+    assert '$1.2500' in daily.split() and '$10.0000' in daily.split() and not daily.endswith('EXCEEDED')
 
     path.write_text('[{"scope": "organization", "limit_usd": "100"}]')
     code, out, _ = _run(capsys, 'budgets', '--database-url', _url(this_month), '--file', str(path))
