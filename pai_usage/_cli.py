@@ -313,8 +313,11 @@ def _remember_secrets(url_text: str) -> None:
     from urllib.parse import parse_qsl, unquote, urlsplit
 
     found: set[str] = set()
-    if match := re.match(r'[A-Za-z][A-Za-z0-9+.\-]*://[^\s/?#@:]*:(?P<secret>[^\s]*)@', url_text):
-        found.add(match['secret'])
+    # With or without a scheme (`user:SECRET@host` is no URL, but it is a password all the same).
+    if match := re.match(r'(?:[A-Za-z][A-Za-z0-9+.\-]*://)?[^\s/?#@:]*:(?P<secret>[^\s]*)@', url_text):
+        secret = match['secret']
+        # An unencoded `@` in a password: drivers take what follows the first `@` for the host and echo it.
+        found.update({secret, *secret.split('@')[1:]})
     with contextlib.suppress(ValueError):
         query = urlsplit(url_text).query
         found.update(v for k, v in parse_qsl(query) if k.lower() in ('password', 'passwd', 'pwd', 'sslpassword'))
