@@ -656,6 +656,10 @@ def _charge_period(summary: UsageSummary, group: dict[str, str | None]) -> tuple
     return max(start, summary.start), min(end, summary.end)
 
 
+def _plural(count: int, noun: str) -> str:
+    return f'{count:,} {noun}' + ('' if count == 1 else 's')
+
+
 def _print_table(
     summary: UsageSummary,
     rows: list[SummaryRow],
@@ -718,7 +722,10 @@ def _print_table(
         if omitted:
             rest = sum((row.totals for row in omitted[1:]), omitted[0].totals)
             out.write(
-                wrap(f'\u2026 and {len(omitted):,} more rows: {format_usd(rest.cost_usd)} over {rest.events:,} events')
+                wrap(
+                    f'\u2026 and {_plural(len(omitted), "more row")}: {format_usd(rest.cost_usd)}'
+                    f' over {_plural(rest.events, "event")}'
+                )
                 + '\n'
             )
         out.write('\n')
