@@ -3,6 +3,10 @@
 `cli()` is the console script; `cli_logic(args)` does the work and returns the exit code, for tests.
 Expected failures (a bad date, an unreachable database, a missing table, a bad price file) print one
 line to stderr and exit with code 2, never a traceback. `budgets` exits with code 1 when a budget is exceeded.
+Ctrl-C exits with 130 and a closed stdout (`| head`) with 141, quietly. No message ever shows a password.
+
+Each subcommand is one `commands.add_parser(...)` block in `_parser()` and one handler `_name(args) -> int`,
+which imports what it needs: importing this module loads only the standard library, so `--help` is fast.
 """
 
 from __future__ import annotations

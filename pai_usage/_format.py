@@ -48,12 +48,14 @@ def abbreviate_count(value: int) -> str:
     """`99,999` as is, then three significant digits and a suffix: `230k`, `1.23M`, `4.5B` (at most 6 characters)."""
     if abs(value) < 100_000:
         return f'{value:,}'
-    for scale, suffix in ((10**12, 'T'), (10**9, 'B'), (10**6, 'M'), (10**3, 'k')):
-        if abs(value) >= scale:
-            scaled = value / scale
-            text = f'{scaled:.3g}' if abs(scaled) < 1000 else f'{scaled:,.0f}'
-            return f'{text}{suffix}'
-    return str(value)  # pragma: no cover - unreachable: |value| >= 100,000 matches a scale
+    scales = ((10**3, 'k'), (10**6, 'M'), (10**9, 'B'), (10**12, 'T'))
+    index = max(i for i, (scale, _) in enumerate(scales) if abs(value) >= scale)
+    scaled = value / scales[index][0]
+    if abs(scaled) >= 999.5 and index + 1 < len(scales):  # 999,999 rounds to 1000k: that is 1M
+        index += 1
+        scaled = value / scales[index][0]
+    text = f'{scaled:.3g}' if abs(scaled) < 999.5 else f'{scaled:,.0f}'
+    return f'{text}{scales[index][1]}'
 
 
 def fit_label(text: str, width: int) -> str:
