@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING, Any
 
+# Not `typing.TYPE_CHECKING`: importing `typing` would cost `import pai_usage` (and `--help`) time for nothing.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .budgets import Budget, BudgetExceeded, EnforceBudgets
     from .capability import TrackUsage
     from .context import UsageContext, current_usage_context, usage_context

@@ -13,24 +13,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import dataclasses
-import json
 import os
 import re
-import shutil
 import sys
-import textwrap
-import traceback
 from collections.abc import Generator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
-# Only the standard library at import time: `pai-usage --help` must not pay for SQLAlchemy, pydantic-ai or
-# genai-prices (~0.6 s). Each handler imports what it uses.
+# Only a little of the standard library at import time: `pai-usage --help` must not pay for SQLAlchemy,
+# pydantic-ai or genai-prices (~0.6 s), nor for `typing`, `dataclasses` (which loads `inspect`), `json`, `csv`
+# or `pathlib`. Each handler imports what it uses.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, NoReturn, TextIO
+
     import sqlalchemy as sa
 
     from .budgets import Budget
@@ -157,6 +153,8 @@ def cli_logic(args: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: Sequence[str] | None) -> int:
+    import traceback
+
     parser = _parser()
     try:
         namespace = parser.parse_args(args)
@@ -339,6 +337,8 @@ def _database_url(given: str | None) -> str:
 
 def _open(given: str | None, *, must_exist: bool) -> tuple[sa.Engine, str]:
     """An engine for the URL and the URL to show; with `must_exist`, refuse to create a missing SQLite file."""
+    from pathlib import Path
+
     import sqlalchemy as sa
     from sqlalchemy import exc as sa_exc
 
@@ -457,6 +457,8 @@ def _summary(args: argparse.Namespace) -> int:
 
 def _table_width() -> int:
     """`_TABLE_WIDTH`, or the terminal's width when it is narrower (`$COLUMNS` counts, as for every tool)."""
+    import shutil
+
     return max(40, min(_TABLE_WIDTH, shutil.get_terminal_size((_TABLE_WIDTH, 24)).columns))
 
 
@@ -512,6 +514,8 @@ def _used_days(summary: UsageSummary) -> UsageSummary:
 
     A range of years (`--since 2020-01-01`) would otherwise draw a line for every day of it.
     """
+    import dataclasses
+
     days = [date.fromisoformat(day) for row in summary.rows if (day := row.group['day']) is not None]
     if not days:
         return summary
@@ -521,6 +525,8 @@ def _used_days(summary: UsageSummary) -> UsageSummary:
 
 
 def _group_by(value: str) -> tuple[GroupBy, ...]:
+    from typing import cast
+
     names = [name.strip() for name in value.split(',') if name.strip()]
     unknown = [name for name in names if name not in _GROUP_BY_DIMENSIONS]
     if unknown:
@@ -581,6 +587,8 @@ def _totals_dict(totals: UsageTotals) -> dict[str, Any]:
 
 
 def _print_json(summary: UsageSummary, rows: list[SummaryRow], omitted: int, out: TextIO) -> None:
+    import json
+
     from ._format import exact_usd
 
     totals = _totals_dict(summary.totals)
@@ -600,6 +608,8 @@ def _print_json(summary: UsageSummary, rows: list[SummaryRow], omitted: int, out
 
 
 def _print_csv(summary: UsageSummary, rows: list[SummaryRow], out: TextIO) -> None:
+    import csv
+
     from .summary import UsageTotals
 
     writer = csv.writer(out, lineterminator='\n')
@@ -612,6 +622,8 @@ def _print_csv(summary: UsageSummary, rows: list[SummaryRow], out: TextIO) -> No
 
 def _print_focus_csv(summary: UsageSummary, rows: list[SummaryRow], out: TextIO) -> None:
     """CSV under FinOps FOCUS names where the meaning is the same; our names for the rest."""
+    import csv
+
     from .summary import UsageTotals
 
     writer = csv.writer(out, lineterminator='\n')
@@ -674,7 +686,9 @@ def _print_table(
     width: int | None,
 ) -> None:
     """The terminal table: at most `width` columns (None: as wide as it takes, every bucket exact)."""
+    import textwrap
     from collections.abc import Callable
+    from typing import cast
 
     from ._format import Align, abbreviate_count, format_usd, render_table
     from .usage import TOKEN_BUCKETS
@@ -773,6 +787,8 @@ def _show_progress(count: int) -> None:
 @contextlib.contextmanager
 def _output(path: str | None) -> Generator[TextIO]:
     """Stdout, or a file that appears complete or not at all (written to `FILE.partial`, then renamed)."""
+    from pathlib import Path
+
     if path is None:
         yield sys.stdout
         sys.stdout.flush()
@@ -809,6 +825,8 @@ def _budgets(args: argparse.Namespace) -> int:
 
 
 def _budgets_from_options(args: argparse.Namespace) -> list[Budget]:
+    from pathlib import Path
+
     from .budgets import Budget, budgets_from_json
 
     if args.file is not None:
