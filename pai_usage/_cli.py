@@ -3,76 +3,158 @@
 `cli()` is the console script; `cli_logic(args)` does the work and returns the exit code, for tests.
 Expected failures (a bad date, an unreachable database, a missing table, a bad price file) print one
 line to stderr and exit with code 2, never a traceback. `budgets` exits with code 1 when a budget is exceeded.
+Ctrl-C exits with 130 and a closed stdout (`| head`) with 141, quietly. No message ever shows a password.
+
+Each subcommand is one `commands.add_parser(...)` block in `_parser()` and one handler `_name(args) -> int`,
+which imports what it needs: importing this module loads only the standard library, so `--help` is fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import dataclasses
-import json
 import os
+import re
 import sys
 from collections.abc import Generator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
-import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
-
-from . import __version__
-from .export import export_rows, format_daily_costs, write_csv, write_jsonl
-from .migrate import MigrationError, applied_migrations, migrate
-from .pricing import (
-    DEFAULT_UNIT_PRICES,
-    GENAI_PRICES_SOURCE,
-    PRICES_ENV_VAR,
-    EffectivePrice,
-    PriceTable,
-    effective_price,
-    get_price_table,
-)
-from .summary import GROUP_BY_DIMENSIONS, GroupBy, UsageSummary, UsageTotals, month_bounds, query_summary
-from .table import COST_SCALE, TOKEN_USAGE
-from .tracker import (
-    DATABASE_URL_ENV_VAR,
-    DEFAULT_DATABASE_URL,
-    create_engine,
-)
-from .usage import TOKEN_BUCKETS
-
+# Only a little of the standard library at import time: `pai-usage --help` must not pay for SQLAlchemy,
+# pydantic-ai or genai-prices (~0.6 s), nor for `typing`, `dataclasses` (which loads `inspect`), `json`, `csv`
+# or `pathlib`. Each handler imports what it uses.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, NoReturn, TextIO
+
+    import sqlalchemy as sa
+
     from .budgets import Budget
+    from .pricing import EffectivePrice, PriceTable
+    from .summary import GroupBy, SummaryRow, UsageSummary, UsageTotals
 
 __all__ = ('cli', 'cli_logic')
 
 _PROG = 'pai-usage'
-_COST_QUANTUM = Decimal(1).scaleb(-COST_SCALE)
 _PG_CONNECT_TIMEOUT = 10
 """Seconds to wait for PostgreSQL before reporting it unreachable (when the URL sets no `connect_timeout`)."""
-# Buckets always shown in the terminal table; the others only when some row uses them.
-_ALWAYS_SHOWN = ('input_tokens', 'output_tokens')
 _PROGRESS_EVERY = 10_000
 """Rows between two progress updates of `export` (on a terminal)."""
 # FinOps FOCUS names for the summary's group dimensions where the meaning is the same; `day` and `month`
 # become `ChargePeriodStart`/`ChargePeriodEnd`, and the other dimensions keep our names.
 _FOCUS_DIMENSIONS = {'organization': 'SubAccountId', 'provider': 'ProviderName'}
+# Copies of constants of modules too heavy to import for `--help`; `tests/test_cli.py` keeps them equal.
+_DATABASE_URL_ENV_VAR = 'PAI_USAGE_DATABASE_URL'
+_DEFAULT_DATABASE_URL = 'sqlite:///pai_usage.db'
+_PRICES_ENV_VAR = 'PAI_USAGE_PRICES'
+_GROUP_BY_DIMENSIONS = (
+    'organization',
+    'user',
+    'agent',
+    'provider',
+    'model',
+    'operation',
+    'source',
+    'status',
+    'day',
+    'month',
+)
+_TABLE_WIDTH = 100
+"""The summary table's default maximum width (narrower on a narrower terminal); `--wide` lifts it."""
+_EXIT_INTERRUPTED = 130
+"""128 + SIGINT: what a shell reports for a command stopped with Ctrl-C."""
+_EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a writer whose reader went away (`| head`)."""
+
+# pydantic-ai model strings are `provider:model`; these prefixes name a different provider id in genai-prices
+# (the others, e.g. `openai`, `anthropic`, `groq`, `mistral`, are the same id, or one genai-prices matches).
+_PYDANTIC_AI_PROVIDERS = {
+    'google-gla': 'google',
+    'google-vertex': 'google',
+    'gemini': 'google',
+    'vertexai': 'google',
+    'openai-chat': 'openai',
+    'openai-responses': 'openai',
+    'bedrock': 'aws',
+    'bedrock-mantle': 'aws',
+    'grok': 'x-ai',
+    'xai': 'x-ai',
+    'github-copilot': 'github-copilot',
+}
+_PYDANTIC_AI_PREFIXES = frozenset(
+    {
+        *_PYDANTIC_AI_PROVIDERS,
+        *('anthropic', 'azure', 'cerebras', 'cohere', 'deepseek', 'fireworks', 'github', 'groq', 'heroku'),
+        *('huggingface', 'litellm', 'mistral', 'moonshotai', 'nebius', 'ollama', 'openai', 'openrouter'),
+        *('ovhcloud', 'sambanova', 'together', 'vercel', 'alibaba', 'zai', 'voyageai', 'cloudflare'),
+    }
+)
+
+# Passwords in URLs (`scheme://user:SECRET@host`) and in query parameters (`?password=SECRET`).
+_URL_PASSWORD = re.compile(r'(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/?#@:]*:)[^\s]*@')
+_QUERY_PASSWORD = re.compile(r'(?P<head>[?&](?:password|passwd|pwd|sslpassword)=)[^&\s\'"#]*', re.IGNORECASE)
+_secrets: set[str] = set()
+"""Passwords of the database URLs this invocation saw, scrubbed from every message (see `_mask`)."""
 
 
 class _Fail(Exception):
     """An expected failure: its message is printed as one line and the exit code is 2."""
 
 
-def cli() -> NoReturn:  # pragma: no cover - exercised through `cli_logic`
+class _Parser(argparse.ArgumentParser):
+    """argparse, with passwords masked in its usage errors (they echo the arguments)."""
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        super()._print_message(_mask(message), file)
+
+
+class _Version(argparse.Action):
+    """`--version`, reading the installed version only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib.metadata import version
+
+        sys.stdout.write(f'{_PROG} {version("pai-usage")}\n')
+        parser.exit()
+
+
+def cli() -> NoReturn:  # pragma: no cover - exercised through subprocesses in tests/test_cli.py
     """Run the `pai-usage` command line and exit with its status."""
-    sys.exit(cli_logic())
+    try:
+        code = cli_logic()
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            code = _EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        code = _EXIT_INTERRUPTED
+    if code == _EXIT_BROKEN_PIPE:
+        # Python flushes stdout once more at exit, which would fail again and print `Exception ignored`.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(code)
 
 
 def cli_logic(args: Sequence[str] | None = None) -> int:
-    """Run the command line with `args` (default: `sys.argv[1:]`) and return the exit code."""
+    """Run the command line with `args` (default: `sys.argv[1:]`) and return the exit code.
+
+    Ctrl-C returns 130 and a closed stdout (`| head`) 141, quietly; a bug prints its traceback, passwords masked.
+    """
+    _secrets.clear()
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        return _EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _EXIT_BROKEN_PIPE
+
+
+def _dispatch(args: Sequence[str] | None) -> int:
+    import traceback
+
     parser = _parser()
     try:
         namespace = parser.parse_args(args)
@@ -84,27 +166,35 @@ def cli_logic(args: Sequence[str] | None = None) -> int:
     except _Fail as exc:
         _error(str(exc))
         return 2
+    except (KeyboardInterrupt, BrokenPipeError):
+        raise
+    except Exception:
+        # A bug: keep the traceback for the report, never the password of a URL in it.
+        sys.stderr.write(_mask(traceback.format_exc()))
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=_PROG, description='The usage-and-cost ledger for PydanticAI apps and direct Gemini calls.'
-    )
-    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    parser = _Parser(prog=_PROG, description='The usage-and-cost ledger for PydanticAI apps and direct Gemini calls.')
+    parser.add_argument('--version', action=_Version, help="show the program's version number and exit")
     commands = parser.add_subparsers(title='commands', required=True, metavar='COMMAND')
     # Every command that opens the database takes `--database-url` first.
-    database = argparse.ArgumentParser(add_help=False)
+    database = _Parser(add_help=False)
     database.add_argument(
         '--database-url',
+        '--database',
+        dest='database_url',
         metavar='URL',
-        help=f'database URL (default: ${DATABASE_URL_ENV_VAR}, else {DEFAULT_DATABASE_URL})',
+        help=f'database URL (default: ${_DATABASE_URL_ENV_VAR}, else {_DEFAULT_DATABASE_URL})',
     )
 
     summary = commands.add_parser(
         'summary',
         parents=[database],
         help='show usage and cost over a time range',
-        description='Show usage and cost over a time range (default: the current UTC month).',
+        description='Show usage and cost over a time range (default: the current UTC month). The table fits '
+        f'{_TABLE_WIDTH} columns (or the terminal, if narrower): labels are shortened with \u2026 and token '
+        'counts abbreviated; --wide shows every token bucket in full.',
     )
     _add_range_options(
         summary,
@@ -112,11 +202,21 @@ def _parser() -> argparse.ArgumentParser:
         until_help='end: YYYY-MM-DD includes that whole day; an ISO datetime is an exclusive bound',
     )
     summary.add_argument(
-        '--by', metavar='DIMS', default='model', help=f'comma-separated, from {",".join(GROUP_BY_DIMENSIONS)}'
+        '--by', metavar='DIMS', default='model', help=f'comma-separated, from {",".join(_GROUP_BY_DIMENSIONS)}'
     )
     summary.add_argument('--format', choices=('table', 'json', 'csv'), default='table', help='output format')
     summary.add_argument(
         '--focus', action='store_true', help='with --format csv: FinOps FOCUS column names where they fit'
+    )
+    summary.add_argument(
+        '--sort',
+        metavar='COLUMN',
+        help=f'order rows by a --by dimension (ascending) or by {", ".join(_SORT_MEASURES)} (largest first); '
+        'default: the --by dimensions, naturally (u2 before u10)',
+    )
+    summary.add_argument('--top', metavar='N', type=_positive_int, help='only the first N rows (after --sort)')
+    summary.add_argument(
+        '--wide', action='store_true', help=f'table: every token bucket, exact counts, no {_TABLE_WIDTH}-column limit'
     )
     summary.set_defaults(command=_summary)
 
@@ -163,20 +263,25 @@ def _parser() -> argparse.ArgumentParser:
         'prices',
         help='show the price of a model, or our configured prices',
         description='Show the price that applies to MODEL and where it comes from; without MODEL, list the '
-        f'configured unit prices and token overrides (${PRICES_ENV_VAR}).',
+        f'configured unit prices and token overrides (${_PRICES_ENV_VAR}).',
     )
-    prices.add_argument('model', nargs='?', metavar='MODEL', help='model name, e.g. gpt-4o')
+    prices.add_argument(
+        'model',
+        nargs='?',
+        metavar='MODEL',
+        help="model name, e.g. gpt-4o, or a pydantic-ai model string: 'openai:gpt-4o', 'google-gla:gemini-2.5-pro'",
+    )
     prices.add_argument('--provider', metavar='P', help='provider id, e.g. openai, google-vertex, elevenlabs')
     prices.set_defaults(command=_prices)
 
     reprice_cmd = commands.add_parser(
         'reprice',
+        parents=[database],
         help='recompute stored costs with the current prices; --apply to update',
         description='Recompute the costs of stored rows from their stored usage with the current price tables '
-        f'(genai-prices and ${PRICES_ENV_VAR}) and show the difference per model. Nothing changes without '
+        f'(genai-prices and ${_PRICES_ENV_VAR}) and show the difference per model. Nothing changes without '
         '--apply; with it, changed rows are updated and their old cost is kept in token_usage_reprice.',
     )
-    reprice_cmd.add_argument('--database-url', metavar='URL', help=f'database URL (default: ${DATABASE_URL_ENV_VAR})')
     reprice_cmd.add_argument('--since', metavar='DATE', required=True, help='start, inclusive: YYYY-MM-DD or ISO')
     reprice_cmd.add_argument('--until', metavar='DATE', help='end, exclusive: YYYY-MM-DD or ISO (default: now)')
     reprice_cmd.add_argument('--org', metavar='ID', help='only this organization')
@@ -184,6 +289,16 @@ def _parser() -> argparse.ArgumentParser:
     reprice_cmd.add_argument('--apply', action='store_true', help='update the rows (default: a dry run)')
     reprice_cmd.set_defaults(command=_reprice)
     return parser
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a positive whole number')
+    return number
 
 
 def _add_range_options(command: argparse.ArgumentParser, *, since_help: str, until_help: str) -> None:
@@ -195,39 +310,80 @@ def _add_range_options(command: argparse.ArgumentParser, *, since_help: str, unt
 
 
 def _error(message: str) -> None:
-    print(f'{_PROG}: error: {message}', file=sys.stderr)
+    print(f'{_PROG}: error: {_mask(message)}', file=sys.stderr)
+
+
+def _mask(text: str) -> str:
+    """`text` with every password of a database URL replaced by `***`, whether or not the URL parses."""
+    text = _URL_PASSWORD.sub(r'\g<head>***@', text)
+    text = _QUERY_PASSWORD.sub(r'\g<head>***', text)
+    # What the patterns cannot see (a password with spaces, a driver quoting it alone); short ones would
+    # mangle every message, and the patterns catch those inside URLs.
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, '***')
+    return text
+
+
+def _remember_secrets(url_text: str) -> None:
+    """Note the passwords in `url_text` for `_mask`, from the URL if it parses and from its text if not."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    found: set[str] = set()
+    # With or without a scheme (`user:SECRET@host` is no URL, but it is a password all the same).
+    if match := re.match(r'(?:[A-Za-z][A-Za-z0-9+.\-]*://)?[^\s/?#@:]*:(?P<secret>[^\s]*)@', url_text):
+        secret = match['secret']
+        # An unencoded `@` in a password: drivers take what follows the first `@` for the host and echo it.
+        found.update({secret, *secret.split('@')[1:]})
+    with contextlib.suppress(ValueError):
+        query = urlsplit(url_text).query
+        found.update(v for k, v in parse_qsl(query) if k.lower() in ('password', 'passwd', 'pwd', 'sslpassword'))
+    _secrets.update(found | {unquote(secret) for secret in found} - {''})
 
 
 # --- database -----------------------------------------------------------------------------------
 
 
 def _database_url(given: str | None) -> str:
-    return given or os.environ.get(DATABASE_URL_ENV_VAR) or DEFAULT_DATABASE_URL
+    url_text = given or os.environ.get(_DATABASE_URL_ENV_VAR) or _DEFAULT_DATABASE_URL
+    _remember_secrets(url_text)
+    return url_text
 
 
 def _open(given: str | None, *, must_exist: bool) -> tuple[sa.Engine, str]:
     """An engine for the URL and the URL to show; with `must_exist`, refuse to create a missing SQLite file."""
+    from pathlib import Path
+
+    import sqlalchemy as sa
+    from sqlalchemy import exc as sa_exc
+
+    from .tracker import create_engine
+
     url_text = _database_url(given)
     try:
         url = sa.make_url(url_text)
-    except sa_exc.ArgumentError:
-        raise _Fail(f'invalid database URL {url_text!r}') from None
+        url.port  # noqa: B018 - a non-numeric port only fails here, or later inside the driver
+    except (sa_exc.ArgumentError, ValueError):
+        raise _Fail(f'invalid database URL {_mask(url_text)!r}') from None
+    if url.password is not None:
+        _secrets.add(str(url.password))
     if url.get_backend_name() == 'sqlite':
         path = url.database
         if must_exist and path and path != ':memory:' and not path.startswith('file:') and not Path(path).exists():
-            raise _Fail(f'no SQLite database at {path!r}; create it with `{_PROG} migrate --database-url {url_text}`')
+            hint = _mask(url_text) if url.password is None else _safe(url)
+            raise _Fail(f'no SQLite database at {path!r}; create it with `{_PROG} migrate --database-url {hint}`')
     elif url.get_backend_name() == 'postgresql' and 'connect_timeout' not in url.query:
         url_text = url.update_query_dict({'connect_timeout': str(_PG_CONNECT_TIMEOUT)}).render_as_string(
             hide_password=False
         )
     try:
         return create_engine(url_text), _safe(url)
-    except (sa_exc.SQLAlchemyError, ImportError) as exc:
+    except (sa_exc.SQLAlchemyError, ImportError, ValueError) as exc:
         raise _Fail(f'cannot use database {_safe(url)}: {_first_line(exc)}') from None
 
 
 def _safe(url: sa.URL) -> str:
-    return url.render_as_string(hide_password=True)
+    return _mask(url.render_as_string(hide_password=True))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -245,6 +401,11 @@ def _connection_failure(shown: str, exc: BaseException) -> _Fail:
 
 def _require_ledger(engine: sa.Engine, shown: str, given: str | None, command: str) -> None:
     """Fail (exit 2) when the database is unreachable or has no `token_usage` table; never create it."""
+    import sqlalchemy as sa
+    from sqlalchemy import exc as sa_exc
+
+    from .table import TOKEN_USAGE
+
     try:
         with engine.connect() as conn:
             exists = sa.inspect(conn).has_table(TOKEN_USAGE.name)
@@ -260,6 +421,10 @@ def _require_ledger(engine: sa.Engine, shown: str, given: str | None, command: s
 @contextlib.contextmanager
 def _reading_ledger(given: str | None, command: str) -> Generator[sa.Engine]:
     """An engine on the existing ledger at `given`, disposed afterwards; a failed read fails with one line."""
+    from sqlalchemy import exc as sa_exc
+
+    from .table import TOKEN_USAGE
+
     engine, shown = _open(given, must_exist=True)
     try:
         _require_ledger(engine, shown, given, command)
@@ -273,23 +438,90 @@ def _reading_ledger(given: str | None, command: str) -> Generator[sa.Engine]:
 
 # --- summary ------------------------------------------------------------------------------------
 
+_SORT_MEASURES = ('cost', 'events', 'tokens', 'input', 'output', 'unpriced', 'errors')
+"""Columns `--sort` orders by, largest first (besides the `--by` dimensions)."""
+
 
 def _summary(args: argparse.Namespace) -> int:
+    from .export import format_daily_costs
+    from .summary import query_summary
+
     group_by = _group_by(args.by)
     if args.focus and args.format != 'csv':
         raise _Fail('--focus applies to --format csv only')
+    if args.wide and args.format != 'table':
+        raise _Fail('--wide applies to --format table only')
+    if args.sort is not None and args.sort not in (*group_by, *_SORT_MEASURES):
+        raise _Fail(f'--sort: cannot sort by {args.sort!r}; choose from {",".join((*group_by, *_SORT_MEASURES))}')
     start, end = _time_range(args.since, args.until, now=datetime.now(UTC))
     with _reading_ledger(args.database_url, 'summary') as engine:
         summary = query_summary(engine, start, end, organization_id=args.org, user_id=args.user, group_by=group_by)
+    rows = _sorted_rows(summary, args.sort)
+    shown, omitted = (rows, []) if args.top is None else (rows[: args.top], rows[args.top :])
     if args.format == 'json':
-        _print_json(summary, sys.stdout)
+        _print_json(summary, shown, len(omitted), sys.stdout)
     elif args.format == 'csv':
-        (_print_focus_csv if args.focus else _print_csv)(summary, sys.stdout)
+        (_print_focus_csv if args.focus else _print_csv)(summary, shown, sys.stdout)
     else:
-        _print_table(summary, sys.stdout)
+        width = None if args.wide else _table_width()
+        _print_table(summary, shown, omitted, sys.stdout, wide=args.wide, width=width)
         if 'day' in summary.group_by and summary.rows:
             sys.stdout.write(f'\n{format_daily_costs(_used_days(summary))}\n')
     return 0
+
+
+def _table_width() -> int:
+    """`_TABLE_WIDTH`, or the terminal's width when it is narrower (`$COLUMNS` counts, as for every tool)."""
+    import shutil
+
+    return max(40, min(_TABLE_WIDTH, shutil.get_terminal_size((_TABLE_WIDTH, 24)).columns))
+
+
+def _is_output(bucket: str) -> bool:
+    return bucket.startswith('output') or bucket == 'reasoning_tokens'
+
+
+def _input_tokens(totals: UsageTotals) -> int:
+    """Every input token: uncached, cache reads and writes, audio."""
+    from .usage import TOKEN_BUCKETS
+
+    return sum(getattr(totals, name) for name in TOKEN_BUCKETS if not _is_output(name))
+
+
+def _output_tokens(totals: UsageTotals) -> int:
+    """Every output token: text, reasoning, audio, image."""
+    from .usage import TOKEN_BUCKETS
+
+    return sum(getattr(totals, name) for name in TOKEN_BUCKETS if _is_output(name))
+
+
+def _measure(totals: UsageTotals, column: str) -> tuple[int, Decimal | int]:
+    if column == 'cost':  # groups without any known price sort below every priced group, even one of $0
+        return (0, Decimal(0)) if _known_cost(totals) is None else (1, totals.cost_usd)
+    value = {
+        'events': totals.events,
+        'tokens': totals.total_tokens,
+        'input': _input_tokens(totals),
+        'output': _output_tokens(totals),
+        'unpriced': totals.unpriced_events,
+        'errors': totals.error_events,
+    }[column]
+    return (1, value)
+
+
+def _sorted_rows(summary: UsageSummary, sort: str | None) -> list[SummaryRow]:
+    """The rows in natural order of their labels (`u2` before `u10`, empty last), then by `sort` if given.
+
+    Python's sort is stable, so rows equal in `sort` keep their natural order.
+    """
+    from ._format import natural_key
+
+    rows = sorted(summary.rows, key=lambda row: tuple(natural_key(row.group[g]) for g in summary.group_by))
+    if sort is None:
+        return rows
+    if sort in summary.group_by:
+        return sorted(rows, key=lambda row: natural_key(row.group[sort]))
+    return sorted(rows, key=lambda row: _measure(row.totals, sort), reverse=True)
 
 
 def _used_days(summary: UsageSummary) -> UsageSummary:
@@ -297,6 +529,8 @@ def _used_days(summary: UsageSummary) -> UsageSummary:
 
     A range of years (`--since 2020-01-01`) would otherwise draw a line for every day of it.
     """
+    import dataclasses
+
     days = [date.fromisoformat(day) for row in summary.rows if (day := row.group['day']) is not None]
     if not days:
         return summary
@@ -306,11 +540,13 @@ def _used_days(summary: UsageSummary) -> UsageSummary:
 
 
 def _group_by(value: str) -> tuple[GroupBy, ...]:
+    from typing import cast
+
     names = [name.strip() for name in value.split(',') if name.strip()]
-    unknown = [name for name in names if name not in GROUP_BY_DIMENSIONS]
+    unknown = [name for name in names if name not in _GROUP_BY_DIMENSIONS]
     if unknown:
-        raise _Fail(f'cannot group by {", ".join(map(repr, unknown))}; choose from {",".join(GROUP_BY_DIMENSIONS)}')
-    return tuple(dict.fromkeys(cast(list[GroupBy], names)))
+        raise _Fail(f'cannot group by {", ".join(map(repr, unknown))}; choose from {",".join(_GROUP_BY_DIMENSIONS)}')
+    return tuple(dict.fromkeys(cast('list[GroupBy]', names)))
 
 
 def _parse_moment(option: str, value: str) -> tuple[datetime, bool]:
@@ -328,6 +564,8 @@ def _parse_moment(option: str, value: str) -> tuple[datetime, bool]:
 
 def _time_range(since: str | None, until: str | None, *, now: datetime) -> tuple[datetime, datetime]:
     """`[start, end)` from the options: the current UTC month by default; a bare `--until` date is inclusive."""
+    from .summary import month_bounds
+
     month_start, month_end = month_bounds(now)
     end = month_end
     if until is not None:
@@ -343,17 +581,16 @@ def _time_range(since: str | None, until: str | None, *, now: datetime) -> tuple
     return start, end
 
 
-def _cost(value: Decimal) -> str:
-    """An exact decimal string with the ledger's 12 places, the same on every backend."""
-    return format(value.quantize(_COST_QUANTUM), 'f')
-
-
 def _known_cost(totals: UsageTotals) -> str | None:
-    """The group's known cost, or None when no event of the group has a price (unknown is not zero)."""
-    return None if totals.events and totals.unpriced_events == totals.events else _cost(totals.cost_usd)
+    """The group's known cost (exact), or None when no event of the group has a price (unknown is not zero)."""
+    from ._format import exact_usd
+
+    return None if totals.events and totals.unpriced_events == totals.events else exact_usd(totals.cost_usd)
 
 
 def _totals_dict(totals: UsageTotals) -> dict[str, Any]:
+    from .usage import TOKEN_BUCKETS
+
     return {
         'events': totals.events,
         'unpriced_events': totals.unpriced_events,
@@ -364,7 +601,11 @@ def _totals_dict(totals: UsageTotals) -> dict[str, Any]:
     }
 
 
-def _print_json(summary: UsageSummary, out: TextIO) -> None:
+def _print_json(summary: UsageSummary, rows: list[SummaryRow], omitted: int, out: TextIO) -> None:
+    import json
+
+    from ._format import exact_usd
+
     totals = _totals_dict(summary.totals)
     document: dict[str, Any] = {
         'start': summary.start.isoformat(),
@@ -372,25 +613,34 @@ def _print_json(summary: UsageSummary, out: TextIO) -> None:
         'organization_id': summary.organization_id,
         'user_id': summary.user_id,
         'group_by': list(summary.group_by),
-        'total_cost_usd': _cost(summary.totals.cost_usd),
+        'total_cost_usd': exact_usd(summary.totals.cost_usd),
         **{k: v for k, v in totals.items() if k != 'cost_usd'},
-        'rows': [{**row.group, **_totals_dict(row.totals)} for row in summary.rows],
+        'rows': [{**row.group, **_totals_dict(row.totals)} for row in rows],
+        'omitted_rows': omitted,
     }
     json.dump(document, out, indent=2)
     out.write('\n')
 
 
-def _print_csv(summary: UsageSummary, out: TextIO) -> None:
+def _print_csv(summary: UsageSummary, rows: list[SummaryRow], out: TextIO) -> None:
+    import csv
+
+    from .summary import UsageTotals
+
     writer = csv.writer(out, lineterminator='\n')
     columns = list(_totals_dict(UsageTotals()))
     writer.writerow([*summary.group_by, *columns])
-    for row in summary.rows:
+    for row in rows:
         values = _totals_dict(row.totals)
         writer.writerow([*(row.group[g] for g in summary.group_by), *(values[c] for c in columns)])
 
 
-def _print_focus_csv(summary: UsageSummary, out: TextIO) -> None:
+def _print_focus_csv(summary: UsageSummary, rows: list[SummaryRow], out: TextIO) -> None:
     """CSV under FinOps FOCUS names where the meaning is the same; our names for the rest."""
+    import csv
+
+    from .summary import UsageTotals
+
     writer = csv.writer(out, lineterminator='\n')
     dims = [g for g in summary.group_by if g not in ('day', 'month')]
     columns = [c for c in _totals_dict(UsageTotals()) if c != 'cost_usd']
@@ -405,7 +655,7 @@ def _print_focus_csv(summary: UsageSummary, out: TextIO) -> None:
             *columns,
         ]
     )
-    for row in summary.rows:
+    for row in rows:
         start, end = _charge_period(summary, row.group)
         values = _totals_dict(row.totals)
         cost = values['cost_usd']
@@ -424,6 +674,8 @@ def _print_focus_csv(summary: UsageSummary, out: TextIO) -> None:
 
 def _charge_period(summary: UsageSummary, group: dict[str, str | None]) -> tuple[datetime, datetime]:
     """The row's day or month when grouped by one (within the summary's range), else the summary's range."""
+    from .summary import month_bounds
+
     day, month = group.get('day'), group.get('month')
     if day is not None:
         start = datetime.combine(date.fromisoformat(day), datetime.min.time(), UTC)
@@ -435,62 +687,90 @@ def _charge_period(summary: UsageSummary, group: dict[str, str | None]) -> tuple
     return max(start, summary.start), min(end, summary.end)
 
 
-def _display_cost(value: Decimal) -> str:
-    # Exact, without the trailing zeros of 12 fixed places, and never in exponent notation.
-    text = format(value.normalize(), 'f')
-    whole, _, fraction = text.partition('.')
-    return f'${whole}.{fraction.ljust(2, "0")}'
+def _plural(count: int, noun: str) -> str:
+    return f'{count:,} {noun}' + ('' if count == 1 else 's')
 
 
-def _print_table(summary: UsageSummary, out: TextIO) -> None:
-    buckets = [
-        name
-        for name in TOKEN_BUCKETS
-        if name in _ALWAYS_SHOWN or any(getattr(row.totals, name) for row in summary.rows)
-    ]
-    headers = [*summary.group_by, 'events', 'unpriced', *(b.removesuffix('_tokens') for b in buckets), 'tokens', 'cost']
-    numeric_from = len(summary.group_by)
+def _print_table(
+    summary: UsageSummary,
+    rows: list[SummaryRow],
+    omitted: list[SummaryRow],
+    out: TextIO,
+    *,
+    wide: bool,
+    width: int | None,
+) -> None:
+    """The terminal table: at most `width` columns (None: as wide as it takes, every bucket exact)."""
+    import textwrap
+    from collections.abc import Callable
+    from typing import cast
 
-    def cells(group: list[str], totals: UsageTotals) -> list[str]:
-        return [
-            *group,
-            f'{totals.events:,}',
-            f'{totals.unpriced_events:,}',
-            *(f'{getattr(totals, b):,}' for b in buckets),
-            f'{totals.total_tokens:,}',
-            'unpriced' if _known_cost(totals) is None else _display_cost(totals.cost_usd),
-        ]
+    from ._format import Align, abbreviate_count, format_usd, render_table
+    from .usage import TOKEN_BUCKETS
 
+    def exact(value: int) -> str:
+        return f'{value:,}'
+
+    count = exact if wide else abbreviate_count
+    measures: list[tuple[str, Callable[[UsageTotals], str]]] = [('events', lambda t: count(t.events))]
+    if wide or any(row.totals.unpriced_events for row in summary.rows):
+        measures.append(('unpriced', lambda t: count(t.unpriced_events)))
+    if wide or any(row.totals.error_events for row in summary.rows):
+        measures.append(('errors', lambda t: count(t.error_events)))
+    if wide:
+        for bucket in TOKEN_BUCKETS:
+            if bucket in ('input_tokens', 'output_tokens') or any(getattr(r.totals, bucket) for r in summary.rows):
+                measures.append((bucket, lambda t, bucket=bucket: exact(getattr(t, bucket))))
+        measures.append(('tokens', lambda t: exact(t.total_tokens)))
+    else:
+        measures.append(('input', lambda t: count(_input_tokens(t))))
+        measures.append(('output', lambda t: count(_output_tokens(t))))
+    measures.append(('cost', lambda t: 'unpriced' if _known_cost(t) is None else format_usd(t.cost_usd)))
+
+    dims = summary.group_by
+    headers = [*dims, *(name for name, _ in measures)]
     body = [
-        cells(['-' if row.group[g] is None else str(row.group[g]) for g in summary.group_by], row.totals)
-        for row in summary.rows
+        ['-' if row.group[g] is None else str(row.group[g]) for g in dims] + [cell(row.totals) for _, cell in measures]
+        for row in rows
     ]
-    widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
 
-    def render(line: list[str]) -> str:
-        return '  '.join(
-            cell.rjust(width) if i >= numeric_from else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
+    def wrap(text: str) -> str:
+        return '\n'.join(textwrap.wrap(text, width, subsequent_indent='  ')) if width else text
 
     scope = [f'{summary.start:%Y-%m-%d %H:%M} to {summary.end:%Y-%m-%d %H:%M} UTC (end exclusive)']
     if summary.organization_id is not None:
         scope.append(f'organization {summary.organization_id}')
     if summary.user_id is not None:
         scope.append(f'user {summary.user_id}')
-    out.write(f'Usage {", ".join(scope)}\n\n')
+    out.write(wrap('Usage ' + ', '.join(scope)) + '\n\n')
     if body:
-        out.write(render(headers) + '\n')
-        out.write('  '.join('-' * width for width in widths) + '\n')
-        for line in body:
-            out.write(render(line) + '\n')
+        lines = render_table(
+            headers,
+            body,
+            cast('list[Align]', ['left'] * len(dims) + ['right'] * len(measures)),
+            max_width=width,
+            shrinkable=[True] * len(dims) + [False] * len(measures),
+        )
+        out.write('\n'.join(lines) + '\n')
+        if omitted:
+            rest = sum((row.totals for row in omitted[1:]), omitted[0].totals)
+            out.write(
+                wrap(
+                    f'\u2026 and {_plural(len(omitted), "more row")}: {format_usd(rest.cost_usd)}'
+                    f' over {_plural(rest.events, "event")}'
+                )
+                + '\n'
+            )
         out.write('\n')
     else:
         out.write('No usage in this range.\n\n')
     t = summary.totals
     out.write(
-        f'Total: {_display_cost(t.cost_usd)} over {t.events:,} events'
-        f' ({t.unpriced_events:,} unpriced, not in the cost), {t.total_tokens:,} tokens\n'
+        wrap(
+            f'Total: {format_usd(t.cost_usd)} over {t.events:,} events'
+            f' ({t.unpriced_events:,} unpriced, not in the cost), {t.total_tokens:,} tokens'
+        )
+        + '\n'
     )
 
 
@@ -498,6 +778,8 @@ def _print_table(summary: UsageSummary, out: TextIO) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from .export import export_rows, write_csv, write_jsonl
+
     start, end = _time_range(args.since, args.until, now=datetime.now(UTC))
     write = write_csv if args.format == 'csv' else write_jsonl
     progress = _show_progress if sys.stderr.isatty() else None
@@ -520,6 +802,8 @@ def _show_progress(count: int) -> None:
 @contextlib.contextmanager
 def _output(path: str | None) -> Generator[TextIO]:
     """Stdout, or a file that appears complete or not at all (written to `FILE.partial`, then renamed)."""
+    from pathlib import Path
+
     if path is None:
         yield sys.stdout
         sys.stdout.flush()
@@ -556,6 +840,8 @@ def _budgets(args: argparse.Namespace) -> int:
 
 
 def _budgets_from_options(args: argparse.Namespace) -> list[Budget]:
+    from pathlib import Path
+
     from .budgets import Budget, budgets_from_json
 
     if args.file is not None:
@@ -585,6 +871,10 @@ def _budgets_from_options(args: argparse.Namespace) -> list[Budget]:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    from sqlalchemy import exc as sa_exc
+
+    from .migrate import MigrationError, applied_migrations, migrate
+
     engine, shown = _open(args.database_url, must_exist=False)
     try:
         try:
@@ -609,6 +899,8 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _prices(args: argparse.Namespace) -> int:
+    from .pricing import effective_price, get_price_table
+
     try:
         table = get_price_table()
     except ValueError as exc:
@@ -616,14 +908,30 @@ def _prices(args: argparse.Namespace) -> int:
     if args.model is None:
         _print_table_prices(table)
         return 0
-    price = effective_price(args.model, args.provider, table=table)
-    _print_effective_price(price)
+    model, provider, prefix = _split_model_string(args.model, args.provider)
+    price = effective_price(model, provider, table=table)
+    _print_effective_price(price, prefix)
     return 0 if price.source != 'none' else 1
 
 
+def _split_model_string(model: str, provider: str | None) -> tuple[str, str | None, str | None]:
+    """`(model, provider, pydantic-ai prefix)` for a model name or a pydantic-ai `provider:model` string.
+
+    The prefix maps to the genai-prices provider id (`google-gla` is `google`); an explicit `--provider` wins.
+    A name whose text before `:` is no known provider (`anthropic.claude-v2:1` on Bedrock) stays whole.
+    """
+    prefix, sep, name = model.partition(':')
+    gateway = prefix.removeprefix('gateway/')
+    if not sep or not name or gateway not in _PYDANTIC_AI_PREFIXES:
+        return model, provider, None
+    return name, provider or _PYDANTIC_AI_PROVIDERS.get(gateway, gateway), prefix
+
+
 def _print_table_prices(table: PriceTable) -> None:
-    path = os.environ.get(PRICES_ENV_VAR)
-    print(f'Our price table: {f"${PRICES_ENV_VAR}={path}" if path else "built-in defaults"}')
+    from .pricing import DEFAULT_UNIT_PRICES, GENAI_PRICES_SOURCE
+
+    path = os.environ.get(_PRICES_ENV_VAR)
+    print(f'Our price table: {f"${_PRICES_ENV_VAR}={path}" if path else "built-in defaults"}')
     print(f'Token prices of every other model come from {GENAI_PRICES_SOURCE}, offline.')
     print('\nUnit prices (USD per unit; first match wins):')
     for unit in table.units:
@@ -644,12 +952,12 @@ def _print_table_prices(table: PriceTable) -> None:
         print(f'  {token.provider}/{token.model}  {shown}')
 
 
-def _print_effective_price(price: EffectivePrice) -> None:
+def _print_effective_price(price: EffectivePrice, prefix: str | None) -> None:
     print(f'model:    {price.model}')
-    print(f'provider: {price.provider or "-"}')
+    print(f'provider: {price.provider or "-"}' + (f' (pydantic-ai `{prefix}:`)' if prefix else ''))
     if price.source == 'none':
         print('source:   none: no price known; usage is recorded with cost_usd NULL and pricing_status unpriced')
-        print(f'          add it to a price file named by ${PRICES_ENV_VAR} (see docs/pricing.md)')
+        print(f'          add it to a price file named by ${_PRICES_ENV_VAR} (see docs/pricing.md)')
         return
     print(f'source:   {price.price_source}')
     if price.token_prices:
@@ -675,7 +983,13 @@ def _plain(value: Decimal) -> str:
 
 
 def _reprice(args: argparse.Namespace) -> int:
-    """`pai-usage reprice`: self-contained, so that it reads the same whatever the other commands share."""
+    """`pai-usage reprice`: a dry run unless `--apply`."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import exc as sa_exc
+
+    from .migrate import migrate
+    from .pricing import get_price_table
     from .reprice import format_reprice, reprice
 
     def moment(option: str, value: str | None) -> datetime | None:
@@ -694,18 +1008,16 @@ def _reprice(args: argparse.Namespace) -> int:
         table = get_price_table()
     except ValueError as exc:
         raise _Fail(str(exc)) from None
-    url = args.database_url or os.environ.get(DATABASE_URL_ENV_VAR) or DEFAULT_DATABASE_URL
-    try:
-        engine = create_engine(url)
-    except (sa_exc.ArgumentError, ValueError) as exc:
-        raise _Fail(f'invalid database URL: {exc}') from None
+    engine, shown = _open(args.database_url, must_exist=True)
     try:
         migrate(engine)  # the rows are read with today's columns (`service_tier`, migration 0003)
         result = reprice(
             engine, since=since, until=until, organization_id=args.org, model=args.model, apply=args.apply, table=table
         )
+    except sa_exc.OperationalError as exc:
+        raise _connection_failure(shown, exc) from None
     except sa_exc.SQLAlchemyError as exc:
-        raise _Fail(f'cannot reprice: {str(exc).splitlines()[0]}') from None
+        raise _Fail(f'cannot reprice {shown}: {_first_line(exc)}') from None
     finally:
         engine.dispose()
     print(format_reprice(result))

@@ -31,6 +31,7 @@ from pydantic_ai.exceptions import UsageLimitExceeded
 from pydantic_ai.tools import AgentDepsT, RunContext
 from sqlalchemy.exc import SQLAlchemyError
 
+from ._format import format_usd
 from ._log import RateLimitedLog
 from .context import current_usage_context
 from .record import UsageRecord
@@ -534,7 +535,7 @@ def budget_report(engine: sa.Engine, budgets: Sequence[Budget], *, now: datetime
 
 def format_budgets(statuses: Iterable[BudgetStatus], *, width: int = 20) -> str:
     """A plain-text table of spend against limits, with a bar per row (`pai-usage budgets`)."""
-    lines = [f'{"budget":<36} {"key":<20} {"period":<10} {"spend":>12} {"limit":>12} {"used":>6}  ']
+    lines = [f'{"budget":<36} {"key":<20} {"period":<10} {"spend":>14} {"limit":>14} {"used":>6}  ']
     for status in statuses:
         limit = status.budget.limit_usd
         used = status.spend_usd / limit if limit else Decimal(1 if status.spend_usd else 0)
@@ -543,6 +544,6 @@ def format_budgets(statuses: Iterable[BudgetStatus], *, width: int = 20) -> str:
         flag = '  EXCEEDED' if status.exceeded else ''
         lines.append(
             f'{status.budget.label[:36]:<36} {(status.key or "-")[:20]:<20} {status.start:%Y-%m-%d} '
-            f'{status.spend_usd:>12.4f} {limit:>12.2f} {used:>6.0%}  {bar}{flag}'
+            f'{format_usd(status.spend_usd):>14} {format_usd(limit):>14} {used:>6.0%}  {bar}{flag}'
         )
     return '\n'.join(line.rstrip() for line in lines)

@@ -17,6 +17,7 @@ from uuid import UUID
 
 import sqlalchemy as sa
 
+from ._format import exact_usd, format_usd
 from .summary import UsageSummary
 from .table import TOKEN_USAGE
 from .usage import TOKEN_BUCKETS
@@ -87,6 +88,10 @@ def export_rows(
             yield dict(row)
 
 
+_MONEY_COLUMNS = frozenset({'cost_usd', 'BilledCost', 'EffectiveCost'})
+"""Columns written as exact money (`exact_usd`: 12 fixed places), as in `pai-usage summary --format json|csv`."""
+
+
 def _text(value: Any) -> str:
     if value is None:
         return ''
@@ -97,6 +102,10 @@ def _text(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True, separators=(',', ':'))
     return str(value)
+
+
+def _money(column: str, value: Any) -> Any:
+    return exact_usd(value) if column in _MONEY_COLUMNS and isinstance(value, Decimal) else value
 
 
 def _json(value: Any) -> Any:
@@ -152,7 +161,7 @@ def write_csv(
     writer.writerow(columns)
     return _write_each(
         rows,
-        lambda values: writer.writerow([_text(values[c]) for c in columns]),
+        lambda values: writer.writerow([_text(_money(c, values[c])) for c in columns]),
         focus=focus,
         progress=progress,
         progress_every=progress_every,
@@ -170,7 +179,9 @@ def write_jsonl(
     """Write rows as JSON lines to `out` (decimals as strings, times in ISO 8601 UTC); returns how many."""
     return _write_each(
         rows,
-        lambda values: out.write(json.dumps({k: _json(v) for k, v in values.items()}, sort_keys=False) + '\n'),
+        lambda values: out.write(
+            json.dumps({k: _json(_money(k, v)) for k, v in values.items()}, sort_keys=False) + '\n'
+        ),
         focus=focus,
         progress=progress,
         progress_every=progress_every,
@@ -214,10 +225,12 @@ def format_daily_costs(summary: UsageSummary, *, width: int = 40) -> str:
     last = (summary.end.astimezone(UTC) - timedelta(microseconds=1)).date()
     days = [str(first + timedelta(days=i)) for i in range((last - first).days + 1)] if first <= last else []
     top = max(costs.values(), default=Decimal(0))
+    money = {day: format_usd(costs.get(day, Decimal(0))) for day in days}
+    money_width = max(map(len, money.values()), default=0)  # right-aligned: the decimal points line up
     lines: list[str] = []
     for day in days:
         cost = costs.get(day, Decimal(0))
         eighths = int(cost / top * width * 8) if top else 0
         bar = '█' * (eighths // 8) + (_EIGHTHS[eighths % 8] if eighths % 8 else '')
-        lines.append(f'{day}  {bar:<{width}}  ${cost:,.4f}')
+        lines.append(f'{day}  {bar:<{width}}  {money[day]:>{money_width}}')
     return '\n'.join(line.rstrip() for line in lines)

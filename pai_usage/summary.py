@@ -23,11 +23,14 @@ __all__ = (
     'query_summary',
 )
 
-GroupBy = Literal['organization', 'user', 'provider', 'model', 'operation', 'source', 'day', 'month']
-"""A dimension summaries can be grouped by; `day` and `month` are UTC calendar periods."""
+GroupBy = Literal['organization', 'user', 'agent', 'provider', 'model', 'operation', 'source', 'status', 'day', 'month']
+"""A dimension summaries can be grouped by: `agent` is the agent's name, `source` `agent` or `direct`, `status`
+`ok` or `error`; `day` and `month` are UTC calendar periods."""
 GROUP_BY_DIMENSIONS: tuple[GroupBy, ...] = get_args(GroupBy)
 
-_COLUMNS: dict[str, str] = {'organization': 'organization_id', 'user': 'user_id'}
+_COLUMNS: dict[str, str] = {'organization': 'organization_id', 'user': 'user_id', 'agent': 'agent_name'}
+_RAW_ONLY: frozenset[str] = frozenset({'agent', 'status'})
+"""Dimensions the daily rollup does not keep: a summary by one of them reads the raw table."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +133,11 @@ def query_summary(
         raise ValueError('start and end must be timezone-aware')
     from .rollup import rollup_summary  # here, not at the top: `rollup` imports this module
 
-    fast = rollup_summary(engine, start, end, organization_id=organization_id, user_id=user_id, group_by=group_by)
+    fast = (
+        None
+        if _RAW_ONLY.intersection(group_by)
+        else rollup_summary(engine, start, end, organization_id=organization_id, user_id=user_id, group_by=group_by)
+    )
     if fast is not None:
         return fast
     dims = [_dimension(g, engine.dialect.name) for g in group_by]

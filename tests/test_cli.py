@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import socket
 import sqlite3
 import subprocess
@@ -20,8 +21,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from pai_usage import UsageRecord, UsageTracker, _cli
+from pai_usage import UsageRecord, UsageTracker, _cli, export
 from pai_usage._cli import cli_logic
+from pai_usage._format import format_usd
 from pai_usage.export import export_rows
 from pai_usage.migrate import available_migrations
 from pai_usage.pricing import PRICES_ENV_VAR, PriceTable, get_price_table, set_price_table
@@ -160,15 +162,16 @@ def test_summary_table(populated: UsageTracker, capsys: pytest.CaptureFixture[st
     assert (code, err) == (0, '')
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith('organization'))
-    assert header.split()[:4] == ['organization', 'model', 'events', 'unpriced']
-    assert header.split()[-2:] == ['tokens', 'cost']
+    # No row has an error: no errors column; input and output add up their buckets (--wide shows each).
+    assert header.split() == ['organization', 'model', 'events', 'unpriced', 'input', 'output', 'cost']
     mystery = next(line for line in lines if 'mystery-llm' in line)
     assert mystery.split()[-1] == 'unpriced'  # unknown is not shown as $0
+    gpt = next(line for line in lines if 'gpt-4o' in line)
+    assert gpt.split()[-3:-1] == ['12,000', '700']  # 9,000 uncached + 3,000 cache reads in; 700 out
     raw = _raw_totals(populated.engine)
     current = raw['cost'] - Decimal('0.123456789012')  # minus the 2024 event
     total_line = lines[-1]
-    assert total_line.startswith(f'Total: ${current.normalize():f}')
-    assert 'over 5 events (1 unpriced' in total_line
+    assert total_line.startswith(f'Total: {format_usd(current)} over 5 events (1 unpriced')
     tokens = sum(raw[name] for name in TOKEN_BUCKETS)
     assert f'{tokens:,} tokens' in total_line
     # Aligned: the last column is right-justified, so the header, the rule and every row end together.
@@ -177,6 +180,22 @@ def test_summary_table(populated: UsageTracker, capsys: pytest.CaptureFixture[st
     assert set(table[1].replace(' ', '')) == {'-'}
     assert len(table) == 2 + 5  # header, rule, one line per (organization, model) this month
     assert len({len(line) for line in table}) == 1
+    # Money has four places everywhere, so the decimal points line up.
+    costs = [line.split()[-1] for line in table[2:] if line.split()[-1] != 'unpriced']
+    assert all(re.fullmatch(r'\$\d[\d,]*\.\d{4}', cost) for cost in costs), costs
+    assert len({line.rindex('.') for line in table[2:] if not line.endswith('unpriced')}) == 1
+
+
+def test_summary_table_wide(populated: UsageTracker, capsys: pytest.CaptureFixture[str]):
+    code, out, _ = _run(capsys, 'summary', '--database-url', _url(populated), '--by', 'model', '--wide')
+    assert code == 0
+    header = next(line for line in out.splitlines() if line.startswith('model'))
+    assert header.split() == [
+        'model', 'events', 'unpriced', 'errors', 'input_tokens', 'cache_read_tokens', 'output_tokens',
+        'reasoning_tokens', 'tokens', 'cost',
+    ]  # fmt: skip
+    pro = next(line for line in out.splitlines() if line.startswith('gemini-2.5-pro'))
+    assert '230,000' in pro.split() and '4,000' in pro.split()  # exact counts, not 230k
 
 
 def test_summary_csv(populated: UsageTracker, capsys: pytest.CaptureFixture[str]):
@@ -443,7 +462,8 @@ def test_daily_chart_spans_the_days_with_usage(june: UsageTracker, capsys: pytes
 def test_no_daily_chart(june: UsageTracker, capsys: pytest.CaptureFixture[str], args: list[str]):
     code, out, _ = _run(capsys, 'summary', '--database-url', _url(june), *args)
     assert code == 0
-    assert '█' not in out and '$0.0000' not in out
+    assert '█' not in out
+    assert not re.search(r'^\d{4}-\d{2}-\d{2}  .*\$', out, re.MULTILINE)  # no chart line, not even an empty one
 
 
 def test_summary_focus_csv(june: UsageTracker, capsys: pytest.CaptureFixture[str]):
@@ -580,7 +600,7 @@ def _broken_rows(*args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
 def test_export_database_failure_midway(
     june: UsageTracker, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
-    monkeypatch.setattr(_cli, 'export_rows', _broken_rows)
+    monkeypatch.setattr(export, 'export_rows', _broken_rows)
     target = tmp_path / 'exports' / 'out.csv'
     target.parent.mkdir()
     code, out, err = _run(capsys, 'export', '--database-url', _url(june), *JUNE, '-o', str(target))
@@ -674,11 +694,11 @@ def this_month(tracker: UsageTracker) -> UsageTracker:
 @pytest.mark.parametrize(
     ('options', 'code', 'spend'),
     [
-        (['--limit', '3', '--org', 'acme'], 1, '3.0000'),  # spend reached the limit: exceeded
-        (['--limit', '3.01', '--org', 'acme'], 0, '3.0000'),
-        (['--limit', '$5', '--org', 'acme', '--period', 'day'], 0, '3.0000'),
-        (['--limit', '4.25'], 1, '4.2500'),  # all usage this month
-        (['--limit', '100', '--org', 'initech'], 0, '0.0000'),  # an org without spend
+        (['--limit', '3', '--org', 'acme'], 1, '$3.0000'),  # spend reached the limit: exceeded
+        (['--limit', '3.01', '--org', 'acme'], 0, '$3.0000'),
+        (['--limit', '$5', '--org', 'acme', '--period', 'day'], 0, '$3.0000'),
+        (['--limit', '4.25'], 1, '$4.2500'),  # all usage this month
+        (['--limit', '100', '--org', 'initech'], 0, '$0.0000'),  # an org without spend
     ],
 )
 def test_budgets_limit(
@@ -704,9 +724,9 @@ def test_budgets_file(this_month: UsageTracker, capsys: pytest.CaptureFixture[st
     per_org = {line.split()[3]: line for line in lines if line.startswith('per organization, $2.5/month')}
     acme, globex = per_org['acme'], per_org['globex']
     daily = next(line for line in lines if line.startswith('globex daily'))
-    assert '3.0000' in acme.split() and acme.endswith('EXCEEDED')
-    assert '1.2500' in globex.split() and not globex.endswith('EXCEEDED')
-    assert '1.2500' in daily.split() and '10.00' in daily.split() and not daily.endswith('EXCEEDED')
+    assert '$3.0000' in acme.split() and acme.endswith('EXCEEDED')
+    assert '$1.2500' in globex.split() and not globex.endswith('EXCEEDED')
+    assert '$1.2500' in daily.split() and '$10.0000' in daily.split() and not daily.endswith('EXCEEDED')
 
     path.write_text('[{"scope": "organization", "limit_usd": "100"}]')
     code, out, _ = _run(capsys, 'budgets', '--database-url', _url(this_month), '--file', str(path))
@@ -740,3 +760,431 @@ def test_budgets_bad_options(
 def test_budgets_limit_and_file_are_exclusive(capsys: pytest.CaptureFixture[str]):
     assert cli_logic(['budgets', '--limit', '1', '--file', 'b.json']) == 2
     assert 'not allowed with argument' in capsys.readouterr().err
+
+
+# --- sorting, top N, grouping by agent, status and source -----------------------------------------
+
+
+@pytest.fixture
+def team(tracker: UsageTracker) -> UsageTracker:
+    """Users u1..u12 with costs that do not follow their names, two agents, direct calls and errors."""
+    now = datetime.now(UTC)
+    for i in (1, 2, 10, 11, 3, 12):
+        tracker.track(created_at=now, user_id=f'u{i}', organization_id='acme', model='gpt-4o', provider='openai',
+                      source='agent', agent_name='writer' if i % 2 else 'critic', input_tokens=1_000 * i,
+                      output_tokens=10 * i, cost_usd=Decimal(13 - i), pricing_status='priced',
+                      status='error' if i == 3 else 'ok')  # fmt: skip
+    tracker.track(created_at=now, user_id='u2', organization_id='acme', model='imagen', source='direct',
+                  operation='generate_image', units=Decimal(2), unit_type='image')  # fmt: skip
+    assert tracker.flush()
+    return tracker
+
+
+def _json_rows(capsys: pytest.CaptureFixture[str], tracker: UsageTracker, *args: str) -> dict[str, Any]:
+    code, out, err = _run(capsys, 'summary', '--database-url', _url(tracker), '--format', 'json', *args)
+    assert (code, err) == (0, '')
+    return json.loads(out)
+
+
+def test_natural_sort_by_default(team: UsageTracker, capsys: pytest.CaptureFixture[str]):
+    rows = _json_rows(capsys, team, '--by', 'user')['rows']
+    assert [row['user'] for row in rows] == ['u1', 'u2', 'u3', 'u10', 'u11', 'u12']  # not u1, u10, u11, ...
+    code, out, _ = _run(capsys, 'summary', '--database-url', _url(team), '--by', 'user')
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines() if re.match(r'u\d', line)] == [
+        'u1', 'u2', 'u3', 'u10', 'u11', 'u12',
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ('sort', 'users'),
+    [
+        ('cost', ['u1', 'u2', 'u3', 'u10', 'u11', 'u12']),  # largest first: $12, $11 + the unpriced image, ...
+        ('tokens', ['u12', 'u11', 'u10', 'u3', 'u2', 'u1']),
+        ('input', ['u12', 'u11', 'u10', 'u3', 'u2', 'u1']),
+        ('events', ['u2', 'u1', 'u3', 'u10', 'u11', 'u12']),  # ties keep the natural order
+        ('errors', ['u3', 'u1', 'u2', 'u10', 'u11', 'u12']),
+        ('user', ['u1', 'u2', 'u3', 'u10', 'u11', 'u12']),
+    ],
+)
+def test_sort(team: UsageTracker, capsys: pytest.CaptureFixture[str], sort: str, users: list[str]):
+    document = _json_rows(capsys, team, '--by', 'user', '--sort', sort)
+    assert [row['user'] for row in document['rows']] == users
+    if sort == 'cost':
+        costs = [Decimal(row['cost_usd']) for row in document['rows']]
+        assert costs == sorted(costs, reverse=True)
+
+
+def test_top(team: UsageTracker, capsys: pytest.CaptureFixture[str]):
+    document = _json_rows(capsys, team, '--by', 'user', '--sort', 'tokens', '--top', '2')
+    assert [row['user'] for row in document['rows']] == ['u12', 'u11']
+    assert document['omitted_rows'] == 4
+    assert Decimal(document['total_cost_usd']) == _raw_totals(team.engine)['cost']  # totals stay whole
+
+    code, out, _ = _run(capsys, 'summary', '--database-url', _url(team), '--by', 'user', '--sort', 'cost', '--top', '3')
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines if re.match(r'u\d', line)] == ['u1', 'u2', 'u3']
+    # The rest, in one line: u10, u11 and u12 cost $3 + $2 + $1.
+    assert '\u2026 and 3 more rows: $6.0000 over 3 events' in lines
+
+    code, out, _ = _run(
+        capsys, 'summary', '--database-url', _url(team), '--by', 'user', '--format', 'csv', '--top', '1'
+    )
+    assert [row['user'] for row in csv.DictReader(io.StringIO(out))] == ['u1']
+
+
+@pytest.mark.parametrize(
+    ('args', 'fragments'),
+    [
+        (['--sort', 'price'], ["--sort: cannot sort by 'price'", 'cost,events']),
+        (['--by', 'model', '--sort', 'user'], ["cannot sort by 'user'"]),  # not a column of this summary
+        (['--wide', '--format', 'json'], ['--wide applies to --format table']),
+    ],
+)
+def test_sort_and_wide_errors(
+    capsys: pytest.CaptureFixture[str], sqlite_url: str, args: list[str], fragments: list[str]
+):
+    _assert_rejected(capsys, 'summary', sqlite_url, args, fragments)
+
+
+@pytest.mark.parametrize('value', ['0', '-3', 'ten'])
+def test_top_must_be_positive(capsys: pytest.CaptureFixture[str], value: str):
+    assert cli_logic(['summary', '--top', value]) == 2
+    assert 'is not a positive whole number' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ('by', 'expected'),
+    [
+        ('agent', {'critic': 3, 'writer': 3, None: 1}),
+        ('status', {'ok': 6, 'error': 1}),
+        ('source', {'agent': 6, 'direct': 1}),
+    ],
+)
+def test_group_by_agent_status_source(
+    team: UsageTracker, capsys: pytest.CaptureFixture[str], by: str, expected: dict[str | None, int]
+):
+    rows = _json_rows(capsys, team, '--by', by, *ALL_TIME)['rows']
+    assert {row[by]: row['events'] for row in rows} == expected
+    column = {'agent': 'agent_name'}.get(by, by)
+    with team.engine.connect() as conn:
+        raw = dict(conn.exec_driver_sql(f'SELECT {column}, count(*) FROM token_usage GROUP BY {column}').all())
+    assert raw == expected
+
+
+def test_group_by_agent_and_status_in_the_table(team: UsageTracker, capsys: pytest.CaptureFixture[str]):
+    code, out, _ = _run(capsys, 'summary', '--database-url', _url(team), '--by', 'agent,status')
+    assert code == 0
+    header = next(line for line in out.splitlines() if line.startswith('agent'))
+    assert header.split()[:5] == ['agent', 'status', 'events', 'unpriced', 'errors']
+    writer_errors = next(line for line in out.splitlines() if line.startswith('writer') and 'error' in line)
+    assert writer_errors.split()[2:5] == ['1', '0', '1']
+
+
+# --- a terminal of 100 columns ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def crowded(sqlite_url: str) -> str:
+    """A SQLite ledger with long labels in every dimension (sqlite only: this is about the layout)."""
+    now = datetime.now(UTC)
+    with UsageTracker(sqlite_url) as tracker:
+        for i in range(12):
+            tracker.track(
+                created_at=now,
+                organization_id=f'organization-with-a-very-long-name-number-{i}',
+                user_id=f'user-{i}@example-customer-domain.com',
+                agent_name=f'the-marketing-copy-agent-{i % 3}',
+                model='gemini-2.5-flash-image-preview' if i % 2 else 'gpt-4o-2024-08-06',
+                provider='google-gla' if i % 2 else 'openai',
+                operation='generate_image' if i % 2 else 'chat',
+                input_tokens=12_345_678 * (i + 1),
+                cache_read_tokens=1_000 * i,
+                output_tokens=98_765 * i,
+                reasoning_tokens=4_321 * i,
+                cost_usd=Decimal('12345.678901234567') * i,
+                pricing_status='priced',
+            )
+        assert tracker.flush()
+    tracker.engine.dispose()
+    return sqlite_url
+
+
+def _in_a_terminal(args: list[str], *, columns: int) -> str:
+    """What `pai-usage ARGS` shows in a pseudo-terminal `columns` wide (`$COLUMNS` too, as a shell sets it)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack('HHHH', 50, columns, 0, 0))
+    env = {**os.environ, 'COLUMNS': str(columns)}
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'pai_usage', *args], stdin=follower, stdout=follower, stderr=follower, env=env
+    )
+    os.close(follower)
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other end closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(timeout=60) == 0, b''.join(chunks).decode()
+    return b''.join(chunks).decode().replace('\r\n', '\n')
+
+
+@pytest.mark.parametrize(
+    ('by', 'rows'),
+    [
+        ('organization,user,model', 12),
+        ('organization,user,agent,provider,model,operation,source,status,day', 12),
+        ('model', 2),
+    ],
+)
+def test_summary_fits_a_100_column_terminal(crowded: str, by: str, rows: int):
+    shown = _in_a_terminal(['summary', '--database-url', crowded, '--by', by, '--sort', 'cost'], columns=100)
+    lines = shown.splitlines()
+    assert max(len(line) for line in lines) <= 100, '\n'.join(line for line in lines if len(line) > 100)
+    table = [line for line in lines if re.search(r'\$[\d,]+\.\d{4}$', line) and not line.startswith(('Total', '20'))]
+    assert len(table) == rows  # every row is there, with its cost
+    if rows == 12:
+        assert table[0].endswith(format_usd(Decimal('12345.678901234567') * 11))  # the biggest, in full
+    assert len({line.rindex('.') for line in table}) == 1  # decimal points aligned
+
+
+def test_summary_wide_is_wider(crowded: str):
+    shown = _in_a_terminal(['summary', '--database-url', crowded, '--by', 'organization,user,model', '--wide'],
+                           columns=100)  # fmt: skip
+    lines = shown.splitlines()
+    assert max(len(line) for line in lines) > 100
+    assert any('organization-with-a-very-long-name-number-11' in line for line in lines)  # labels in full
+    assert any(f'{12_345_678 * 12:,}' in line for line in lines)  # exact counts
+
+
+def test_summary_follows_a_narrower_terminal(crowded: str):
+    shown = _in_a_terminal(['summary', '--database-url', crowded, '--by', 'organization,model'], columns=72)
+    assert max(len(line) for line in shown.splitlines()) <= 72
+
+
+# --- pipes and Ctrl-C -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def many_rows(sqlite_url: str) -> str:
+    """2,000 rows of 2,000 users: more output than a pipe buffers (64 KiB) from both export and summary."""
+    now = datetime.now(UTC)
+    with UsageTracker(sqlite_url) as tracker:
+        for i in range(2_000):
+            tracker.track(created_at=now, user_id=f'user-{i}', organization_id='acme', model='gpt-4o',
+                          provider='openai', input_tokens=i, cost_usd=Decimal(i), pricing_status='priced')  # fmt: skip
+        assert tracker.flush()
+    tracker.engine.dispose()
+    return sqlite_url
+
+
+def _start(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, '-m', 'pai_usage', *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize(
+    'args',
+    [
+        pytest.param(['export', *ALL_TIME], id='export'),
+        pytest.param(['export', '--format', 'jsonl', *ALL_TIME], id='export-jsonl'),
+        pytest.param(['summary', '--by', 'user', *ALL_TIME], id='summary'),
+        pytest.param(['summary', '--by', 'user', '--format', 'csv', *ALL_TIME], id='summary-csv'),
+    ],
+)
+def test_closed_pipe_exits_quietly(many_rows: str, args: list[str]):
+    """`pai-usage ... | head -1`: exit code 141 (128 + SIGPIPE), nothing on stderr."""
+    process = _start([*args, '--database-url', many_rows])
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    assert first
+    process.stdout.close()  # what `head` does after its line
+    code = process.wait(timeout=60)
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    assert (code, err) == (141, '')
+
+
+def test_head_in_a_shell_pipeline(many_rows: str):
+    result = subprocess.run(
+        ['bash', '-c', f'set -o pipefail; "{sys.executable}" -m pai_usage export --database-url "$1" | head -n 2',
+         'sh', many_rows],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.stdout.startswith('id,created_at,') and len(result.stdout.splitlines()) == 2
+    assert (result.returncode, result.stderr) == (141, '')
+
+
+def test_ctrl_c_exits_quietly(many_rows: str):
+    import signal
+
+    process = _start(['export', '--format', 'jsonl', '--database-url', many_rows, *ALL_TIME])
+    assert process.stdout is not None
+    assert process.stdout.readline()  # it is writing; the pipe fills and it waits for us
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, err.decode()) == (130, '')
+    assert b'Traceback' not in out
+
+
+def test_interrupt_in_cli_logic(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    def interrupted(_: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_cli, '_prices', interrupted)
+    parser = _cli._parser()  # pyright: ignore[reportPrivateUsage]
+    monkeypatch.setattr(_cli, '_parser', lambda: parser)
+    parser.set_defaults(command=interrupted)
+    assert cli_logic(['prices']) == 130
+    assert capsys.readouterr() == ('', '')
+
+
+# --- passwords are never shown ----------------------------------------------------------------------
+
+SECRET = 's3cret-Pa55'
+
+
+@pytest.mark.parametrize(
+    'url',
+    [
+        f'postgresql://u:{SECRET}@[bad',
+        f'postgresql://u:{SECRET}@127.0.0.1:notaport/db',
+        f'postgresql://u:{SECRET}@127.0.0.1:99999/db',
+        f'postgresql+nodriver://u:{SECRET}@127.0.0.1/db',
+        f'postgresql://u:{SECRET}@127.0.0.1:{_closed_port()}/db?sslmode=disable',
+        f'postgresql://u:{SECRET}@with@at@127.0.0.1:{_closed_port()}/db',
+        f'postgresql://127.0.0.1:{_closed_port()}/db?password={SECRET}',
+        f'sqlite://u:{SECRET}@/missing.db',
+        f'u:{SECRET}@127.0.0.1/db',
+        f'mysql://u:{SECRET}@127.0.0.1/db',
+    ],
+)
+@pytest.mark.parametrize('command', [['summary'], ['export'], ['migrate'], ['budgets', '--limit', '1']])
+def test_password_is_masked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str, command: list[str]
+):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, *command, '--database', url)
+    assert code == 2
+    _assert_one_error_line(err)
+    assert SECRET not in out + err
+    assert 'with@at' not in err  # the rest of a password that holds `@`
+
+
+def test_password_is_masked_from_the_environment(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(DATABASE_URL_ENV_VAR, f'postgresql://u:{SECRET}@[bad')
+    code, out, err = _run(capsys, 'summary')
+    assert code == 2
+    assert SECRET not in out + err and 'u:***@' in err
+
+
+def test_password_is_masked_in_usage_errors(capsys: pytest.CaptureFixture[str]):
+    # A URL given without its option: argparse echoes the unrecognized argument.
+    code, out, err = _run(capsys, 'summary', f'postgresql://u:{SECRET}@127.0.0.1/db')
+    assert code == 2
+    assert 'unrecognized arguments' in err and SECRET not in out + err
+
+
+def test_password_is_masked_in_a_traceback(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    def buggy(url: str) -> sa.Engine:
+        raise RuntimeError(f'a bug that prints {url}')
+
+    monkeypatch.setattr('pai_usage.tracker.create_engine', buggy)
+    code, out, err = _run(capsys, 'summary', '--database', f'postgresql://u:{SECRET}@127.0.0.1/db')
+    assert code == 1  # a bug, not an expected failure: the traceback stays for the report
+    assert 'Traceback' in err and 'RuntimeError: a bug that prints postgresql://u:***@127.0.0.1' in err
+    assert SECRET not in out + err
+
+
+# --- prices of pydantic-ai model strings ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ('model_string', 'model', 'provider'),
+    [
+        ('openai:gpt-4o', 'gpt-4o', 'openai'),
+        ('google-gla:gemini-2.5-pro', 'gemini-2.5-pro', 'google'),
+        ('google-vertex:gemini-2.5-pro', 'gemini-2.5-pro', 'google'),
+        ('anthropic:claude-sonnet-4-0', 'claude-sonnet-4-0', 'anthropic'),
+        ('gateway/openai:gpt-4o', 'gpt-4o', 'openai'),
+    ],
+)
+def test_prices_of_a_pydantic_ai_model_string(
+    capsys: pytest.CaptureFixture[str], model_string: str, model: str, provider: str
+):
+    code, out, _ = _run(capsys, 'prices', model_string)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[:3] == [
+        f'model:    {model}',
+        f'provider: {provider} (pydantic-ai `{model_string.partition(":")[0]}:`)',
+        f'source:   genai-prices {genai_prices.__version__}',
+    ]
+    # The input price shown is genai-prices' own for that provider and model (of the first tier).
+    price = genai_prices.calc_price(genai_prices.Usage(input_tokens=1_000), model, provider_id=provider)
+    input_line = next(line for line in lines if line.strip().startswith('input '))
+    assert input_line.split()[1].strip('$;') == f'{(price.input_price * 1000).normalize():f}'
+    code, plain, _ = _run(capsys, 'prices', model, '--provider', provider)
+    assert plain.splitlines()[2:] == lines[2:]
+
+
+def test_prices_keeps_a_colon_in_a_model_name(capsys: pytest.CaptureFixture[str]):
+    code, out, _ = _run(capsys, 'prices', 'anthropic.claude-v2:1')  # a Bedrock id, not `provider:model`
+    assert out.splitlines()[0] == 'model:    anthropic.claude-v2:1'
+    assert code in (0, 1)
+
+
+# --- `--help` is fast: the CLI imports no heavy library until a command runs ---------------------------------
+
+HEAVY = ('sqlalchemy', 'sqlmodel', 'pydantic_ai', 'genai_prices', 'pydantic', 'google.genai', 'psycopg')
+
+
+@pytest.mark.parametrize(
+    'code',
+    [
+        'import pai_usage._cli',
+        'import pai_usage',
+        'from pai_usage._cli import cli_logic; cli_logic(["--help"])',
+        'from pai_usage._cli import cli_logic; cli_logic(["summary", "--help"])',
+        'from pai_usage._cli import cli_logic; cli_logic(["--version"])',
+    ],
+)
+def test_help_imports_no_heavy_library(code: str):
+    check = (
+        f'{code}\nimport sys\nprint(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r} or m in {HEAVY!r}))'
+    )
+    result = subprocess.run([sys.executable, '-c', check], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.splitlines()[-1] == '[]'
+
+
+def test_help_describes_the_new_options(capsys: pytest.CaptureFixture[str]):
+    assert cli_logic(['summary', '--help']) == 0
+    out = capsys.readouterr().out
+    for option in ('--sort', '--top', '--wide', 'agent', 'status'):
+        assert option in out
+
+
+def test_mirrored_constants_match_their_modules():
+    from pai_usage.pricing import PRICES_ENV_VAR as prices_env
+    from pai_usage.summary import GROUP_BY_DIMENSIONS
+    from pai_usage.tracker import DEFAULT_DATABASE_URL
+
+    assert _cli._GROUP_BY_DIMENSIONS == GROUP_BY_DIMENSIONS  # pyright: ignore[reportPrivateUsage]
+    assert _cli._DATABASE_URL_ENV_VAR == DATABASE_URL_ENV_VAR  # pyright: ignore[reportPrivateUsage]
+    assert _cli._DEFAULT_DATABASE_URL == DEFAULT_DATABASE_URL  # pyright: ignore[reportPrivateUsage]
+    assert _cli._PRICES_ENV_VAR == prices_env == PRICES_ENV_VAR  # pyright: ignore[reportPrivateUsage]

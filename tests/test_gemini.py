@@ -21,6 +21,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
 from pai_usage import PriceTable, UsageContext, UsageDeps, UsageTracker, usage_context
+from pai_usage._format import format_usd
 from pai_usage._log import RateLimitedLog
 from pai_usage.capability import TrackUsage
 from pai_usage.gemini import GeminiService, GeminiUsageMixin, gemini_stats, token_counts
@@ -554,8 +555,10 @@ def test_ad_creator_example(sqlite_url: str, capsys: pytest.CaptureFixture[str],
     }
     # The printed summary shows both sources and a total equal to the sum of the rows.
     total = sum((r['cost_usd'] for r in all_rows), Decimal(0))
-    assert f'Total: ${format(total.normalize(), "f")} over 11 events' in out
+    assert f'Total: {format_usd(total)} over 11 events' in out
     lines = out.splitlines()
+    summary = out.partition('$ pai-usage summary')[2].splitlines()
+    assert summary and max(len(line) for line in summary) <= 100  # the demo's table fits a 100-column terminal
     assert any(line.startswith('agent ') for line in lines) and any(line.startswith('direct ') for line in lines)
 
 

@@ -10,9 +10,9 @@ import genai_prices
 import pytest
 import sqlalchemy as sa
 
-from pai_usage import PriceTable, TokenPrice, UsageRecord, UsageTracker, reprice, set_price_table
+from pai_usage import PriceTable, TokenPrice, UsageRecord, UsageTracker, set_price_table
 from pai_usage._cli import cli_logic
-from pai_usage.reprice import REPRICE_AUDIT
+from pai_usage.reprice import REPRICE_AUDIT, reprice
 from pai_usage.table import TOKEN_USAGE
 
 WHEN = datetime(2026, 6, 10, 12, tzinfo=UTC)

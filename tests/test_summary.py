@@ -47,6 +47,7 @@ def _fixture_records() -> list[UsageRecord]:
                 model=model,
                 operation=operation,
                 source='agent' if i % 2 else 'direct',
+                agent_name=('writer', 'critic', None)[i % 3],
                 input_tokens=1_000 + i,
                 cache_read_tokens=10 * i,
                 cache_write_tokens=i % 3,
@@ -69,7 +70,7 @@ def _key(name: str) -> Callable[[UsageRecord], str | None]:
         return lambda r: r.created_at.astimezone(UTC).strftime('%Y-%m-%d')
     if name == 'month':
         return lambda r: r.created_at.astimezone(UTC).strftime('%Y-%m')
-    column = {'organization': 'organization_id', 'user': 'user_id'}.get(name, name)
+    column = {'organization': 'organization_id', 'user': 'user_id', 'agent': 'agent_name'}.get(name, name)
     return lambda r: getattr(r, column)
 
 
@@ -140,6 +141,7 @@ def test_fixture_data_is_varied():
         ('month', 'day'),
         ('user', 'operation', 'source'),
         ('provider', 'model', 'month'),
+        ('agent', 'status', 'day'),
     ],
     ids=lambda g: ','.join(g) or 'none',
 )
