@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 import sqlalchemy as sa
 
 from .table import TOKEN_USAGE as _t
+from .table import cost_sum
 from .usage import TOKEN_BUCKETS
 
 __all__ = (
@@ -136,7 +137,7 @@ def query_summary(
     dims = [_dimension(g, engine.dialect.name) for g in group_by]
     measures = [
         sa.func.count().label('events'),
-        sa.func.sum(_t.c.cost_usd).label('cost_usd'),
+        cost_sum().label('cost_usd'),
         sa.func.sum(sa.case((_t.c.cost_usd.is_(None), 1), else_=0)).label('unpriced_events'),
         sa.func.sum(sa.case((_t.c.status == 'error', 1), else_=0)).label('error_events'),
         *(sa.func.sum(_t.c[name]).label(name) for name in TOKEN_BUCKETS),
