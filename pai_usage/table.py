@@ -83,6 +83,13 @@ class ExactDecimal(sa.types.TypeDecorator[Decimal]):
     def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
         if value is None:
             return None
+        if dialect.name == 'sqlite' and not isinstance(value, str):
+            # The column holds text; a number here is an aggregate such as `sum(cost_usd)`, which SQLite adds
+            # as floats: refuse it rather than return a Decimal that looks exact and is not.
+            raise TypeError(
+                f'got {value!r} for an exact decimal on SQLite, which computes sum(), avg() and total() '
+                'of it as floats: use pai_usage.table.exact_sum(column) (or cost_sum()) to add costs exactly'
+            )
         return Decimal(value)
 
 

@@ -206,3 +206,18 @@ def test_dashed_uuid_on_both_backends():
     assert column_type.process_bind_param(str(value), sqlite.dialect()) == '12345678-1234-5678-1234-567812345678'
     assert column_type.process_result_value('12345678-1234-5678-1234-567812345678', sqlite.dialect()) == value
     assert column_type.process_bind_param(value, postgresql.dialect()) == value
+
+
+def test_a_float_sum_of_costs_is_refused_on_sqlite(tracker: UsageTracker):
+    # `sum(cost_usd)` of SQLite's text is a float: reading it as a Decimal would look exact and not be.
+    for record in _cost_records([Decimal('0.1'), Decimal('0.2')]):
+        tracker.track(record)
+    assert tracker.flush()
+    query = sa.select(sa.func.sum(TOKEN_USAGE.c.cost_usd))
+    with tracker.engine.connect() as conn:
+        if tracker.engine.dialect.name == 'sqlite':
+            with pytest.raises(TypeError, match=r'exact_sum\(column\)'):
+                conn.execute(query).scalar()
+        else:
+            assert conn.execute(query).scalar() == Decimal('0.3')
+        assert conn.execute(sa.select(cost_sum())).scalar() == Decimal('0.3')
