@@ -91,7 +91,8 @@ def _raw_totals(engine: sa.Engine) -> dict[str, Any]:
     columns = ', '.join(f'sum({name})' for name in TOKEN_BUCKETS)
     with engine.connect() as conn:
         # SQLite keeps fixed-decimal text: its exact sum is over the digits, in pico-dollars (docs/columns.md).
-        exact = "sum(CAST(replace(cost_usd, '.', '') AS INTEGER))" if engine.dialect.name == 'sqlite' else 'sum(cost_usd)'
+        sqlite = engine.dialect.name == 'sqlite'
+        exact = "sum(CAST(replace(cost_usd, '.', '') AS INTEGER))" if sqlite else 'sum(cost_usd)'
         cost = conn.exec_driver_sql(f'SELECT {exact} FROM token_usage').scalar()
         events, unpriced = conn.exec_driver_sql('SELECT count(*), count(*) - count(cost_usd) FROM token_usage').one()
         tokens = conn.exec_driver_sql(f'SELECT {columns} FROM token_usage').one()

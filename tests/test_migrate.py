@@ -15,8 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
-import pai_usage  # noqa: F401  # registers every table on SQLModel.metadata
-from pai_usage import UsageRecord, UsageTracker
+from pai_usage import UsageRecord, UsageTracker  # importing pai_usage registers every table on SQLModel.metadata
 from pai_usage.migrate import (
     MIGRATIONS_TABLE,
     MigrationError,
