@@ -10,7 +10,8 @@
 --     SELECT set_config('pai_usage.organization_id', 'acme', true)
 -- With the setting absent or empty it sees nothing. The tables' owner, which the tracker normally connects as,
 -- is not restricted (no FORCE ROW LEVEL SECURITY), so the writer and `pai-usage` keep working unchanged.
--- Grant tenants' roles what they need, e.g.  GRANT SELECT ON token_usage, token_usage_daily TO tenant_role
+-- Grant tenants' roles what they need, e.g.
+--     GRANT SELECT ON token_usage, token_usage_daily, token_usage_monthly TO tenant_role
 -- On Supabase, key the policies on the JWT instead, e.g. (auth.jwt() ->> 'org_id').
 ALTER TABLE token_usage ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS pai_usage_tenant_isolation ON token_usage;
@@ -24,8 +25,14 @@ CREATE POLICY pai_usage_tenant_isolation ON token_usage_daily
     USING (organization_id = current_setting('pai_usage.organization_id', true))
     WITH CHECK (organization_id = current_setting('pai_usage.organization_id', true));
 
--- The rollup triggers maintain token_usage_daily as its owner, whoever inserts into token_usage: tenants need
--- no write access to the rollup, and a tenant's insert still updates it exactly. The search path is pinned to
--- the one in effect now, so a caller cannot substitute another token_usage_daily.
+ALTER TABLE token_usage_monthly ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS pai_usage_tenant_isolation ON token_usage_monthly;
+CREATE POLICY pai_usage_tenant_isolation ON token_usage_monthly
+    USING (organization_id = current_setting('pai_usage.organization_id', true))
+    WITH CHECK (organization_id = current_setting('pai_usage.organization_id', true));
+
+-- The rollup triggers maintain token_usage_daily and token_usage_monthly as their owner, whoever inserts into
+-- token_usage: tenants need no write access to the rollup, and a tenant's insert still updates it exactly. The search path is pinned to
+-- the one in effect now, so a caller cannot substitute other rollup tables.
 ALTER FUNCTION pai_usage_rollup_apply() SECURITY DEFINER SET search_path FROM CURRENT;
 ALTER FUNCTION pai_usage_rollup_truncate() SECURITY DEFINER SET search_path FROM CURRENT;
