@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .summary import (
+    _MEASURES,  # pyright: ignore[reportPrivateUsage]
     GROUP_BY_DIMENSIONS,
     GroupBy,
     UsageSummary,
@@ -47,16 +48,25 @@ __all__ = (
 _metadata = sa.MetaData()
 
 
-def _rollup_table(name: str, period: str) -> sa.Table:
+_KEY_COLUMNS = ('organization_id', 'provider', 'model', 'operation', 'source')
+_MONTHLY_KEY_COLUMNS = ('organization_id', 'provider', 'model')
+_MONTHLY_DIMENSIONS = frozenset({'organization', 'provider', 'model', 'month'})
+"""What the monthly level can group by: its key, and the month."""
+_KEY_TYPES = {
+    'organization_id': sa.String(255),
+    'provider': sa.String(255),
+    'model': sa.String(255),
+    'operation': sa.String(255),
+    'source': sa.String(16),
+}
+
+
+def _rollup_table(name: str, period: str, key: tuple[str, ...]) -> sa.Table:
     return sa.Table(
         name,
         _metadata,
         sa.Column(period, sa.Date, nullable=False),
-        sa.Column('organization_id', sa.String(255)),
-        sa.Column('provider', sa.String(255)),
-        sa.Column('model', sa.String(255)),
-        sa.Column('operation', sa.String(255), nullable=False),
-        sa.Column('source', sa.String(16), nullable=False),
+        *(sa.Column(k, _KEY_TYPES[k], nullable=k in ('organization_id', 'provider', 'model')) for k in key),
         sa.Column('events', sa.BigInteger, nullable=False),
         sa.Column('cost_usd', sa.Numeric(38, 12, asdecimal=True), nullable=False),
         sa.Column('unpriced_events', sa.BigInteger, nullable=False),
@@ -65,10 +75,12 @@ def _rollup_table(name: str, period: str) -> sa.Table:
     )
 
 
-TOKEN_USAGE_DAILY = _rollup_table('token_usage_daily', 'day')
-"""The daily rollup (PostgreSQL only; defined by `migrations/postgresql/0002_daily_rollup.sql`)."""
-TOKEN_USAGE_MONTHLY = _rollup_table('token_usage_monthly', 'month')
-"""The monthly rollup, `month` being the month's first day (PostgreSQL only; `0006_monthly_rollup.sql`)."""
+TOKEN_USAGE_DAILY = _rollup_table('token_usage_daily', 'day', _KEY_COLUMNS)
+"""The daily rollup, per (organization, provider, model, operation, source, UTC day) (PostgreSQL only; defined
+by `migrations/postgresql/0002_daily_rollup.sql`)."""
+TOKEN_USAGE_MONTHLY = _rollup_table('token_usage_monthly', 'month', _MONTHLY_KEY_COLUMNS)
+"""The monthly rollup, per (organization, provider, model, UTC month), `month` being the month's first day
+(PostgreSQL only; `migrations/postgresql/0006_monthly_rollup.sql`)."""
 
 ROLLUP_TRIGGERS = (
     'pai_usage_rollup_insert',
@@ -78,11 +90,10 @@ ROLLUP_TRIGGERS = (
 )
 """The triggers on `token_usage` that keep the rollup exact; the rollup is only read while all are enabled."""
 
-_KEY_COLUMNS = ('organization_id', 'provider', 'model', 'operation', 'source')
 _COLUMNS: dict[str, str] = {'organization': 'organization_id'}
-_MEASURES = ('events', 'cost_usd', 'unpriced_events', 'error_events', *TOKEN_BUCKETS)
 
 _disabled: ContextVar[bool] = ContextVar('pai_usage_rollup_disabled', default=False)
+_daily_only: ContextVar[bool] = ContextVar('pai_usage_rollup_daily_only', default=False)
 
 _LEVELS = sa.text(
     # A role that may not read a level (e.g. a tenant granted only the daily one) is answered from the others.
@@ -109,6 +120,16 @@ def rollup_disabled() -> Generator[None]:
         yield
     finally:
         _disabled.reset(token)
+
+
+@contextmanager
+def _daily_level_only() -> Generator[None]:
+    """Leave the monthly level unread inside this block (`benchmarks/scale.py` compares the two levels)."""
+    token = _daily_only.set(True)
+    try:
+        yield
+    finally:
+        _daily_only.reset(token)
 
 
 def _levels(conn: sa.Connection) -> tuple[bool, bool]:
@@ -143,11 +164,14 @@ def _whole_months(first: date, end: date) -> tuple[date, date] | None:
     return (start, stop) if start < stop else None
 
 
-def _part(table: sa.Table, period: str, lo: date, hi: date, organization_id: str | None) -> sa.Select[Any]:
-    """One level's rows with `lo <= period < hi`, its period column labelled `period`."""
+def _part(
+    table: sa.Table, period: str, lo: date, hi: date, organization_id: str | None, key: tuple[str, ...]
+) -> sa.Select[Any]:
+    """One level's rows with `lo <= period < hi`: its period labelled `period`, the `key` columns, the sums."""
     c = table.c
-    stmt = sa.select(c[period].label('period'), *(c[k] for k in _KEY_COLUMNS), *(c[m] for m in _MEASURES))
-    stmt = stmt.where(c[period] >= lo, c[period] < hi)
+    # One month is an equality, so that the (month, organization_id, model) index gives the rows in group order.
+    when = c[period] == lo if period == 'month' and hi == _next_month(lo) else sa.and_(c[period] >= lo, c[period] < hi)
+    stmt = sa.select(c[period].label('period'), *(c[k] for k in key), *(c[m] for m in _MEASURES)).where(when)
     return stmt if organization_id is None else stmt.where(c.organization_id == organization_id)
 
 
@@ -172,8 +196,9 @@ def rollup_summary(
 
     They can when the database is PostgreSQL with the rollup migrations applied and their triggers enabled,
     `start` and `end` are midnights UTC, there is no `user_id` filter and no `user` dimension, and not inside
-    `rollup_disabled()`. Whole months are read from the monthly level (when migration 0006 is applied and the
-    summary is not grouped by day), the days around them from the daily level.
+    `rollup_disabled()`. Whole months are read from the monthly level (migration 0006) when the summary is
+    grouped by nothing but organization, provider, model and month; the days around them, and everything else,
+    from the daily level.
     """
     group_by = tuple(dict.fromkeys(group_by))
     if (
@@ -190,23 +215,29 @@ def rollup_summary(
         exact, monthly = _levels(conn)
         if not exact:
             return None
-        months = _whole_months(first, stop) if monthly and 'day' not in group_by else None
+        use_monthly = monthly and _MONTHLY_DIMENSIONS.issuperset(group_by) and not _daily_only.get()
+        months = _whole_months(first, stop) if use_monthly else None
         if months is None:
-            parts = [_part(TOKEN_USAGE_DAILY, 'day', first, stop, organization_id)]
+            parts = [_part(TOKEN_USAGE_DAILY, 'day', first, stop, organization_id, _KEY_COLUMNS)]
         else:
-            parts = [_part(TOKEN_USAGE_MONTHLY, 'month', *months, organization_id)]
+            # The daily parts keep only the monthly level's key columns, so that the union lines up.
+            parts = [_part(TOKEN_USAGE_MONTHLY, 'month', *months, organization_id, _MONTHLY_KEY_COLUMNS)]
             for lo, hi in ((first, months[0]), (months[1], stop)):
                 if lo < hi:
-                    parts.append(_part(TOKEN_USAGE_DAILY, 'day', lo, hi, organization_id))
+                    parts.append(_part(TOKEN_USAGE_DAILY, 'day', lo, hi, organization_id, _MONTHLY_KEY_COLUMNS))
         source = (parts[0] if len(parts) == 1 else sa.union_all(*parts)).subquery('rollup')
         dims = [_dimension(g, source) for g in group_by]
-        stmt = sa.select(*dims, *(sa.func.sum(source.c[m]).label(m) for m in _MEASURES))
+        # Counts as integers, as the raw table's query returns them (a bigint sum is a numeric).
+        sums = [sa.func.sum(source.c[m]) for m in _MEASURES]
+        stmt = sa.select(
+            *dims, *(s if m == 'cost_usd' else sa.cast(s, sa.BigInteger) for m, s in zip(_MEASURES, sums, strict=True))
+        )
         if dims:
             stmt = stmt.group_by(*dims).order_by(*dims)
         # Groups whose rows were all deleted leave zero rows behind; the raw table has no such group.
         stmt = stmt.having(sa.func.sum(source.c.events) > 0)
         return _summary_of(
-            conn.execute(stmt).mappings(),
+            conn.execute(stmt).all(),
             start=start,
             end=end,
             organization_id=organization_id,
@@ -234,10 +265,11 @@ _REBUILD_DAILY = (
 _REBUILD_MONTHLY = (
     'TRUNCATE token_usage_monthly',
     f"""INSERT INTO token_usage_monthly
-    SELECT date_trunc('month', day)::date, organization_id, provider, model, operation, source,
+    SELECT date_trunc('month', day)::date, {', '.join(_MONTHLY_KEY_COLUMNS)},
            {', '.join(f'sum({m})' for m in _MEASURES)}
     FROM token_usage_daily
-    GROUP BY 1, 2, 3, 4, 5, 6""",
+    GROUP BY 1, 2, 3, 4
+    ORDER BY 1, 2, 4, 3""",
 )
 
 
@@ -259,10 +291,10 @@ def rebuild_rollup(engine: sa.Engine) -> int:
 
 @dataclass(frozen=True, slots=True)
 class RollupMismatch:
-    """A group whose rollup sums differ from the raw table's: a (day, key) group, or a (month, key) one."""
+    """A group whose rollup sums differ from the raw table's, on the daily or the monthly level."""
 
     key: dict[str, Any]
-    """The group: `day` (daily level) or `month` (monthly level, the month's first day), and the key columns."""
+    """The group: `day` and the daily key columns, or `month` (the month's first day) and the monthly ones."""
     raw: dict[str, Any] | None
     """The raw table's sums, or None if it has no such group."""
     rollup: dict[str, Any] | None
@@ -281,18 +313,22 @@ def verify_rollup(
     stop = end.astimezone(UTC).date() if end is not None else None
     found: list[RollupMismatch] = []
     with engine.connect() as conn:
-        levels: list[tuple[str, str, date | None, date | None]] = [('day', 'token_usage_daily', first, stop)]
+        levels: list[tuple[str, str, tuple[str, ...], date | None, date | None]] = [
+            ('day', 'token_usage_daily', _KEY_COLUMNS, first, stop)
+        ]
         if _has_monthly(conn):
             lo = None if first is None else (first if first.day == 1 else _next_month(first))
             hi = None if stop is None else stop.replace(day=1)
             if lo is None or hi is None or lo < hi:
-                levels.append(('month', 'token_usage_monthly', lo, hi))
-        for period, table, lo, hi in levels:
-            found += _compare(conn, period, table, lo, hi)
+                levels.append(('month', 'token_usage_monthly', _MONTHLY_KEY_COLUMNS, lo, hi))
+        for period, table, key, lo, hi in levels:
+            found += _compare(conn, period, table, key, lo, hi)
     return found
 
 
-def _compare(conn: sa.Connection, period: str, table: str, lo: date | None, hi: date | None) -> list[RollupMismatch]:
+def _compare(
+    conn: sa.Connection, period: str, table: str, key: tuple[str, ...], lo: date | None, hi: date | None
+) -> list[RollupMismatch]:
     raw_where, rollup_where = '', ''
     params: dict[str, Any] = {}
     if lo is not None:
@@ -303,10 +339,10 @@ def _compare(conn: sa.Connection, period: str, table: str, lo: date | None, hi: 
         raw_where += ' AND created_at < :hi_at'
         rollup_where += f' AND {period} < :hi'
         params.update(hi=hi, hi_at=datetime.combine(hi, time(0), UTC))
-    keys = ', '.join((period, *_KEY_COLUMNS))
+    keys = ', '.join((period, *key))
     sql = f"""
         WITH raw AS (
-            SELECT {_PERIOD[period]} AS {period}, {', '.join(_KEY_COLUMNS)},
+            SELECT {_PERIOD[period]} AS {period}, {', '.join(key)},
                    count(*)::bigint AS events, coalesce(sum(cost_usd), 0)::numeric(38, 12) AS cost_usd,
                    count(*) FILTER (WHERE cost_usd IS NULL)::bigint AS unpriced_events,
                    count(*) FILTER (WHERE status = 'error')::bigint AS error_events,
@@ -320,7 +356,7 @@ def _compare(conn: sa.Connection, period: str, table: str, lo: date | None, hi: 
         UNION ALL
         SELECT 'rollup' AS side, * FROM (SELECT * FROM rolled EXCEPT ALL SELECT * FROM raw) AS only_rollup"""
     sides: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
-    names = (period, *_KEY_COLUMNS)
+    names = (period, *key)
     for row in conn.execute(sa.text(sql), params).mappings():
         sides.setdefault(tuple(row[c] for c in names), {})[row['side']] = _measures(row)
     return [

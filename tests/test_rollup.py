@@ -262,9 +262,11 @@ def test_whole_months_are_read_from_the_monthly_level(pg_tracker: UsageTracker) 
     assert events[JAN, FEB][1] == events[JAN, FEB][0] + 1000
     assert events[JAN, MAR][1] == events[JAN, MAR][0] + 1000
     assert events[jan16, FEB][1] == events[jan16, FEB][0]  # half a month: the daily level
-    by_day = rollup_summary(engine, JAN, FEB, group_by=('day',))
-    with rollup_disabled():
-        assert by_day == query_summary(engine, JAN, FEB, group_by=('day',))  # grouped by day: the daily level
+    # Grouped by what the monthly level does not keep (day, operation, source): the daily level.
+    for group_by in [('day',), ('operation',), ('organization', 'source')]:
+        fast = rollup_summary(engine, JAN, FEB, group_by=group_by)
+        with rollup_disabled():
+            assert fast == query_summary(engine, JAN, FEB, group_by=group_by), group_by
 
     # verify_rollup checks both levels, and says which one is off.
     mismatches = verify_rollup(engine)
