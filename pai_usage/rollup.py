@@ -236,6 +236,10 @@ def rollup_summary(
             stmt = stmt.group_by(*dims).order_by(*dims)
         # Groups whose rows were all deleted leave zero rows behind; the raw table has no such group.
         stmt = stmt.having(sa.func.sum(source.c.events) > 0)
+        if organization_id is None and dims:
+            # Thousands of groups: PostgreSQL underestimates them and picks a hash aggregate that spills to disk
+            # in the default work_mem, then sorts; sorting the level's rows and aggregating in order is ~2x faster.
+            conn.exec_driver_sql('SET LOCAL enable_hashagg = off')
         return _summary_of(
             conn.execute(stmt).all(),
             start=start,
