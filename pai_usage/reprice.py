@@ -17,39 +17,17 @@ from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
-from uuid import UUID
 
 import sqlalchemy as sa
-from sqlmodel import Field
 
 from .pricing import PriceTable, price_fields
-from .table import COST_SCALE, TOKEN_USAGE, ExactDecimal, TableBase, UTCDateTime
+from .table import COST_SCALE, REPRICE_AUDIT, TOKEN_USAGE, TokenUsageReprice
 from .usage import TOKEN_BUCKETS
 
 __all__ = ('REPRICE_AUDIT', 'RepriceGroup', 'RepriceResult', 'TokenUsageReprice', 'format_reprice', 'reprice')
 
 _QUANTUM = Decimal(1).scaleb(-COST_SCALE)
 _BATCH = 1000
-
-
-class TokenUsageReprice(TableBase, table=True):
-    """One repriced row of one `reprice` run: what it cost before and after, and by which rule."""
-
-    __tablename__ = 'token_usage_reprice'  # pyright: ignore[reportAssignmentType]
-    __table_args__ = (sa.Index('ix_token_usage_reprice_usage_id', 'usage_id'),)
-
-    usage_id: UUID = Field(primary_key=True)
-    repriced_at: datetime = Field(sa_type=UTCDateTime, primary_key=True)
-    old_cost_usd: Decimal | None = Field(default=None, sa_type=ExactDecimal(24, COST_SCALE))  # pyright: ignore[reportArgumentType]
-    old_pricing_status: str = Field(max_length=16)
-    old_price_source: str | None = Field(default=None, max_length=100)
-    new_cost_usd: Decimal | None = Field(default=None, sa_type=ExactDecimal(24, COST_SCALE))  # pyright: ignore[reportArgumentType]
-    new_pricing_status: str = Field(max_length=16)
-    new_price_source: str | None = Field(default=None, max_length=100)
-
-
-REPRICE_AUDIT: sa.Table = TokenUsageReprice.__table__  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType, reportUnknownVariableType]
-"""The Core `Table` of the reprice audit trail (migration 0003)."""
 
 
 @dataclass(kw_only=True)

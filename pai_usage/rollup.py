@@ -1,14 +1,15 @@
-"""The PostgreSQL daily rollup of `token_usage`, and summaries read from it.
+"""The PostgreSQL rollups of `token_usage`, daily and monthly, and summaries read from them.
 
 Migration `0002_daily_rollup.sql` creates `token_usage_daily`: one row per (organization, provider, model,
-operation, source, UTC day) with the same sums `query_summary` computes, kept exact by statement-level
-triggers on every insert, update, delete and truncate of `token_usage`. A month's summary for an
-organization then reads a few rows per model and day instead of one per event.
+operation, source, UTC day) with the same sums `query_summary` computes; `0006_monthly_rollup.sql` adds
+`token_usage_monthly`, the same per UTC month. Statement-level triggers on every insert, update, delete and
+truncate of `token_usage` keep both exact, in the writer's own transaction.
 
-`rollup_summary()` answers from the rollup only when that gives exactly the raw table's answer: on
+`rollup_summary()` answers from the rollups only when that gives exactly the raw table's answer: on
 PostgreSQL, with the rollup's triggers present and enabled, for a range of whole UTC days, neither grouped
-nor filtered by user (the rollup does not keep users). Otherwise it returns None and the caller reads the
-raw table.
+nor filtered by user (the rollups do not keep users). It reads the coarsest level that answers: whole months
+from the monthly level, the days before and after them from the daily level (all from the daily level when
+grouped by day). Otherwise it returns None and the caller reads the raw table.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from collections.abc import Generator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import UTC, datetime, time
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
 
 from .summary import (
+    _MEASURES,  # pyright: ignore[reportPrivateUsage]
     GROUP_BY_DIMENSIONS,
     GroupBy,
     UsageSummary,
@@ -34,6 +36,7 @@ from .usage import TOKEN_BUCKETS
 __all__ = (
     'ROLLUP_TRIGGERS',
     'TOKEN_USAGE_DAILY',
+    'TOKEN_USAGE_MONTHLY',
     'RollupMismatch',
     'rebuild_rollup',
     'rollup_available',
@@ -44,22 +47,40 @@ __all__ = (
 
 _metadata = sa.MetaData()
 
-TOKEN_USAGE_DAILY = sa.Table(
-    'token_usage_daily',
-    _metadata,
-    sa.Column('day', sa.Date, nullable=False),
-    sa.Column('organization_id', sa.String(255)),
-    sa.Column('provider', sa.String(255)),
-    sa.Column('model', sa.String(255)),
-    sa.Column('operation', sa.String(255), nullable=False),
-    sa.Column('source', sa.String(16), nullable=False),
-    sa.Column('events', sa.BigInteger, nullable=False),
-    sa.Column('cost_usd', sa.Numeric(38, 12, asdecimal=True), nullable=False),
-    sa.Column('unpriced_events', sa.BigInteger, nullable=False),
-    sa.Column('error_events', sa.BigInteger, nullable=False),
-    *(sa.Column(name, sa.BigInteger, nullable=False) for name in TOKEN_BUCKETS),
-)
-"""The rollup table (PostgreSQL only; defined by `migrations/postgresql/0002_daily_rollup.sql`)."""
+
+_KEY_COLUMNS = ('organization_id', 'provider', 'model', 'operation', 'source')
+_MONTHLY_KEY_COLUMNS = ('organization_id', 'provider', 'model')
+_MONTHLY_DIMENSIONS = frozenset({'organization', 'provider', 'model', 'month'})
+"""What the monthly level can group by: its key, and the month."""
+_KEY_TYPES = {
+    'organization_id': sa.String(255),
+    'provider': sa.String(255),
+    'model': sa.String(255),
+    'operation': sa.String(255),
+    'source': sa.String(16),
+}
+
+
+def _rollup_table(name: str, period: str, key: tuple[str, ...]) -> sa.Table:
+    return sa.Table(
+        name,
+        _metadata,
+        sa.Column(period, sa.Date, nullable=False),
+        *(sa.Column(k, _KEY_TYPES[k], nullable=k in ('organization_id', 'provider', 'model')) for k in key),
+        sa.Column('events', sa.BigInteger, nullable=False),
+        sa.Column('cost_usd', sa.Numeric(38, 12, asdecimal=True), nullable=False),
+        sa.Column('unpriced_events', sa.BigInteger, nullable=False),
+        sa.Column('error_events', sa.BigInteger, nullable=False),
+        *(sa.Column(name, sa.BigInteger, nullable=False) for name in TOKEN_BUCKETS),
+    )
+
+
+TOKEN_USAGE_DAILY = _rollup_table('token_usage_daily', 'day', _KEY_COLUMNS)
+"""The daily rollup, per (organization, provider, model, operation, source, UTC day) (PostgreSQL only; defined
+by `migrations/postgresql/0002_daily_rollup.sql`)."""
+TOKEN_USAGE_MONTHLY = _rollup_table('token_usage_monthly', 'month', _MONTHLY_KEY_COLUMNS)
+"""The monthly rollup, per (organization, provider, model, UTC month), `month` being the month's first day
+(PostgreSQL only; `migrations/postgresql/0006_monthly_rollup.sql`)."""
 
 ROLLUP_TRIGGERS = (
     'pai_usage_rollup_insert',
@@ -69,19 +90,20 @@ ROLLUP_TRIGGERS = (
 )
 """The triggers on `token_usage` that keep the rollup exact; the rollup is only read while all are enabled."""
 
-_KEY_COLUMNS = ('organization_id', 'provider', 'model', 'operation', 'source')
 _COLUMNS: dict[str, str] = {'organization': 'organization_id'}
-_MEASURES = ('events', 'cost_usd', 'unpriced_events', 'error_events', *TOKEN_BUCKETS)
 
 _disabled: ContextVar[bool] = ContextVar('pai_usage_rollup_disabled', default=False)
+_daily_only: ContextVar[bool] = ContextVar('pai_usage_rollup_daily_only', default=False)
 
-_AVAILABLE = sa.text(
-    'SELECT to_regclass(:rollup) IS NOT NULL AND ('
+_LEVELS = sa.text(
+    # A role that may not read a level (e.g. a tenant granted only the daily one) is answered from the others.
+    "SELECT coalesce(has_table_privilege(to_regclass(:daily), 'SELECT'), false) AND ("
     '  SELECT count(*) FROM pg_trigger'
     '  WHERE tgrelid = to_regclass(:raw) AND tgname = ANY(:triggers) AND tgenabled IN (:origin, :always)'
-    ') = :count'
+    ") = :count, coalesce(has_table_privilege(to_regclass(:monthly), 'SELECT'), false)"
 ).bindparams(
-    rollup='token_usage_daily',
+    daily='token_usage_daily',
+    monthly='token_usage_monthly',
     raw='token_usage',
     triggers=list(ROLLUP_TRIGGERS),
     origin='O',
@@ -100,24 +122,65 @@ def rollup_disabled() -> Generator[None]:
         _disabled.reset(token)
 
 
-def rollup_available(conn: sa.Connection) -> bool:
-    """Whether `token_usage_daily` exists and every trigger that maintains it is enabled."""
+@contextmanager
+def _daily_level_only() -> Generator[None]:
+    """Leave the monthly level unread inside this block (`benchmarks/scale.py` compares the two levels)."""
+    token = _daily_only.set(True)
+    try:
+        yield
+    finally:
+        _daily_only.reset(token)
+
+
+def _levels(conn: sa.Connection) -> tuple[bool, bool]:
+    """Whether the rollup is exact (daily table and every trigger enabled), and whether it has a monthly level."""
     if conn.dialect.name != 'postgresql':
-        return False
-    return bool(conn.execute(_AVAILABLE).scalar())
+        return False, False
+    exact, monthly = conn.execute(_LEVELS).one()
+    return bool(exact), bool(exact and monthly)
+
+
+def rollup_available(conn: sa.Connection) -> bool:
+    """Whether `token_usage_daily` exists and every trigger that maintains the rollup is enabled."""
+    return _levels(conn)[0]
+
+
+def _has_monthly(conn: sa.Connection) -> bool:
+    return conn.execute(sa.text("SELECT to_regclass('token_usage_monthly') IS NOT NULL")).scalar() is True
 
 
 def _whole_day(moment: datetime) -> bool:
     return moment.tzinfo is not None and moment.astimezone(UTC).time() == time(0)
 
 
-def _dimension(name: GroupBy) -> sa.ColumnElement[Any]:
-    d = TOKEN_USAGE_DAILY.c
+def _next_month(day: date) -> date:
+    return date(day.year + day.month // 12, day.month % 12 + 1, 1)
+
+
+def _whole_months(first: date, end: date) -> tuple[date, date] | None:
+    """The whole calendar months inside `[first, end)`, as `[start, stop)`, or None if there are none."""
+    start = first if first.day == 1 else _next_month(first)
+    stop = end.replace(day=1)
+    return (start, stop) if start < stop else None
+
+
+def _part(
+    table: sa.Table, period: str, lo: date, hi: date, organization_id: str | None, key: tuple[str, ...]
+) -> sa.Select[Any]:
+    """One level's rows with `lo <= period < hi`: its period labelled `period`, the `key` columns, the sums."""
+    c = table.c
+    # One month is an equality, so that the (month, organization_id, model) index gives the rows in group order.
+    when = c[period] == lo if period == 'month' and hi == _next_month(lo) else sa.and_(c[period] >= lo, c[period] < hi)
+    stmt = sa.select(c[period].label('period'), *(c[k] for k in key), *(c[m] for m in _MEASURES)).where(when)
+    return stmt if organization_id is None else stmt.where(c.organization_id == organization_id)
+
+
+def _dimension(name: GroupBy, source: sa.FromClause) -> sa.ColumnElement[Any]:
     if name == 'day':
-        return sa.func.to_char(d.day, 'YYYY-MM-DD').label(name)
+        return sa.func.to_char(source.c.period, 'YYYY-MM-DD').label(name)
     if name == 'month':
-        return sa.func.to_char(d.day, 'YYYY-MM').label(name)
-    return d[_COLUMNS.get(name, name)].label(name)
+        return sa.func.to_char(source.c.period, 'YYYY-MM').label(name)
+    return source.c[_COLUMNS.get(name, name)].label(name)
 
 
 def rollup_summary(
@@ -129,11 +192,13 @@ def rollup_summary(
     user_id: str | None = None,
     group_by: Sequence[GroupBy] = ('model',),
 ) -> UsageSummary | None:
-    """`query_summary`'s answer, read from the daily rollup; None when the rollup cannot give it exactly.
+    """`query_summary`'s answer, read from the rollups; None when they cannot give it exactly.
 
-    It can when the database is PostgreSQL with the rollup migration applied and its triggers enabled,
+    They can when the database is PostgreSQL with the rollup migrations applied and their triggers enabled,
     `start` and `end` are midnights UTC, there is no `user_id` filter and no `user` dimension, and not inside
-    `rollup_disabled()`.
+    `rollup_disabled()`. Whole months are read from the monthly level (migration 0006) when the summary is
+    grouped by nothing but organization, provider, model and month; the days around them, and everything else,
+    from the daily level.
     """
     group_by = tuple(dict.fromkeys(group_by))
     if (
@@ -145,21 +210,38 @@ def rollup_summary(
         or any(g not in GROUP_BY_DIMENSIONS or g == 'user' for g in group_by)
     ):
         return None
-    d = TOKEN_USAGE_DAILY.c
-    dims = [_dimension(g) for g in group_by]
-    measures = [sa.func.sum(d[name]).label(name) for name in _MEASURES]
-    stmt = sa.select(*dims, *measures).where(d.day >= start.astimezone(UTC).date(), d.day < end.astimezone(UTC).date())
-    if organization_id is not None:
-        stmt = stmt.where(d.organization_id == organization_id)
-    if dims:
-        stmt = stmt.group_by(*dims).order_by(*dims)
-    # Groups whose rows were all deleted leave zero rows behind; the raw table has no such group.
-    stmt = stmt.having(sa.func.sum(d.events) > 0)
+    first, stop = start.astimezone(UTC).date(), end.astimezone(UTC).date()
     with engine.connect() as conn:
-        if not rollup_available(conn):
+        exact, monthly = _levels(conn)
+        if not exact:
             return None
+        use_monthly = monthly and _MONTHLY_DIMENSIONS.issuperset(group_by) and not _daily_only.get()
+        months = _whole_months(first, stop) if use_monthly else None
+        if months is None:
+            parts = [_part(TOKEN_USAGE_DAILY, 'day', first, stop, organization_id, _KEY_COLUMNS)]
+        else:
+            # The daily parts keep only the monthly level's key columns, so that the union lines up.
+            parts = [_part(TOKEN_USAGE_MONTHLY, 'month', *months, organization_id, _MONTHLY_KEY_COLUMNS)]
+            for lo, hi in ((first, months[0]), (months[1], stop)):
+                if lo < hi:
+                    parts.append(_part(TOKEN_USAGE_DAILY, 'day', lo, hi, organization_id, _MONTHLY_KEY_COLUMNS))
+        source = (parts[0] if len(parts) == 1 else sa.union_all(*parts)).subquery('rollup')
+        dims = [_dimension(g, source) for g in group_by]
+        # Counts as integers, as the raw table's query returns them (a bigint sum is a numeric).
+        sums = [sa.func.sum(source.c[m]) for m in _MEASURES]
+        stmt = sa.select(
+            *dims, *(s if m == 'cost_usd' else sa.cast(s, sa.BigInteger) for m, s in zip(_MEASURES, sums, strict=True))
+        )
+        if dims:
+            stmt = stmt.group_by(*dims).order_by(*dims)
+        # Groups whose rows were all deleted leave zero rows behind; the raw table has no such group.
+        stmt = stmt.having(sa.func.sum(source.c.events) > 0)
+        if organization_id is None and dims:
+            # Thousands of groups: PostgreSQL underestimates them and picks a hash aggregate that spills to disk
+            # in the default work_mem, then sorts; sorting the level's rows and aggregating in order is ~2x faster.
+            conn.exec_driver_sql('SET LOCAL enable_hashagg = off')
         return _summary_of(
-            conn.execute(stmt).mappings(),
+            conn.execute(stmt).all(),
             start=start,
             end=end,
             organization_id=organization_id,
@@ -168,37 +250,55 @@ def rollup_summary(
         )
 
 
-_REBUILD = (
-    'LOCK TABLE token_usage IN SHARE ROW EXCLUSIVE MODE',
-    'TRUNCATE token_usage_daily',
-    """INSERT INTO token_usage_daily
-    SELECT (created_at AT TIME ZONE 'UTC')::date AS day, organization_id, provider, model,
-           operation, source, count(*), coalesce(sum(cost_usd), 0),
+_RAW_SUMS = """count(*), coalesce(sum(cost_usd), 0),
            count(*) FILTER (WHERE cost_usd IS NULL), count(*) FILTER (WHERE status = 'error'),
            sum(input_tokens), sum(cache_read_tokens), sum(cache_write_tokens), sum(input_audio_tokens),
-           sum(output_tokens), sum(reasoning_tokens), sum(output_audio_tokens), sum(output_image_tokens)
+           sum(output_tokens), sum(reasoning_tokens), sum(output_audio_tokens), sum(output_image_tokens)"""
+_PERIOD = {
+    'day': "(created_at AT TIME ZONE 'UTC')::date",
+    'month': "date_trunc('month', created_at AT TIME ZONE 'UTC')::date",
+}
+_REBUILD_DAILY = (
+    'LOCK TABLE token_usage IN SHARE ROW EXCLUSIVE MODE',
+    'TRUNCATE token_usage_daily',
+    f"""INSERT INTO token_usage_daily
+    SELECT {_PERIOD['day']} AS day, organization_id, provider, model, operation, source, {_RAW_SUMS}
     FROM token_usage
     GROUP BY 1, 2, 3, 4, 5, 6""",
+)
+_REBUILD_MONTHLY = (
+    'TRUNCATE token_usage_monthly',
+    f"""INSERT INTO token_usage_monthly
+    SELECT date_trunc('month', day)::date, {', '.join(_MONTHLY_KEY_COLUMNS)},
+           {', '.join(f'sum({m})' for m in _MEASURES)}
+    FROM token_usage_daily
+    GROUP BY 1, 2, 3, 4
+    ORDER BY 1, 2, 4, 3""",
 )
 
 
 def rebuild_rollup(engine: sa.Engine) -> int:
-    """Recompute the rollup from `token_usage` (e.g. after loading rows with triggers disabled).
+    """Recompute the rollups from `token_usage` (e.g. after loading rows with triggers disabled).
 
-    Blocks writes to `token_usage` while it runs. Returns the number of rollup rows.
+    Blocks writes to `token_usage` while it runs. Returns the number of rollup rows, both levels together.
     """
     with engine.begin() as conn:
-        for statement in _REBUILD:
+        for statement in _REBUILD_DAILY:
             conn.exec_driver_sql(statement)
-        return int(conn.execute(sa.select(sa.func.count()).select_from(TOKEN_USAGE_DAILY)).scalar_one())
+        tables = [TOKEN_USAGE_DAILY]
+        if _has_monthly(conn):
+            tables.append(TOKEN_USAGE_MONTHLY)
+            for statement in _REBUILD_MONTHLY:
+                conn.exec_driver_sql(statement)
+        return sum(int(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()) for t in tables)
 
 
 @dataclass(frozen=True, slots=True)
 class RollupMismatch:
-    """A (day, key) group whose rollup sums differ from the raw table's."""
+    """A group whose rollup sums differ from the raw table's, on the daily or the monthly level."""
 
     key: dict[str, Any]
-    """The group: `day` and the key columns."""
+    """The group: `day` and the daily key columns, or `month` (the month's first day) and the monthly ones."""
     raw: dict[str, Any] | None
     """The raw table's sums, or None if it has no such group."""
     rollup: dict[str, Any] | None
@@ -208,24 +308,45 @@ class RollupMismatch:
 def verify_rollup(
     engine: sa.Engine, start: datetime | None = None, end: datetime | None = None
 ) -> list[RollupMismatch]:
-    """Compare the rollup with the raw table, group by group, over `[start, end)` (whole days); [] when exact.
+    """Compare the rollups with the raw table, group by group, over `[start, end)` (whole days); [] when exact.
 
-    The comparison runs in the database (`EXCEPT ALL` both ways), so only differing groups come back.
+    The daily level is compared over the range, the monthly level over the whole months inside it. The
+    comparison runs in the database (`EXCEPT ALL` both ways), so only differing groups come back.
     """
+    first = start.astimezone(UTC).date() if start is not None else None
+    stop = end.astimezone(UTC).date() if end is not None else None
+    found: list[RollupMismatch] = []
+    with engine.connect() as conn:
+        levels: list[tuple[str, str, tuple[str, ...], date | None, date | None]] = [
+            ('day', 'token_usage_daily', _KEY_COLUMNS, first, stop)
+        ]
+        if _has_monthly(conn):
+            lo = None if first is None else (first if first.day == 1 else _next_month(first))
+            hi = None if stop is None else stop.replace(day=1)
+            if lo is None or hi is None or lo < hi:
+                levels.append(('month', 'token_usage_monthly', _MONTHLY_KEY_COLUMNS, lo, hi))
+        for period, table, key, lo, hi in levels:
+            found += _compare(conn, period, table, key, lo, hi)
+    return found
+
+
+def _compare(
+    conn: sa.Connection, period: str, table: str, key: tuple[str, ...], lo: date | None, hi: date | None
+) -> list[RollupMismatch]:
     raw_where, rollup_where = '', ''
     params: dict[str, Any] = {}
-    if start is not None:
-        raw_where += ' AND created_at >= :start'
-        rollup_where += ' AND day >= :start_day'
-        params.update(start=start, start_day=start.astimezone(UTC).date())
-    if end is not None:
-        raw_where += ' AND created_at < :end'
-        rollup_where += ' AND day < :end_day'
-        params.update(end=end, end_day=end.astimezone(UTC).date())
-    keys = ', '.join(('day', *_KEY_COLUMNS))
+    if lo is not None:
+        raw_where += ' AND created_at >= :lo_at'
+        rollup_where += f' AND {period} >= :lo'
+        params.update(lo=lo, lo_at=datetime.combine(lo, time(0), UTC))
+    if hi is not None:
+        raw_where += ' AND created_at < :hi_at'
+        rollup_where += f' AND {period} < :hi'
+        params.update(hi=hi, hi_at=datetime.combine(hi, time(0), UTC))
+    keys = ', '.join((period, *key))
     sql = f"""
         WITH raw AS (
-            SELECT (created_at AT TIME ZONE 'UTC')::date AS day, {', '.join(_KEY_COLUMNS)},
+            SELECT {_PERIOD[period]} AS {period}, {', '.join(key)},
                    count(*)::bigint AS events, coalesce(sum(cost_usd), 0)::numeric(38, 12) AS cost_usd,
                    count(*) FILTER (WHERE cost_usd IS NULL)::bigint AS unpriced_events,
                    count(*) FILTER (WHERE status = 'error')::bigint AS error_events,
@@ -233,23 +354,19 @@ def verify_rollup(
             FROM token_usage WHERE true{raw_where}
             GROUP BY {keys}
         ), rolled AS (
-            SELECT {keys}, {', '.join(_MEASURES)} FROM token_usage_daily WHERE true{rollup_where}
+            SELECT {keys}, {', '.join(_MEASURES)} FROM {table} WHERE true{rollup_where}
         )
         SELECT 'raw' AS side, * FROM (SELECT * FROM raw EXCEPT ALL SELECT * FROM rolled) AS only_raw
         UNION ALL
         SELECT 'rollup' AS side, * FROM (SELECT * FROM rolled EXCEPT ALL SELECT * FROM raw) AS only_rollup"""
     sides: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
-    with engine.connect() as conn:
-        for row in conn.execute(sa.text(sql), params).mappings():
-            sides.setdefault(_key(row), {})[row['side']] = _measures(row)
+    names = (period, *key)
+    for row in conn.execute(sa.text(sql), params).mappings():
+        sides.setdefault(tuple(row[c] for c in names), {})[row['side']] = _measures(row)
     return [
-        RollupMismatch(dict(zip(('day', *_KEY_COLUMNS), key, strict=True)), found.get('raw'), found.get('rollup'))
+        RollupMismatch(dict(zip(names, key, strict=True)), found.get('raw'), found.get('rollup'))
         for key, found in sorted(sides.items(), key=lambda item: repr(item[0]))
     ]
-
-
-def _key(row: sa.RowMapping) -> tuple[Any, ...]:
-    return tuple(row[c] for c in ('day', *_KEY_COLUMNS))
 
 
 def _measures(row: sa.RowMapping) -> dict[str, Any]:

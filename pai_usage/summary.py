@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 import sqlalchemy as sa
 
 from .table import TOKEN_USAGE as _t
+from .table import cost_sum
 from .usage import TOKEN_BUCKETS
 
 __all__ = (
@@ -141,12 +142,13 @@ def query_summary(
     if fast is not None:
         return fast
     dims = [_dimension(g, engine.dialect.name) for g in group_by]
+    # In `_MEASURES` order. Counts come back as integers (a bigint sum is a numeric on PostgreSQL).
     measures = [
-        sa.func.count().label('events'),
-        sa.func.sum(_t.c.cost_usd).label('cost_usd'),
-        sa.func.sum(sa.case((_t.c.cost_usd.is_(None), 1), else_=0)).label('unpriced_events'),
-        sa.func.sum(sa.case((_t.c.status == 'error', 1), else_=0)).label('error_events'),
-        *(sa.func.sum(_t.c[name]).label(name) for name in TOKEN_BUCKETS),
+        sa.func.count(),
+        cost_sum(),
+        sa.cast(sa.func.sum(sa.case((_t.c.cost_usd.is_(None), 1), else_=0)), sa.BigInteger),
+        sa.cast(sa.func.sum(sa.case((_t.c.status == 'error', 1), else_=0)), sa.BigInteger),
+        *(sa.cast(sa.func.sum(_t.c[name]), sa.BigInteger) for name in TOKEN_BUCKETS),
     ]
     stmt = sa.select(*dims, *measures).where(_t.c.created_at >= start, _t.c.created_at < end)
     if organization_id is not None:
@@ -157,7 +159,7 @@ def query_summary(
         stmt = stmt.group_by(*dims).order_by(*dims)
     with engine.connect() as conn:
         return _summary_of(
-            conn.execute(stmt).mappings(),
+            conn.execute(stmt).all(),
             start=start,
             end=end,
             organization_id=organization_id,
@@ -166,8 +168,12 @@ def query_summary(
         )
 
 
+_MEASURES: tuple[str, ...] = ('events', 'cost_usd', 'unpriced_events', 'error_events', *TOKEN_BUCKETS)
+"""The `UsageTotals` fields, in the order aggregate queries select them after their `group_by` columns."""
+
+
 def _summary_of(
-    results: Iterable[sa.RowMapping],
+    results: Iterable[Sequence[Any]],
     *,
     start: datetime,
     end: datetime,
@@ -175,24 +181,28 @@ def _summary_of(
     user_id: str | None,
     group_by: tuple[GroupBy, ...],
 ) -> UsageSummary:
-    """The summary of aggregate rows that have a column per `group_by` dimension and per `UsageTotals` field.
+    """The summary of aggregate rows: a column per `group_by` dimension, then one per `_MEASURES` field.
 
     Shared with `rollup_summary`, so that the raw table and the rollup turn sums into totals the same way.
+    Kept lean: a month of all organizations by organization and model is ~10k groups.
     """
+    k = len(group_by)
     rows: list[SummaryRow] = []
-    totals = UsageTotals()
+    kept: list[Sequence[Any]] = []
     for result in results:
-        if not result['events']:
+        values = result[k:]  # counts are integers and the cost a Decimal on both backends: no conversions
+        if not values[0]:
             continue  # an ungrouped aggregate over no rows still returns one row
-        row_totals = UsageTotals(
-            events=int(result['events']),
-            cost_usd=Decimal(result['cost_usd'] or 0),
-            unpriced_events=int(result['unpriced_events'] or 0),
-            error_events=int(result['error_events'] or 0),
-            **{name: int(result[name] or 0) for name in TOKEN_BUCKETS},
-        )
-        rows.append(SummaryRow({g: result[g] for g in group_by}, row_totals))
-        totals += row_totals
+        if values[1] is None:  # every event of the group is unpriced
+            values = (values[0], Decimal(0), *values[2:])
+        kept.append(values)
+        group: dict[str, Any] = dict(zip(group_by, result[:k], strict=True))
+        rows.append(SummaryRow(group, UsageTotals(**dict(zip(_MEASURES, values, strict=True)))))
+    totals = UsageTotals()
+    if kept:
+        columns = zip(*kept, strict=True)
+        sums: dict[str, Any] = {name: sum(column) for name, column in zip(_MEASURES, columns, strict=True)}
+        totals = UsageTotals(**sums)
     return UsageSummary(
         start=start,
         end=end,

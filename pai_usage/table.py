@@ -13,19 +13,29 @@ from typing import Any
 from uuid import UUID
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import registry
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 from sqlmodel import Field, SQLModel
 
 __all__ = (
     'COST_SCALE',
+    'REPRICE_AUDIT',
+    'SQLITE_TIMESTAMP_FORMAT',
     'TOKEN_USAGE',
     'UNITS_SCALE',
+    'DashedUUID',
     'ExactDecimal',
     'TableBase',
     'TokenUsage',
+    'TokenUsageReprice',
     'UTCDateTime',
+    'cost_sum',
+    'exact_sum',
     'metadata',
 )
 
@@ -33,14 +43,23 @@ COST_SCALE = 12
 """Decimal places kept for `cost_usd` (pico-dollars): enough for any per-token price in genai-prices."""
 UNITS_SCALE = 6
 """Decimal places kept for `units` (micro-units, e.g. fractions of a video second)."""
+SQLITE_TIMESTAMP_FORMAT = (
+    '%(year)04d-%(month)02d-%(day)02d %(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06d+00:00'
+)
+"""How `created_at` is stored on SQLite: ISO 8601 UTC text with its zone, e.g. `2026-12-01 09:30:00.000000+00:00`.
+
+Fixed width, so text order is time order; the space (not `T`) makes it compare correctly with SQLite's own
+`datetime('now')`, and it reads like PostgreSQL's `timestamptz` output.
+"""
 
 
 class ExactDecimal(sa.types.TypeDecorator[Decimal]):
-    """An exact decimal on every backend.
+    """An exact decimal on every backend, readable in raw SQL on both.
 
-    PostgreSQL stores `NUMERIC(p, scale)`. SQLite has no exact decimal type (its NUMERIC is a float), so
-    there the value is stored as an integer count of `10**-scale` units, which `sum()` adds exactly.
-    Values are rounded half-even to `scale` places.
+    PostgreSQL stores `NUMERIC(p, scale)`. SQLite has no exact decimal type (its NUMERIC is a float), so there
+    the value is stored as `TEXT` with exactly `scale` decimals (`0.002523000000`), which reads as dollars;
+    `exact_sum()` adds such values exactly, as integers of `10**-scale` units. Values are rounded half-even to
+    `scale` places.
     """
 
     impl = sa.Numeric
@@ -54,7 +73,7 @@ class ExactDecimal(sa.types.TypeDecorator[Decimal]):
 
     def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
         if dialect.name == 'sqlite':
-            return dialect.type_descriptor(sa.BigInteger())
+            return dialect.type_descriptor(sa.Text())
         return dialect.type_descriptor(sa.Numeric(self.precision, self.scale, asdecimal=True))
 
     def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
@@ -62,8 +81,36 @@ class ExactDecimal(sa.types.TypeDecorator[Decimal]):
             return None
         exact = Decimal(value).quantize(self._quantum, rounding=ROUND_HALF_EVEN)
         if dialect.name == 'sqlite':
-            return int(exact.scaleb(self.scale))
+            # Always `scale` decimals and never `-0`: `exact_sum` reads the digits without the point.
+            return f'{exact if exact else abs(exact):f}'
         return exact
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == 'sqlite' and not isinstance(value, str):
+            # The column holds text; a number here is an aggregate such as `sum(cost_usd)`, which SQLite adds
+            # as floats: refuse it rather than return a Decimal that looks exact and is not.
+            raise TypeError(
+                f'got {value!r} for an exact decimal on SQLite, which computes sum(), avg() and total() '
+                'of it as floats: use pai_usage.table.exact_sum(column) (or cost_sum()) to add costs exactly'
+            )
+        return Decimal(value)
+
+
+class _ScaledSum(sa.types.TypeDecorator[Decimal]):
+    """The result of `exact_sum`: on SQLite an integer count of `10**-scale` units, turned back into a Decimal."""
+
+    impl = sa.Numeric
+    cache_ok = True
+
+    def __init__(self, scale: int) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        # Not SQLite's Numeric, whose result processor goes through a float.
+        return dialect.type_descriptor(sa.BigInteger() if dialect.name == 'sqlite' else sa.Numeric(asdecimal=True))
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
         if value is None:
@@ -73,11 +120,49 @@ class ExactDecimal(sa.types.TypeDecorator[Decimal]):
         return Decimal(value)
 
 
+class _ExactSum(FunctionElement[Decimal]):
+    inherit_cache = True
+    name = 'exact_sum'
+
+    def __init__(self, column: sa.ColumnElement[Decimal], scale: int) -> None:
+        super().__init__(column)
+        self.type = _ScaledSum(scale)
+
+
+@compiles(_ExactSum)
+def _compile_sum(element: _ExactSum, compiler: SQLCompiler, **kw: Any) -> str:
+    return f'sum({compiler.process(element.clauses, **kw)})'
+
+
+@compiles(_ExactSum, 'sqlite')
+def _compile_sum_sqlite(element: _ExactSum, compiler: SQLCompiler, **kw: Any) -> str:
+    # `0.002523000000` -> 2523000000: an integer sum is exact, where SQLite's own sum of the text is a float.
+    return f"sum(CAST(replace({compiler.process(element.clauses, **kw)}, '.', '') AS INTEGER))"
+
+
+def exact_sum(column: sa.ColumnElement[Decimal]) -> sa.ColumnElement[Decimal]:
+    """`sum(column)` of an `ExactDecimal` column (`cost_usd`, `units`), exact on every backend, as a Decimal.
+
+    Use it for every sum of money in SQL: a plain `sum()` is exact on PostgreSQL but a float on SQLite.
+    NULLs are skipped as `sum()` does, and the sum of no rows is NULL. On SQLite one sum holds at most
+    2**63 units of `10**-scale` (about $9.2 million of `cost_usd`); more raises SQLite's integer overflow.
+    """
+    column_type = column.type
+    if not isinstance(column_type, ExactDecimal):
+        raise TypeError(f'exact_sum() needs an ExactDecimal column, not {column_type!r}')
+    return _ExactSum(column, column_type.scale)
+
+
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
-    """A timezone-aware UTC timestamp on every backend (SQLite stores naive UTC text)."""
+    """A timezone-aware UTC timestamp on every backend (SQLite stores `SQLITE_TIMESTAMP_FORMAT` text)."""
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == 'sqlite':
+            return dialect.type_descriptor(sqlite.DATETIME(storage_format=SQLITE_TIMESTAMP_FORMAT))
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -91,6 +176,32 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class DashedUUID(sa.types.TypeDecorator[UUID]):
+    """A UUID that reads the same on every backend: native `UUID` on PostgreSQL, dashed `CHAR(36)` text on SQLite.
+
+    SQLAlchemy's own `Uuid` stores 32 hex digits without dashes on SQLite, unlike `run_id` and exports.
+    """
+
+    impl = sa.Uuid
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == 'sqlite':
+            return dialect.type_descriptor(sa.CHAR(36))
+        return dialect.type_descriptor(sa.Uuid())
+
+    def process_bind_param(self, value: UUID | str | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        value = value if isinstance(value, UUID) else UUID(value)
+        return str(value) if dialect.name == 'sqlite' else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> UUID | None:
+        if value is None:
+            return None
+        return value if isinstance(value, UUID) else UUID(value)
 
 
 _JSON = sa.JSON().with_variant(JSONB(), 'postgresql')
@@ -118,7 +229,7 @@ class TokenUsage(TableBase, table=True):
         sa.Index('ix_token_usage_run_id', 'run_id'),
     )
 
-    id: UUID = Field(primary_key=True)
+    id: UUID = Field(primary_key=True, sa_type=DashedUUID)
     created_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
 
     organization_id: str | None = Field(default=None, max_length=255)
@@ -161,3 +272,28 @@ class TokenUsage(TableBase, table=True):
 
 TOKEN_USAGE: sa.Table = TokenUsage.__table__  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType, reportUnknownVariableType]
 """The Core `Table` behind `TokenUsage`, for bulk writes and aggregate reads."""
+
+
+class TokenUsageReprice(TableBase, table=True):
+    """One repriced row of one `reprice` run: what it cost before and after, and by which rule."""
+
+    __tablename__ = 'token_usage_reprice'  # pyright: ignore[reportAssignmentType]
+    __table_args__ = (sa.Index('ix_token_usage_reprice_usage_id', 'usage_id'),)
+
+    usage_id: UUID = Field(sa_type=DashedUUID, primary_key=True)
+    repriced_at: datetime = Field(sa_type=UTCDateTime, primary_key=True)
+    old_cost_usd: Decimal | None = Field(default=None, sa_type=ExactDecimal(24, COST_SCALE))  # pyright: ignore[reportArgumentType]
+    old_pricing_status: str = Field(max_length=16)
+    old_price_source: str | None = Field(default=None, max_length=100)
+    new_cost_usd: Decimal | None = Field(default=None, sa_type=ExactDecimal(24, COST_SCALE))  # pyright: ignore[reportArgumentType]
+    new_pricing_status: str = Field(max_length=16)
+    new_price_source: str | None = Field(default=None, max_length=100)
+
+
+REPRICE_AUDIT: sa.Table = TokenUsageReprice.__table__  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType, reportUnknownVariableType]
+"""The Core `Table` of the reprice audit trail (migration 0003)."""
+
+
+def cost_sum() -> sa.ColumnElement[Decimal]:
+    """`exact_sum(TOKEN_USAGE.c.cost_usd)`: the exact sum of known costs, for every query that adds up money."""
+    return exact_sum(TOKEN_USAGE.c.cost_usd)

@@ -27,7 +27,7 @@ from pai_usage._format import format_usd
 from pai_usage.export import export_rows
 from pai_usage.migrate import available_migrations
 from pai_usage.pricing import PRICES_ENV_VAR, PriceTable, get_price_table, set_price_table
-from pai_usage.table import TOKEN_USAGE
+from pai_usage.table import TOKEN_USAGE, cost_sum
 from pai_usage.tracker import DATABASE_URL_ENV_VAR
 from pai_usage.usage import TOKEN_BUCKETS
 
@@ -96,7 +96,10 @@ def _raw_totals(engine: sa.Engine) -> dict[str, Any]:
     """Totals straight from SQL, not through pai-usage's summary code."""
     columns = ', '.join(f'sum({name})' for name in TOKEN_BUCKETS)
     with engine.connect() as conn:
-        cost = conn.exec_driver_sql('SELECT sum(cost_usd) FROM token_usage').scalar()
+        # SQLite keeps fixed-decimal text: its exact sum is over the digits, in pico-dollars (docs/columns.md).
+        sqlite = engine.dialect.name == 'sqlite'
+        exact = "sum(CAST(replace(cost_usd, '.', '') AS INTEGER))" if sqlite else 'sum(cost_usd)'
+        cost = conn.exec_driver_sql(f'SELECT {exact} FROM token_usage').scalar()
         events, unpriced = conn.exec_driver_sql('SELECT count(*), count(*) - count(cost_usd) FROM token_usage').one()
         tokens = conn.exec_driver_sql(f'SELECT {columns} FROM token_usage').one()
     assert cost is not None
@@ -419,9 +422,9 @@ def _url(tracker: UsageTracker) -> str:
 
 
 def _in_range(engine: sa.Engine, start: datetime, end: datetime) -> tuple[int, Decimal]:
-    """`SELECT count(*), sum(cost_usd)` over `[start, end)`, with bound parameters."""
+    """`SELECT count(*), sum(cost_usd)` over `[start, end)`, with bound parameters (exact on SQLite too)."""
     t = TOKEN_USAGE
-    query = sa.select(sa.func.count(), sa.func.sum(t.c.cost_usd)).where(t.c.created_at >= start, t.c.created_at < end)
+    query = sa.select(sa.func.count(), cost_sum()).where(t.c.created_at >= start, t.c.created_at < end)
     with engine.connect() as conn:
         count, cost = conn.execute(query).one()
     return count, Decimal(cost)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 import sqlalchemy as sa
@@ -12,6 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 import pai_usage
+from pai_usage import UsageRecord, UsageTracker
 from pai_usage.migrate import (
     MIGRATIONS_TABLE,
     MigrationError,
@@ -19,11 +23,14 @@ from pai_usage.migrate import (
     available_migrations,
     migrate,
 )
+from pai_usage.summary import month_bounds, query_summary
+from tests._helpers import token_usage_rows
 
 MIGRATIONS_ROOT = Path(__file__).resolve().parent.parent / 'migrations'
 NOT_MODELED = {
     MIGRATIONS_TABLE,  # our bookkeeping
     'token_usage_daily',  # PostgreSQL's derived daily rollup (0002), deliberately not a SQLModel table
+    'token_usage_monthly',  # and its monthly level (0006)
 }
 """Tables the migrations create that `pai_usage.metadata` does not describe, on purpose."""
 
@@ -151,4 +158,102 @@ def test_shipped_migrations_are_aligned_across_backends():
     versions = {dialect: [m.version for m in available_migrations(dialect)] for dialect in ('postgresql', 'sqlite')}
     assert versions['postgresql'] == versions['sqlite']
     assert versions['sqlite'][0] == '0001'
-    assert versions['sqlite'] == [f'{i:04d}' for i in range(1, len(versions['sqlite']) + 1)]  # no gaps
+    # Each version once: two branches' files with one number would both be applied, in name order.
+    assert len(set(versions['sqlite'])) == len(versions['sqlite'])
+
+
+# Rows as the schema before 0005 stored them on SQLite: 32 hex digits, naive UTC text, scaled integers.
+_LEGACY_COLUMNS = (
+    'id, created_at, organization_id, provider, model, operation, source, input_tokens, cache_read_tokens, '
+    'cache_write_tokens, input_audio_tokens, output_tokens, reasoning_tokens, output_audio_tokens, '
+    'output_image_tokens, details, units, unit_type, cost_usd, pricing_status, status, metadata'
+)
+_LEGACY_ROWS = [
+    # (id, created_at, organization_id, units in 1e-6, cost_usd in 1e-12)
+    ('12345678123456781234567812345678', '2026-01-31 23:59:59.999999', 'acme', None, 2_523_000_000),
+    ('0000000000004000800000000000000a', '2026-02-01 00:00:00.000000', 'acme', 2_500_001, 999_999_123_456_789_012),
+    ('ffffffffffff4fffbfffffffffffffff', '2026-02-01 12:00:00', 'globex', None, None),
+    ('abcdefabcdef4abc8abcabcdefabcdef', '2026-02-02 08:00:00.5', None, 0, 0),
+]
+_READABLE = [
+    ('12345678-1234-5678-1234-567812345678', '2026-01-31 23:59:59.999999+00:00', None, '0.002523000000'),
+    ('00000000-0000-4000-8000-00000000000a', '2026-02-01 00:00:00.000000+00:00', '2.500001', '999999.123456789012'),
+    ('ffffffff-ffff-4fff-bfff-ffffffffffff', '2026-02-01 12:00:00.000000+00:00', None, None),
+    ('abcdefab-cdef-4abc-8abc-abcdefabcdef', '2026-02-02 08:00:00.5+00:00', '0.000000', '0.000000000000'),
+]
+
+
+def _legacy_database(engine: sa.Engine, tmp_path: Path) -> None:
+    (tmp_path / 'sqlite').mkdir()
+    for migration in available_migrations('sqlite'):
+        if migration.version < '0005':
+            (tmp_path / 'sqlite' / migration.name).write_text(migration.sql)
+    migrate(engine, root=tmp_path)
+    with engine.begin() as conn:
+        for i, (id_, created_at, org, units, cost) in enumerate(_LEGACY_ROWS):
+            conn.exec_driver_sql(
+                f'INSERT INTO token_usage ({_LEGACY_COLUMNS}) VALUES '
+                "(?, ?, ?, 'openai', 'gpt-4o', 'request', 'agent', ?, 1, 2, 3, 4, 5, 6, 7, ?, ?, ?, ?, ?, 'ok', ?)",
+                (
+                    id_,
+                    created_at,
+                    org,
+                    100 + i,
+                    '{"a": 1}',
+                    units,
+                    'image' if units is not None else None,
+                    cost,
+                    'unpriced' if cost is None else 'priced',
+                    f'{{"n": {i}}}',
+                ),
+            )
+
+
+def _snapshot(conn: sa.Connection, columns: list[str]) -> list[tuple[Any, ...]]:
+    return [
+        tuple(r) for r in conn.exec_driver_sql(f'SELECT {", ".join(columns)} FROM token_usage ORDER BY input_tokens')
+    ]
+
+
+def test_0005_makes_existing_sqlite_rows_readable_and_keeps_them_exact(sqlite_url: str, tmp_path: Path):
+    engine = sa.create_engine(sqlite_url)
+    _legacy_database(engine, tmp_path)
+    with engine.connect() as conn:
+        before = [c['name'] for c in sa.inspect(conn).get_columns('token_usage')]
+        converted = ['id', 'created_at', 'units', 'cost_usd']
+        untouched = [c for c in before if c not in converted]
+        kept = _snapshot(conn, untouched)
+
+    applied = migrate(engine)
+    assert applied[0].startswith('0005_')
+    assert _drift(engine) == []  # types, nullability and every index as the model says
+
+    with engine.connect() as conn:
+        assert sorted(c['name'] for c in sa.inspect(conn).get_columns('token_usage')) == sorted(before)
+        assert _snapshot(conn, untouched) == kept
+        assert _snapshot(conn, converted) == _READABLE
+    rows = token_usage_rows(engine)
+    assert [r['cost_usd'] for r in rows] == [Decimal('0.002523'), Decimal('999999.123456789012'), None, Decimal(0)]
+    assert [r['units'] for r in rows] == [None, Decimal('2.500001'), None, Decimal(0)]
+    assert rows[0]['id'] == UUID('12345678-1234-5678-1234-567812345678')
+    assert rows[0]['created_at'] == datetime(2026, 1, 31, 23, 59, 59, 999_999, tzinfo=UTC)
+    assert rows[3]['created_at'] == datetime(2026, 2, 2, 8, 0, 0, 500_000, tzinfo=UTC)
+
+    # Old and new rows side by side: summaries stay exact and time ranges still cut at the right instant.
+    with UsageTracker(engine, auto_migrate=False) as tracker:
+        tracker.track(
+            UsageRecord(
+                created_at=datetime(2026, 2, 1, tzinfo=UTC), organization_id='acme', cost_usd=Decimal('0.000000000001')
+            )
+        )
+        assert tracker.flush()
+    february = query_summary(engine, *month_bounds(datetime(2026, 2, 1, tzinfo=UTC)), group_by=('organization',))
+    by_org = {row.group['organization']: row.totals for row in february.rows}
+    assert by_org['acme'].cost_usd == Decimal('999999.123456789013')
+    assert by_org['acme'].events == 2
+    assert by_org['globex'].unpriced_events == 1
+    january = query_summary(engine, *month_bounds(datetime(2026, 1, 1, tzinfo=UTC)), group_by=())
+    assert january.totals.cost_usd == Decimal('0.002523')
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM token_usage WHERE id LIKE '%-%-%-%-%'").scalar() == 5
+    engine.dispose()

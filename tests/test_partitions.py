@@ -239,6 +239,7 @@ def test_ensure_month_partitions_is_idempotent_and_adopts_default_rows(pg_tracke
     with engine.begin() as conn:
         conn.exec_driver_sql('TRUNCATE token_usage')
     assert scalar(engine, 'SELECT count(*) FROM token_usage_daily') == 0
+    assert scalar(engine, 'SELECT count(*) FROM token_usage_monthly') == 0
 
     with pytest.raises(ValueError, match='months_ahead'):
         ensure_month_partitions(engine, months_ahead=-1)
@@ -282,6 +283,7 @@ def test_dropping_a_month_keeps_the_rollup_exact_as_documented(pg_tracker: Usage
     with engine.begin() as conn:
         conn.exec_driver_sql('DROP TABLE token_usage_2025_01')
         conn.exec_driver_sql("DELETE FROM token_usage_daily WHERE day >= '2025-01-01' AND day < '2025-02-01'")
+        conn.exec_driver_sql("DELETE FROM token_usage_monthly WHERE month = '2025-01-01'")
     assert verify_rollup(engine) == []
     with engine.begin() as conn:
         conn.exec_driver_sql('DROP TABLE token_usage_2025_02')

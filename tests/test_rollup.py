@@ -2,17 +2,22 @@ from __future__ import annotations
 
 import random
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
 
 from pai_usage import UsageRecord, UsageTracker
-from pai_usage.migrate import applied_migrations, available_migrations
+from pai_usage.migrate import applied_migrations, available_migrations, migrate
 from pai_usage.rollup import rebuild_rollup, rollup_available, rollup_disabled, rollup_summary, verify_rollup
 from pai_usage.summary import GroupBy, query_summary
+from pai_usage.tenancy import rls_sql
+from tests.conftest import PG_SERVER_URL
 
 pytestmark = pytest.mark.postgres
 
@@ -85,7 +90,9 @@ def test_rollup_equals_raw(pg_tracker: UsageTracker) -> None:
     assert verify_rollup(pg_tracker.engine) == []
 
     checked = 0
-    for start, end in [(JAN, FEB), (JAN, MAR), (datetime(2026, 1, 16, tzinfo=UTC), FEB), (FEB, MAR)]:
+    jan16, feb10 = datetime(2026, 1, 16, tzinfo=UTC), datetime(2026, 2, 10, tzinfo=UTC)
+    # Whole months (monthly level), days only (daily level), and months with days before or after them (both).
+    for start, end in [(JAN, FEB), (JAN, MAR), (jan16, FEB), (FEB, MAR), (jan16, MAR), (JAN, feb10), (jan16, feb10)]:
         for group_by in GROUPINGS:
             for filters in [
                 {},
@@ -99,7 +106,7 @@ def test_rollup_equals_raw(pg_tracker: UsageTracker) -> None:
                 assert fast is not None
                 assert fast == raw, (start, end, group_by, filters)
                 checked += bool(raw.rows)
-    assert checked > 50  # the comparisons are not all between empty summaries
+    assert checked > 80  # the comparisons are not all between empty summaries
 
     # The rollup keeps no users: anything by user is left to the raw table.
     assert rollup_summary(pg_tracker.engine, JAN, FEB, user_id='u1') is None
@@ -140,6 +147,7 @@ def test_updates_deletes_and_truncate_stay_exact(pg_tracker: UsageTracker) -> No
     with pg_tracker.engine.begin() as conn:
         conn.exec_driver_sql('TRUNCATE token_usage')
         assert conn.exec_driver_sql('SELECT count(*) FROM token_usage_daily').scalar() == 0
+        assert conn.exec_driver_sql('SELECT count(*) FROM token_usage_monthly').scalar() == 0
 
 
 def test_concurrent_writers_stay_exact(pg_schema_url: str) -> None:
@@ -212,7 +220,7 @@ def test_rebuild_after_bulk_load_without_triggers(pg_tracker: UsageTracker) -> N
     assert mismatches and all(m.raw and m.rollup and m.raw['events'] == 2 * m.rollup['events'] for m in mismatches)
 
     rows = rebuild_rollup(pg_tracker.engine)
-    assert 0 < rows <= 100
+    assert 0 < rows <= 200  # both levels
     assert verify_rollup(pg_tracker.engine) == []
 
 
@@ -220,12 +228,149 @@ def test_migration_versions_stay_aligned() -> None:
     pg = [m.version for m in available_migrations('postgresql')]
     lite = [m.version for m in available_migrations('sqlite')]
     assert pg == lite
-    assert '0002' in pg
+    assert {'0002', '0006'} <= set(pg)
 
 
 def test_sqlite_applies_the_empty_migration(sqlite_url: str) -> None:
     with UsageTracker(sqlite_url) as lite:
         lite.track(records(1)[0])
         assert lite.flush()
-    assert '0002' in applied_migrations(lite.engine)  # later migrations (0003+) may follow it
+    assert {'0002', '0006'} <= set(applied_migrations(lite.engine))
     lite.engine.dispose()
+
+
+def _tamper_monthly(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            'UPDATE token_usage_monthly SET events = events + 1000 WHERE ctid = '
+            "(SELECT ctid FROM token_usage_monthly WHERE month = '2026-01-01' LIMIT 1)"
+        )
+
+
+def test_whole_months_are_read_from_the_monthly_level(pg_tracker: UsageTracker) -> None:
+    track_all(pg_tracker, records(300))
+    engine = pg_tracker.engine
+    jan16 = datetime(2026, 1, 16, tzinfo=UTC)
+    before = {rng: rollup_summary(engine, *rng, group_by=()) for rng in [(JAN, FEB), (JAN, MAR), (jan16, FEB)]}
+    _tamper_monthly(engine)  # visible only to answers that read January from the monthly level
+    after = {rng: rollup_summary(engine, *rng, group_by=()) for rng in before}
+    events = {
+        rng: (b.totals.events, a.totals.events)
+        for rng, b, a in zip(before, before.values(), after.values(), strict=True)
+        if a and b
+    }
+    assert events[JAN, FEB][1] == events[JAN, FEB][0] + 1000
+    assert events[JAN, MAR][1] == events[JAN, MAR][0] + 1000
+    assert events[jan16, FEB][1] == events[jan16, FEB][0]  # half a month: the daily level
+    # Grouped by what the monthly level does not keep (day, operation, source): the daily level.
+    for group_by in [('day',), ('operation',), ('organization', 'source')]:
+        fast = rollup_summary(engine, JAN, FEB, group_by=group_by)
+        with rollup_disabled():
+            assert fast == query_summary(engine, JAN, FEB, group_by=group_by), group_by
+
+    # verify_rollup checks both levels, and says which one is off.
+    mismatches = verify_rollup(engine)
+    assert mismatches and all('month' in m.key and m.key['month'] == JAN.date() for m in mismatches)
+    assert verify_rollup(engine, jan16, FEB) == []  # no whole month in range: the daily level only
+    rebuild_rollup(engine)
+    assert verify_rollup(engine) == []
+
+
+def test_reprice_updates_and_deletes_keep_both_levels_exact(pg_tracker: UsageTracker) -> None:
+    track_all(pg_tracker, records(300))
+    engine = pg_tracker.engine
+    with engine.begin() as conn:
+        monthly_rows = conn.exec_driver_sql('SELECT xmin::text, * FROM token_usage_monthly ORDER BY 2, 3, 4, 5').all()
+        # An UPDATE that changes no sum (metadata, price source) rewrites no rollup row.
+        conn.exec_driver_sql("""UPDATE token_usage SET metadata = '{"note": 1}', price_source = 'audit'""")
+        assert conn.exec_driver_sql('SELECT xmin::text, * FROM token_usage_monthly ORDER BY 2, 3, 4, 5').all() == (
+            monthly_rows
+        )
+    with engine.begin() as conn:
+        # A reprice in place, a re-attribution across months and groups, unpricing, and deletes.
+        conn.exec_driver_sql("UPDATE token_usage SET cost_usd = cost_usd * 3 + 0.000000000001 WHERE model = 'gpt-4o'")
+        conn.exec_driver_sql(
+            "UPDATE token_usage SET created_at = created_at + interval '20 days' WHERE source = 'agent'"
+        )
+        conn.exec_driver_sql("UPDATE token_usage SET cost_usd = NULL, status = 'error' WHERE provider IS NULL")
+        conn.exec_driver_sql("DELETE FROM token_usage WHERE organization_id = 'initech'")
+    assert verify_rollup(engine) == []
+    for start, end in [(JAN, FEB), (FEB, MAR), (JAN, datetime(2026, 4, 1, tzinfo=UTC))]:
+        for group_by in GROUPINGS:
+            fast = rollup_summary(engine, start, end, group_by=group_by)
+            with rollup_disabled():
+                assert fast == query_summary(engine, start, end, group_by=group_by), (start, end, group_by)
+    with engine.connect() as conn:
+        assert (
+            conn.exec_driver_sql("SELECT count(*) FROM token_usage_monthly WHERE organization_id = 'initech'").scalar()
+            == 0
+        )
+
+
+@pytest.fixture
+def role(pg_schema_url: str) -> Iterator[str]:
+    name = f'pai_rollup_{uuid.uuid4().hex[:10]}'
+    admin = sa.create_engine(PG_SERVER_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE ROLE {name} NOLOGIN NOSUPERUSER NOBYPASSRLS')
+    try:
+        yield name
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP OWNED BY {name}')
+            conn.exec_driver_sql(f'DROP ROLE {name}')
+        admin.dispose()
+
+
+def test_0006_carries_over_grants_and_row_level_security(pg_schema_url: str, role: str, tmp_path: Path) -> None:
+    # A ledger from before 0006 with row-level security on and a tenant role that reads and writes it.
+    engine = sa.create_engine(pg_schema_url)
+    (tmp_path / 'postgresql').mkdir()
+    for migration in available_migrations('postgresql'):
+        if migration.version < '0006':
+            (tmp_path / 'postgresql' / migration.name).write_text(migration.sql)
+    migrate(engine, root=tmp_path)
+    with UsageTracker(engine, auto_migrate=False) as tracker:
+        track_all(tracker, records(100))
+    schema = pg_schema_url.rsplit('search_path%3D', 1)[-1]
+    with engine.begin() as conn:
+        for statement in rls_sql().split(';'):
+            if 'token_usage_monthly' not in statement and statement.strip('\n -'):
+                conn.exec_driver_sql('\n'.join(line for line in statement.splitlines() if not line.startswith('--')))
+        conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA {schema} TO {role}')
+        conn.exec_driver_sql(f'GRANT SELECT, INSERT ON token_usage TO {role}')
+        conn.exec_driver_sql(f'GRANT SELECT ON token_usage_daily TO {role}, PUBLIC')
+
+    assert [name[:4] for name in migrate(engine)] == ['0006']
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql(
+            "SELECT relrowsecurity FROM pg_class WHERE oid = 'token_usage_monthly'::regclass"
+        ).scalar()
+        assert conn.exec_driver_sql(
+            'SELECT bool_and(prosecdef) FROM pg_proc WHERE pronamespace = current_schema()::regnamespace'
+            " AND proname IN ('pai_usage_rollup_apply', 'pai_usage_rollup_truncate')"
+        ).scalar()
+        grants = conn.exec_driver_sql(
+            "SELECT grantee FROM information_schema.role_table_grants WHERE table_name = 'token_usage_monthly'"
+            " AND table_schema = current_schema() AND privilege_type = 'SELECT'"
+        ).scalars()
+        assert {role, 'PUBLIC'} <= set(grants)
+
+    # The tenant reads its own organization from the monthly level, and its insert reaches both levels.
+    tenant = sa.create_engine(pg_schema_url + quote(f' -crole={role} -cpai_usage.organization_id=acme'))
+    with tenant.begin() as conn:
+        conn.exec_driver_sql(
+            'INSERT INTO token_usage (id, created_at, organization_id, operation, source, input_tokens,'
+            ' cache_read_tokens, cache_write_tokens, input_audio_tokens, output_tokens, reasoning_tokens,'
+            ' output_audio_tokens, output_image_tokens, details, cost_usd, pricing_status, status, metadata)'
+            " VALUES (gen_random_uuid(), '2026-01-10Z', 'acme', 'request', 'direct', 1, 0, 0, 0, 1, 0, 0, 0, '{}', 5,"
+            " 'priced', 'ok', '{}')"
+        )
+    fast = rollup_summary(tenant, JAN, FEB, group_by=('organization',))
+    with rollup_disabled():
+        raw = query_summary(engine, JAN, FEB, organization_id='acme', group_by=('organization',))
+    assert fast is not None and [row.group['organization'] for row in fast.rows] == ['acme']
+    assert fast.totals == raw.totals
+    assert verify_rollup(engine) == []
+    tenant.dispose()
+    engine.dispose()

@@ -21,14 +21,14 @@
 --   partitioned table: they see the rows of every partition), the owner, table-level grants, row-level security
 --   and its policies are carried over (a trigger disabled on purpose stays disabled). Column-level grants and
 --   views on `token_usage` are not: a view makes the migration fail (drop it first, recreate it afterwards).
--- * The rows are copied with the new table's triggers not yet in place, so `token_usage_daily` stays exact.
+-- * The rows are copied with the new table's triggers not yet in place, so the rollups stay exact.
 -- * Partitions `token_usage_YYYY_MM` are created for every month that has rows and for the current month and
 --   the next three; other months go to `token_usage_default`, so an insert never fails. Create upcoming
 --   months ahead of time with `pai_usage.partitions.ensure_month_partitions(engine)` (or
 --   `SELECT pai_usage_create_month_partition(date '2027-01-01')`) from a cron job or at app start.
 -- * Retention: `DROP TABLE token_usage_2025_01` (or DETACH PARTITION) removes a month instantly, but fires no
 --   DELETE trigger: call `pai_usage.rollup.rebuild_rollup(engine)` afterwards, or delete the month's rows
---   from `token_usage_daily` in the same transaction.
+--   from `token_usage_daily` and `token_usage_monthly` in the same transaction.
 
 -- Creates the partition of `token_usage` for the UTC month containing `month`, unless it exists; returns its
 -- name, or NULL when there was nothing to do. Rows of that month already in the DEFAULT partition are moved into

@@ -22,13 +22,16 @@ CREATE TABLE IF NOT EXISTS pai_usage_tenant_roles (
 );
 REVOKE ALL ON pai_usage_tenant_roles FROM PUBLIC;
 
--- Runs as the owner, so tenants need no access to the mapping; the search path is pinned to the one in effect
+-- Runs as the owner, so tenants need no access to the mapping, and the search path is pinned to the one in effect
 -- now, so a caller cannot substitute another table. It answers for the role the policy passes, `current_user`.
 CREATE OR REPLACE FUNCTION pai_usage_tenant_organization(role_name text) RETURNS text
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT
     AS 'SELECT organization_id::text FROM pai_usage_tenant_roles WHERE pai_usage_tenant_roles.role_name = $1';
 
--- A mapped role gets its own organization, whatever its settings say; an unmapped role gets the setting's.
+-- A mapped role gets its own organization, whatever its settings say, and an unmapped role gets the setting's.
+-- Grant tenants' roles what they need, e.g.
+--     GRANT SELECT ON token_usage, token_usage_daily, token_usage_monthly TO tenant_role
+-- On Supabase, key the policies on the JWT instead, e.g. (auth.jwt() ->> 'org_id').
 ALTER TABLE token_usage ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS pai_usage_tenant_isolation ON token_usage;
 CREATE POLICY pai_usage_tenant_isolation ON token_usage
@@ -45,8 +48,16 @@ CREATE POLICY pai_usage_tenant_isolation ON token_usage_daily
     WITH CHECK (organization_id = COALESCE(pai_usage_tenant_organization(current_user::text),
                                            current_setting('pai_usage.organization_id', true)));
 
--- The rollup triggers maintain token_usage_daily as its owner, whoever inserts into token_usage: tenants need
--- no write access to the rollup, and a tenant's insert still updates it exactly. The search path is pinned to
--- the one in effect now, so a caller cannot substitute another token_usage_daily.
+ALTER TABLE token_usage_monthly ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS pai_usage_tenant_isolation ON token_usage_monthly;
+CREATE POLICY pai_usage_tenant_isolation ON token_usage_monthly
+    USING (organization_id = COALESCE(pai_usage_tenant_organization(current_user::text),
+                                      current_setting('pai_usage.organization_id', true)))
+    WITH CHECK (organization_id = COALESCE(pai_usage_tenant_organization(current_user::text),
+                                           current_setting('pai_usage.organization_id', true)));
+
+-- The rollup triggers maintain token_usage_daily and token_usage_monthly as their owner, whoever inserts into
+-- token_usage: tenants need no write access to the rollup, and a tenant's insert still updates it exactly.
+-- The search path is pinned to the one in effect now, so a caller cannot substitute other rollup tables.
 ALTER FUNCTION pai_usage_rollup_apply() SECURITY DEFINER SET search_path FROM CURRENT;
 ALTER FUNCTION pai_usage_rollup_truncate() SECURITY DEFINER SET search_path FROM CURRENT;

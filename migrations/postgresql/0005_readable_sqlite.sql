@@ -1,0 +1,3 @@
+-- SQLite only: migrations/sqlite/0005_readable_sqlite.sql makes its raw table read like PostgreSQL's (dollars in
+-- cost_usd, dashed ids, timestamps with their zone), which this schema already does. This empty migration
+-- keeps the version numbers of both dialects aligned.

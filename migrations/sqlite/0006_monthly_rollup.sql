@@ -1,0 +1,2 @@
+-- PostgreSQL only: the monthly level of the rollup (migrations/postgresql/0006_monthly_rollup.sql). This empty
+-- migration keeps the version numbers of both dialects aligned.
