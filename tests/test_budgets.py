@@ -314,7 +314,7 @@ def test_check_outside_a_run(fast_tracker: UsageTracker) -> None:
         ({'limit_usd': Decimal(-1)}, 'non-negative'),
         ({'limit_usd': Decimal('NaN')}, 'finite'),
         ({'limit_usd': 5.0}, 'Decimal'),
-        ({'period': 'week'}, 'period'),
+        ({'period': 'fortnight'}, 'period'),
     ],
 )
 def test_budget_validation(fields: dict[str, Any], match: str) -> None:
