@@ -719,7 +719,7 @@ def test_budgets_file(this_month: UsageTracker, capsys: pytest.CaptureFixture[st
         (['--file', '{dir}/missing.json'], ['cannot read budgets file', 'No such file or directory']),
         (['--file', '{dir}/bad.json'], ['bad budgets file', 'not valid JSON']),
         (['--file', '{dir}/wrong.json'], ['bad budgets file', 'budget #1 has unknown fields']),
-        (['--file', '{dir}/bad.json', '--org', 'acme'], ['--period and --org go with --limit']),
+        (['--file', '{dir}/bad.json', '--org', 'acme'], ['--period, --timezone and --org go with --limit']),
     ],
 )
 def test_budgets_bad_options(

@@ -77,6 +77,7 @@ _Target = tuple[Budget, Dimension, str | None]
 
 
 def _utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
 
 
