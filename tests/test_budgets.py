@@ -2,23 +2,29 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import pickle
+import subprocess
+import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import genai_prices
 import pytest
 import sqlalchemy as sa
 from pydantic_ai import Agent
+from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.exceptions import UsageLimitExceeded
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
-from pydantic_ai.models.function import AgentInfo, FunctionModel
-from pydantic_ai.usage import RequestUsage
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+from pydantic_ai.usage import RequestUsage, UsageLimits
 
 from pai_usage import TrackUsage, UsageTracker, usage_context
 from pai_usage.budgets import (
@@ -33,6 +39,8 @@ from pai_usage.budgets import (
     period_bounds,
 )
 from pai_usage.deps import UsageDeps
+from tests._budget_worker import INPUT_TOKENS, OUTPUT_TOKENS, looping_agent
+from tests._helpers import token_usage_rows
 
 pytestmark = pytest.mark.anyio
 
@@ -468,3 +476,151 @@ def test_budget_exceeded_pickles() -> None:
     assert isinstance(error, BudgetExceeded)
     assert (error.spend_usd, error.limit_usd, str(error)) == (Decimal('5.5'), Decimal(5), str(BudgetExceeded(status)))
     assert status.remaining_usd == 0 and status.exceeded
+
+
+# --- the bound: spend <= limit + one request per concurrent run ------------------------------------------
+
+
+def request_cost(output_tokens: int) -> Decimal:
+    usage = RequestUsage(input_tokens=INPUT_TOKENS, output_tokens=output_tokens)
+    return genai_prices.calc_price(usage, 'gpt-4o', provider_id='openai').total_price
+
+
+LARGEST = request_cost(max(OUTPUT_TOKENS))
+
+
+def ledger(tracker: UsageTracker) -> list[dict[str, Any]]:
+    assert tracker.flush()
+    return token_usage_rows(tracker.engine)
+
+
+def spent(rows: list[dict[str, Any]]) -> Decimal:
+    return sum((r['cost_usd'] for r in rows if r['cost_usd'] is not None), Decimal(0))
+
+
+def assert_bounded(
+    tracker: UsageTracker, outcomes: list[Any], limit: Decimal, runs: int, largest: Decimal = LARGEST
+) -> list[dict[str, Any]]:
+    """Every run was stopped by the budget, spend reached at least half the limit and at most one request per run
+    beyond it, and each refusal is a zero-cost `refused` row."""
+    assert [type(o).__name__ for o in outcomes if not isinstance(o, BudgetExceeded)] == []
+    rows = ledger(tracker)
+    requests = [r for r in rows if r['operation'] == 'agent_request' and r['status'] == 'ok']
+    assert requests and max(r['cost_usd'] for r in requests) <= largest
+    total = spent(rows)
+    assert limit / 2 <= total <= limit + runs * largest
+    refused = [r for r in rows if r['status'] == 'refused']
+    assert len(refused) == runs and all(r['cost_usd'] == 0 for r in refused)
+    return rows
+
+
+@pytest.fixture
+def slow_writer(sqlite_url: str) -> Iterator[UsageTracker]:
+    """The default flush interval: budgets must not wait for the writer."""
+    with UsageTracker(sqlite_url) as tracker:
+        yield tracker
+    tracker.engine.dispose()
+
+
+@pytest.mark.parametrize('delay', [0, 0.1], ids=['0ms', '100ms'])
+@pytest.mark.parametrize('runs', [1, 20, 100])
+async def test_bound_in_one_process(slow_writer: UsageTracker, runs: int, delay: float) -> None:
+    limit = 3 * runs * LARGEST  # a few requests per run
+    enforcer = EnforceBudgets(
+        slow_writer, budgets=[Budget(organization_id='acme', limit_usd=limit)], refresh_interval=3600
+    )
+    agent = looping_agent(delay, [TrackUsage(slow_writer), enforcer])
+    outcomes = await asyncio.gather(*(agent.run('go', deps=ACME) for _ in range(runs)), return_exceptions=True)
+    assert_bounded(slow_writer, outcomes, limit, runs)
+    if runs == 1:
+        # One run reserves its previous request's cost: it stops before a request that would not fit.
+        assert spent(ledger(slow_writer)) <= limit
+
+
+@pytest.mark.parametrize('delay', [0, 0.1], ids=['0ms', '100ms'])
+async def test_bound_in_hard_mode(database_url: str, delay: float) -> None:
+    runs = 20
+    limit = 3 * runs * LARGEST
+    with UsageTracker(database_url) as tracker:
+        enforcer = EnforceBudgets(
+            tracker, budgets=[Budget(organization_id='acme', limit_usd=limit)], hard=True, refresh_interval=3600
+        )
+        agent = looping_agent(delay, [TrackUsage(tracker), enforcer])
+        outcomes = await asyncio.gather(*(agent.run('go', deps=ACME) for _ in range(runs)), return_exceptions=True)
+        enforcer.close()
+        rows = assert_bounded(tracker, outcomes, limit, runs)
+        [status] = enforcer.statuses(ACME)
+        # The shared counter holds what the ledger holds, and no reservation outlives its request.
+        assert (status.spend_usd, status.reserved_usd) == (spent(rows), 0)
+        [reported] = budget_report(tracker.engine, enforcer.budgets)
+        assert (reported.spend_usd, reported.reserved_usd) == (spent(rows), 0)
+    tracker.engine.dispose()
+
+
+def test_bound_across_processes_in_hard_mode(pg_schema_url: str, tmp_path: Path) -> None:
+    processes, runs = 4, 5
+    limit = 3 * processes * runs * LARGEST
+    worker = Path(__file__).with_name('_budget_worker.py')
+    children = [
+        subprocess.Popen(
+            [sys.executable, str(worker), pg_schema_url, str(limit), str(runs), '0.02', str(tmp_path), str(i), '4'],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    results = [child.communicate(timeout=120) for child in children]
+    for child, (out, err) in zip(children, results, strict=True):
+        assert child.returncode == 0, err
+        assert json.loads(out) == {'refused': runs, 'other': []}
+    with UsageTracker(pg_schema_url, auto_migrate=False) as tracker:
+        rows = token_usage_rows(tracker.engine)
+        total = spent(rows)
+        assert limit / 2 <= total <= limit + processes * runs * LARGEST
+        assert sum(r['status'] == 'refused' for r in rows) == processes * runs
+        [status] = budget_report(tracker.engine, [Budget(organization_id='acme', limit_usd=limit)])
+        assert (status.spend_usd, status.reserved_usd) == (total, 0)  # counters and ledger agree
+    tracker.engine.dispose()
+
+
+async def stream_forever(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[DeltaToolCalls]:
+    yield {0: DeltaToolCall(name='again', json_args='{}')}
+
+
+def streaming_agent(*capabilities: AbstractCapability[Any]) -> Agent[UsageDeps, str]:
+    agent = Agent(
+        FunctionModel(stream_function=stream_forever, model_name='gpt-4o'),
+        deps_type=UsageDeps,
+        capabilities=list(capabilities),
+    )
+
+    @agent.tool_plain
+    def again() -> str:  # pyright: ignore[reportUnusedFunction]
+        return 'again'
+
+    return agent
+
+
+async def stream_once(agent: Agent[UsageDeps, str], deps: UsageDeps, limits: UsageLimits | None = None) -> None:
+    async with agent.run_stream('go', deps=deps, usage_limits=limits) as result:
+        await result.get_output()
+
+
+async def test_bound_for_streams(slow_writer: UsageTracker) -> None:
+    runs = 20
+    # A streamed request's usage is estimated by FunctionModel: measure one to size the limit.
+    with pytest.raises(UsageLimitExceeded):
+        await stream_once(streaming_agent(TrackUsage(slow_writer)), GLOBEX, UsageLimits(request_limit=1))
+    [probe] = [r for r in ledger(slow_writer) if r['operation'] == 'agent_request']
+    assert probe['cost_usd'] > 0
+    limit = 3 * runs * probe['cost_usd']
+
+    enforcer = EnforceBudgets(slow_writer, budgets=[Budget(organization_id='acme', limit_usd=limit)])
+    agent = streaming_agent(TrackUsage(slow_writer), enforcer)
+    outcomes = await asyncio.gather(*(stream_once(agent, ACME) for _ in range(runs)), return_exceptions=True)
+    assert [type(o).__name__ for o in outcomes if not isinstance(o, BudgetExceeded)] == []
+    acme = [r for r in ledger(slow_writer) if r['organization_id'] == 'acme']
+    largest = max(r['cost_usd'] for r in acme)  # later requests of a run carry more history: cost more
+    assert limit / 2 <= spent(acme) <= limit + runs * largest
+    assert sum(r['status'] == 'refused' for r in acme) == runs
