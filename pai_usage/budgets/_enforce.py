@@ -734,11 +734,15 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
     def _max_tokens_price(self, provider: str | None, model: str, max_tokens: int) -> Decimal | None:
         cache_key = (provider, model, max_tokens)
         if cache_key not in self._price_cache:
-            try:
-                usage = genai_prices.Usage(output_tokens=max_tokens)
-                price = genai_prices.calc_price(usage, model, provider_id=provider).total_price
-            except (LookupError, ValueError):
-                price = None
+            usage = genai_prices.Usage(output_tokens=max_tokens)
+            price = None
+            # The model's `system` may not be a genai-prices provider (a wrapper, a test model): then by name only.
+            for provider_id in dict.fromkeys((provider, None)):
+                try:
+                    price = genai_prices.calc_price(usage, model, provider_id=provider_id).total_price
+                    break
+                except (LookupError, ValueError):
+                    continue
             self._price_cache[cache_key] = price
         return self._price_cache[cache_key]
 
