@@ -227,5 +227,5 @@ def test_sqlite_applies_the_empty_migration(sqlite_url: str) -> None:
     with UsageTracker(sqlite_url) as lite:
         lite.track(records(1)[0])
         assert lite.flush()
-    assert applied_migrations(lite.engine)[-1] == '0002'
+    assert '0002' in applied_migrations(lite.engine)  # later migrations (0004 budgets) may follow
     lite.engine.dispose()
