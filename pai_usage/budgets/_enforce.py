@@ -172,7 +172,9 @@ class BudgetHold:
 
 
 # Enforcers by tracker, for hooks that only know the tracker (direct Gemini calls).
-_enforcers: weakref.WeakKeyDictionary[UsageTracker, weakref.WeakSet[EnforceBudgets[Any]]] = weakref.WeakKeyDictionary()
+# Keyed by `id()`: capabilities are dataclasses that compare by value, so they are not hashable.
+_Registry = weakref.WeakValueDictionary[int, 'EnforceBudgets[Any]']
+_enforcers: weakref.WeakKeyDictionary[UsageTracker, _Registry] = weakref.WeakKeyDictionary()
 _enforcers_lock = threading.Lock()
 
 
@@ -308,7 +310,14 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
             await asyncio.to_thread(self._refresh_all, stale, now)
         try:
             admitted = self._admit_local(targets, counters, estimate, now)
-            in_db = self.hard and await asyncio.to_thread(self._admit_hard, targets, counters, estimate, now, admitted)
+            try:
+                in_db = self.hard and await asyncio.to_thread(
+                    self._admit_hard, targets, counters, estimate, now, admitted
+                )
+            except BaseException as exc:
+                if not isinstance(exc, BudgetExceeded):  # cancelled, or the database failed: give the hold back
+                    self._release(admitted, estimate, in_db=False)
+                raise
         except BudgetExceeded as exc:
             self._record_refusal(
                 exc,
@@ -347,7 +356,11 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         counters = self._counters(targets, now)
         self._refresh_all([c for c in counters if self._is_stale(c, now)], now)
         admitted = self._admit_local(targets, counters, estimate, now)
-        in_db = self.hard and self._admit_hard(targets, counters, estimate, now, admitted)
+        try:
+            in_db = self.hard and self._admit_hard(targets, counters, estimate, now, admitted)
+        except SQLAlchemyError:
+            self._release(admitted, estimate, in_db=False)
+            raise
         return BudgetHold(self, admitted, estimate, in_db)
 
     def check(self, deps: Any = None, *, organization_id: str | None = None, user_id: str | None = None) -> None:
@@ -593,9 +606,6 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         admitted: list[_Counter],
     ) -> bool:
         """Reserve on the database counters too (True: reserved there); undo the local reservation on refusal."""
-        if not self._hard_ready:
-            _hard.ensure_table(self.tracker.engine)
-            self._hard_ready = True
         limits: dict[_Counter, Decimal] = {}
         for (budget, _, _), counter in zip(targets, counters, strict=True):
             if counter.hard_key is not None:
@@ -622,14 +632,16 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
                 taken.append((counter, counter.spent_delta, counter.released))
                 counter.spent_delta = counter.released = Decimal(0)
         try:
+            if not self._hard_ready:
+                _hard.ensure_table(self.tracker.engine)
+                self._hard_ready = True
             refused, seen = _hard.reserve(self.tracker.engine, ops)
         except SQLAlchemyError as exc:
             self._put_back(taken)
             if self.fail_open:
                 _log.error('budget-hard', 'pai-usage: budget counters unavailable, enforcing in-process: %r', exc)
                 return False
-            self._release(admitted, estimate, in_db=False)
-            raise
+            raise  # the caller gives the local hold back
         with self._lock:
             for counter, row in zip(order, seen, strict=True):
                 counter.hard_seen = row
