@@ -895,3 +895,22 @@ def test_counters_table_matches_its_migration(database_url: str) -> None:
         context = MigrationContext.configure(conn, opts={'compare_type': True, 'include_object': ours})
         assert compare_metadata(context, BUDGET_COUNTERS.metadata) == []
     engine.dispose()
+
+
+@pytest.mark.parametrize('hard', [False, True], ids=['in-process', 'hard'])
+def test_holds_reserve_until_released(database_url: str, hard: bool) -> None:
+    with UsageTracker(database_url) as tracker:
+        enforcer = EnforceBudgets(tracker, budgets=[Budget(organization_id='acme', limit_usd=Decimal(1))], hard=hard)
+        with enforcer.reserve(organization_id=' acme', estimate=Decimal('0.6')) as hold:
+            assert [s.reserved_usd for s in enforcer.statuses(organization_id='acme')] == [Decimal('0.6')]
+            with pytest.raises(BudgetExceeded) as exc_info:  # 0.6 held + 0.6 asked > 1
+                enforcer.reserve(organization_id='acme', estimate=Decimal('0.6'))
+            assert (exc_info.value.reserved_usd, exc_info.value.estimate_usd) == (Decimal('0.6'), Decimal('0.6'))
+            enforcer.reserve(organization_id='acme', estimate=Decimal('0.4')).release()  # exactly fits
+        hold.release()  # idempotent
+        [status] = enforcer.statuses(organization_id='acme')
+        assert (status.reserved_usd, status.remaining_usd) == (0, 1)
+        line = format_budgets([status]).splitlines()[1]
+        assert line.split()[5:9] == ['0.0000', '0.0000', '1.0000', '1.00']  # spend, reserved, remaining, limit
+        enforcer.close()
+    tracker.engine.dispose()
