@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 import warnings
 import weakref
@@ -830,6 +831,18 @@ def _sync_loop(ref: weakref.ref[EnforceBudgets[Any]]) -> None:
             backoff = min(max(backoff * 2, 0.1), 10.0)
             wake.wait(backoff)
         del enforcer
+
+
+def _close_all() -> None:
+    """At exit: send every hard-mode enforcer's last settled spend and releases to its counters."""
+    with _enforcers_lock:
+        enforcers = [e for registry in list(_enforcers.values()) for e in list(registry.values())]
+    for enforcer in enforcers:
+        if enforcer.hard and not enforcer._closed:  # pyright: ignore[reportPrivateUsage]
+            enforcer.close()
+
+
+atexit.register(_close_all)
 
 
 def reserve_direct(
