@@ -241,13 +241,15 @@ def _parser() -> argparse.ArgumentParser:
         'budgets',
         parents=[database],
         help='show spend against budgets; exit code 1 if one is exceeded',
-        description="Show the current UTC period's spend against one budget (--limit) or a file of budgets "
-        '(--file). Exits with code 1 when a budget is exceeded, for alerts from cron.',
+        description="Show each budget's spend, reservations in flight (hard mode), what remains and when it resets, "
+        'for one budget (--limit) or a file of budgets (--file), computed as EnforceBudgets does. '
+        'Exits with code 1 when a budget is exceeded, for alerts from cron.',
     )
     source = budgets.add_mutually_exclusive_group()
     source.add_argument('--limit', metavar='USD', help='one budget of USD per period')
     source.add_argument('--file', metavar='FILE', help='budgets as JSON (see docs/budgets.md)')
-    budgets.add_argument('--period', choices=('month', 'day'), help='with --limit: the UTC period (default: month)')
+    budgets.add_argument('--period', choices=('month', 'week', 'day'), help='with --limit: the period (default: month)')
+    budgets.add_argument('--timezone', metavar='TZ', help='with --limit: IANA zone of period starts (default: UTC)')
     budgets.add_argument('--org', metavar='ID', help='with --limit: only this organization (default: all usage)')
     budgets.set_defaults(command=_budgets)
 
@@ -845,8 +847,8 @@ def _budgets_from_options(args: argparse.Namespace) -> list[Budget]:
     from .budgets import Budget, budgets_from_json
 
     if args.file is not None:
-        if args.period is not None or args.org is not None:
-            raise _Fail('--period and --org go with --limit; a budgets file sets its own')
+        if args.period is not None or args.org is not None or args.timezone is not None:
+            raise _Fail('--period, --timezone and --org go with --limit; a budgets file sets its own')
         try:
             text = Path(args.file).read_text(encoding='utf-8')
         except (OSError, UnicodeDecodeError) as exc:
@@ -864,7 +866,11 @@ def _budgets_from_options(args: argparse.Namespace) -> list[Budget]:
         limit = None
     if limit is None or not limit.is_finite() or limit < 0:
         raise _Fail(f'--limit: {args.limit!r} is not an amount in USD (a non-negative number, e.g. 100 or 2.50)')
-    return [Budget(limit_usd=limit, period=args.period or 'month', organization_id=args.org)]
+    try:
+        period, timezone = args.period or 'month', args.timezone or 'UTC'
+        return [Budget(limit_usd=limit, period=period, timezone=timezone, organization_id=args.org)]
+    except ValueError as exc:
+        raise _Fail(f'bad budget: {exc}') from None
 
 
 # --- migrate ------------------------------------------------------------------------------------

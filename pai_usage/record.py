@@ -27,8 +27,8 @@ __all__ = (
 
 Source = Literal['agent', 'direct']
 """`agent` for rows recorded by the PydanticAI capability, `direct` for direct API calls."""
-Status = Literal['ok', 'error']
-"""Outcome of the call the row describes."""
+Status = Literal['ok', 'error', 'refused']
+"""Outcome of the call the row describes: `refused` for a request a budget stopped before it was sent (zero cost)."""
 PricingStatus = Literal['priced', 'unpriced', 'override']
 """`priced` by genai-prices, `override` by our configurable price table, `unpriced` when no price is known."""
 

@@ -21,7 +21,7 @@ from pai_usage._cli import cli_logic
 from pai_usage.alembic import include_modeled_object, include_name, include_object, is_pai_usage_table
 
 # Tables a later pai-usage version (or the optional monthly partitions) could add: the prefixes must cover them.
-FUTURE_TABLES = ('pai_usage_budget_counters', 'token_usage_2026_01')
+FUTURE_TABLES = ('pai_usage_future_feature', 'token_usage_2026_01')
 
 ENV_PY = """
 from alembic import context

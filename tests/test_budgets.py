@@ -1,27 +1,39 @@
 from __future__ import annotations
 
+# ruff: noqa: F811  (the fake Gemini server's fixtures are imported, then named as test arguments)
 import asyncio
 import gc
+import json
 import pickle
+import subprocess
+import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import genai_prices
 import pytest
 import sqlalchemy as sa
-from pydantic_ai import Agent
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from google import genai
+from pydantic_ai import Agent, RunContext
+from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.exceptions import UsageLimitExceeded
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
-from pydantic_ai.models.function import AgentInfo, FunctionModel
-from pydantic_ai.usage import RequestUsage
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+from pydantic_ai.usage import RequestUsage, UsageLimits
 
 from pai_usage import TrackUsage, UsageTracker, usage_context
 from pai_usage.budgets import (
+    BUDGET_COUNTERS,
+    WARNING_EVENT,
     Budget,
     BudgetExceeded,
     BudgetStatus,
@@ -32,7 +44,13 @@ from pai_usage.budgets import (
     format_budgets,
     period_bounds,
 )
+from pai_usage.budgets._periods import zone
 from pai_usage.deps import UsageDeps
+from pai_usage.gemini import GeminiService
+from pai_usage.migrate import migrate
+from tests._budget_worker import INPUT_TOKENS, OUTPUT_TOKENS, looping_agent
+from tests._helpers import token_usage_rows
+from tests.fake_gemini import FakeGemini, fake_gemini, gemini_client  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.anyio
 
@@ -314,7 +332,7 @@ def test_check_outside_a_run(fast_tracker: UsageTracker) -> None:
         ({'limit_usd': Decimal(-1)}, 'non-negative'),
         ({'limit_usd': Decimal('NaN')}, 'finite'),
         ({'limit_usd': 5.0}, 'Decimal'),
-        ({'period': 'week'}, 'period'),
+        ({'period': 'fortnight'}, 'period'),
     ],
 )
 def test_budget_validation(fields: dict[str, Any], match: str) -> None:
@@ -343,7 +361,8 @@ def test_report_and_format(sqlite_url: str) -> None:
     assert len(text) == 4
     assert 'acme' in text[1] and text[1].endswith('EXCEEDED') and '120%' in text[1]
     assert 'globex' in text[2] and not text[2].endswith('EXCEEDED') and '40%' in text[2]
-    assert '2026-05-15' in text[3] and '2026-05-01' in text[1]
+    assert '2026-05-16' in text[3] and '2026-06-01' in text[1]  # when each resets
+    assert all(len(line) <= 100 for line in text)
 
 
 @pytest.mark.parametrize(
@@ -468,3 +487,432 @@ def test_budget_exceeded_pickles() -> None:
     assert isinstance(error, BudgetExceeded)
     assert (error.spend_usd, error.limit_usd, str(error)) == (Decimal('5.5'), Decimal(5), str(BudgetExceeded(status)))
     assert status.remaining_usd == 0 and status.exceeded
+
+
+# --- the bound: spend <= limit + one request per concurrent run ------------------------------------------
+
+
+def request_cost(output_tokens: int) -> Decimal:
+    usage = RequestUsage(input_tokens=INPUT_TOKENS, output_tokens=output_tokens)
+    return genai_prices.calc_price(usage, 'gpt-4o', provider_id='openai').total_price
+
+
+LARGEST = request_cost(max(OUTPUT_TOKENS))
+
+
+def ledger(tracker: UsageTracker) -> list[dict[str, Any]]:
+    assert tracker.flush()
+    return token_usage_rows(tracker.engine)
+
+
+def spent(rows: list[dict[str, Any]]) -> Decimal:
+    return sum((r['cost_usd'] for r in rows if r['cost_usd'] is not None), Decimal(0))
+
+
+def assert_bounded(
+    tracker: UsageTracker, outcomes: list[Any], limit: Decimal, runs: int, largest: Decimal = LARGEST
+) -> list[dict[str, Any]]:
+    """Every run was stopped by the budget, spend reached at least half the limit and at most one request per run
+    beyond it, and each refusal is a zero-cost `refused` row."""
+    assert [type(o).__name__ for o in outcomes if not isinstance(o, BudgetExceeded)] == []
+    rows = ledger(tracker)
+    requests = [r for r in rows if r['operation'] == 'agent_request' and r['status'] == 'ok']
+    assert requests and max(r['cost_usd'] for r in requests) <= largest
+    total = spent(rows)
+    assert limit / 2 <= total <= limit + runs * largest
+    refused = [r for r in rows if r['status'] == 'refused']
+    assert len(refused) == runs and all(r['cost_usd'] == 0 for r in refused)
+    return rows
+
+
+@pytest.fixture
+def slow_writer(sqlite_url: str) -> Iterator[UsageTracker]:
+    """The default flush interval: budgets must not wait for the writer."""
+    with UsageTracker(sqlite_url) as tracker:
+        yield tracker
+    tracker.engine.dispose()
+
+
+@pytest.mark.parametrize('delay', [0, 0.1], ids=['0ms', '100ms'])
+@pytest.mark.parametrize('runs', [1, 20, 100])
+async def test_bound_in_one_process(slow_writer: UsageTracker, runs: int, delay: float) -> None:
+    limit = (3 if runs == 1 else 1) * runs * LARGEST  # a few requests per run
+    enforcer = EnforceBudgets(
+        slow_writer, budgets=[Budget(organization_id='acme', limit_usd=limit)], refresh_interval=3600
+    )
+    agent = looping_agent(delay, [TrackUsage(slow_writer), enforcer])
+    outcomes = await asyncio.gather(*(agent.run('go', deps=ACME) for _ in range(runs)), return_exceptions=True)
+    assert_bounded(slow_writer, outcomes, limit, runs)
+    if runs == 1:
+        # One run reserves its previous request's cost: it stops before a request that would not fit.
+        assert spent(ledger(slow_writer)) <= limit
+
+
+@pytest.mark.parametrize('delay', [0, 0.1], ids=['0ms', '100ms'])
+async def test_bound_in_hard_mode(database_url: str, delay: float) -> None:
+    runs = 20
+    limit = 3 * runs * LARGEST
+    with UsageTracker(database_url) as tracker:
+        enforcer = EnforceBudgets(
+            tracker, budgets=[Budget(organization_id='acme', limit_usd=limit)], hard=True, refresh_interval=3600
+        )
+        agent = looping_agent(delay, [TrackUsage(tracker), enforcer])
+        outcomes = await asyncio.gather(*(agent.run('go', deps=ACME) for _ in range(runs)), return_exceptions=True)
+        enforcer.close()
+        rows = assert_bounded(tracker, outcomes, limit, runs)
+        [status] = enforcer.statuses(ACME)
+        # The shared counter holds what the ledger holds, and no reservation outlives its request.
+        assert (status.spend_usd, status.reserved_usd) == (spent(rows), 0)
+        [reported] = budget_report(tracker.engine, enforcer.budgets)
+        assert (reported.spend_usd, reported.reserved_usd) == (spent(rows), 0)
+    tracker.engine.dispose()
+
+
+def test_bound_across_processes_in_hard_mode(pg_schema_url: str, tmp_path: Path) -> None:
+    processes, runs = 4, 3
+    limit = 2 * processes * runs * LARGEST
+    worker = Path(__file__).with_name('_budget_worker.py')
+    children = [
+        subprocess.Popen(
+            [sys.executable, str(worker), pg_schema_url, str(limit), str(runs), '0.02', str(tmp_path), str(i), '4'],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    results = [child.communicate(timeout=120) for child in children]
+    for child, (out, err) in zip(children, results, strict=True):
+        assert child.returncode == 0, err
+        assert json.loads(out) == {'refused': runs, 'other': []}
+    with UsageTracker(pg_schema_url, auto_migrate=False) as tracker:
+        rows = token_usage_rows(tracker.engine)
+        total = spent(rows)
+        assert limit / 2 <= total <= limit + processes * runs * LARGEST
+        assert sum(r['status'] == 'refused' for r in rows) == processes * runs
+        [status] = budget_report(tracker.engine, [Budget(organization_id='acme', limit_usd=limit)])
+        assert (status.spend_usd, status.reserved_usd) == (total, 0)  # counters and ledger agree
+    tracker.engine.dispose()
+
+
+async def stream_forever(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[DeltaToolCalls]:
+    yield {0: DeltaToolCall(name='again', json_args='{}')}
+
+
+def streaming_agent(*capabilities: AbstractCapability[Any]) -> Agent[UsageDeps, str]:
+    agent = Agent(
+        FunctionModel(stream_function=stream_forever, model_name='gpt-4o'),
+        deps_type=UsageDeps,
+        capabilities=list(capabilities),
+    )
+
+    @agent.tool_plain
+    def again() -> str:  # pyright: ignore[reportUnusedFunction]
+        return 'again'
+
+    return agent
+
+
+async def stream_once(agent: Agent[UsageDeps, str], deps: UsageDeps, limits: UsageLimits | None = None) -> None:
+    async with agent.run_stream('go', deps=deps, usage_limits=limits) as result:
+        await result.get_output()
+
+
+async def test_bound_for_streams(slow_writer: UsageTracker) -> None:
+    runs = 20
+    # A streamed request's usage is estimated by FunctionModel: measure one to size the limit.
+    with pytest.raises(UsageLimitExceeded):
+        await stream_once(streaming_agent(TrackUsage(slow_writer)), GLOBEX, UsageLimits(request_limit=1))
+    [probe] = [r for r in ledger(slow_writer) if r['operation'] == 'agent_request']
+    assert probe['cost_usd'] > 0
+    limit = 3 * runs * probe['cost_usd']
+
+    enforcer = EnforceBudgets(slow_writer, budgets=[Budget(organization_id='acme', limit_usd=limit)])
+    agent = streaming_agent(TrackUsage(slow_writer), enforcer)
+    outcomes = await asyncio.gather(*(stream_once(agent, ACME) for _ in range(runs)), return_exceptions=True)
+    assert [type(o).__name__ for o in outcomes if not isinstance(o, BudgetExceeded)] == []
+    acme = [r for r in ledger(slow_writer) if r['organization_id'] == 'acme']
+    largest = max(r['cost_usd'] for r in acme)  # later requests of a run carry more history: cost more
+    assert limit / 2 <= spent(acme) <= limit + runs * largest
+    assert sum(r['status'] == 'refused' for r in acme) == runs
+
+
+async def test_bound_for_sub_agents(slow_writer: UsageTracker) -> None:
+    # Each parent run delegates to a child run that loops; both carry the capabilities, so the child's
+    # requests count and are held like the parent's. A parent waits on its child: one request in flight each.
+    runs = 20
+    limit = 2 * runs * LARGEST
+    enforcer = EnforceBudgets(slow_writer, budgets=[Budget(organization_id='acme', limit_usd=limit)])
+    child = looping_agent(0, [TrackUsage(slow_writer), enforcer])
+
+    def delegate(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(
+            parts=[ToolCallPart('ask_child', {})],
+            provider_name='openai',
+            usage=RequestUsage(input_tokens=INPUT_TOKENS, output_tokens=OUTPUT_TOKENS[0]),
+        )
+
+    parent = Agent(
+        FunctionModel(delegate, model_name='gpt-4o'),
+        deps_type=UsageDeps,
+        capabilities=[TrackUsage(slow_writer), enforcer],
+    )
+
+    @parent.tool
+    async def ask_child(ctx: RunContext[UsageDeps]) -> str:  # pyright: ignore[reportUnusedFunction]
+        return (await child.run('go', deps=ctx.deps, usage=ctx.usage)).output
+
+    outcomes = await asyncio.gather(*(parent.run('go', deps=ACME) for _ in range(runs)), return_exceptions=True)
+    rows = assert_bounded(slow_writer, outcomes, limit, runs)
+    assert {r['parent_run_id'] is not None for r in rows if r['status'] == 'ok'} == {False, True}
+
+
+async def test_bound_for_direct_gemini_calls(
+    gemini_client: genai.Client, fake_gemini: FakeGemini, slow_writer: UsageTracker
+) -> None:
+    threads = 8
+    service = GeminiService(gemini_client, deps=UsageDeps(organization_id=' acme '), tracker=slow_writer)
+    first = service.tracked_generate_content(model='gemini-2.0-flash', contents='how much?')
+    assert first.usage_metadata is not None
+    one = ledger(slow_writer)[0]['cost_usd']
+    assert one == genai_prices.calc_price(
+        genai_prices.Usage(
+            input_tokens=first.usage_metadata.prompt_token_count,
+            output_tokens=first.usage_metadata.candidates_token_count,
+        ),
+        'gemini-2.0-flash',
+        provider_id='google-gla',
+    ).total_price.quantize(Decimal('1e-12'))
+    limit = one + 3 * threads * one
+    enforcer = EnforceBudgets(
+        slow_writer, budgets=[Budget(organization_id='acme', limit_usd=limit)], refresh_interval=3600
+    )
+
+    def loop() -> BaseException | None:
+        try:
+            for _ in range(100):  # far more than the budget allows
+                service.tracked_generate_content(model='gemini-2.0-flash', contents='how much?')
+        except BudgetExceeded as exc:
+            return exc
+        return None
+
+    with ThreadPoolExecutor(threads) as pool:
+        outcomes = list(pool.map(lambda _: loop(), range(threads)))
+    assert all(isinstance(o, BudgetExceeded) for o in outcomes)
+    rows = ledger(slow_writer)
+    assert limit / 2 <= spent(rows) <= limit + threads * one
+    assert [s.reserved_usd for s in enforcer.statuses(organization_id='acme')] == [0]
+    refused = [r for r in rows if r['status'] == 'refused']
+    assert len(refused) == threads
+    assert {(r['source'], r['organization_id'], r['operation'], r['cost_usd']) for r in refused} == {
+        ('direct', 'acme', 'generate_content', 0)
+    }
+
+
+# --- periods, identities, refusals, soft limits ----------------------------------------------------------
+
+
+class TickingModel:
+    """Each response is stamped with the injected clock, which a tool moves on: a run that crosses midnight."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def __call__(self, messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        step = sum(isinstance(m, ModelResponse) for m in messages)
+        parts: list[Any] = [ToolCallPart('tick', {})] if step == 0 else [TextPart('done')]
+        return ModelResponse(
+            parts=parts,
+            provider_name='openai',
+            usage=RequestUsage(input_tokens=INPUT_TOKENS, output_tokens=OUTPUT_TOKENS[step]),
+            timestamp=self.clock(),
+        )
+
+
+@pytest.mark.parametrize('timezone_name', ['UTC', 'Europe/Paris'])
+async def test_run_crossing_midnight(fast_tracker: UsageTracker, timezone_name: str) -> None:
+    tz = zone(timezone_name)
+    midnight = datetime(2026, 3, 11, tzinfo=tz).astimezone(UTC)
+    first, second = request_cost(OUTPUT_TOKENS[0]), request_cost(OUTPUT_TOKENS[1])
+    seed(fast_tracker, (midnight - timedelta(hours=1), 'acme', str(second)))  # the day before: nearly spent
+    clock = Clock(midnight - timedelta(seconds=1))
+    budget = Budget(organization_id='acme', limit_usd=first + second, period='day', timezone=timezone_name)
+    enforcer = EnforceBudgets(fast_tracker, budgets=[budget], clock=clock, refresh_interval=3600)
+    agent = Agent(
+        FunctionModel(TickingModel(clock), model_name='gpt-4o'),
+        deps_type=UsageDeps,
+        capabilities=[TrackUsage(fast_tracker), enforcer],
+    )
+
+    @agent.tool_plain
+    def tick() -> str:  # pyright: ignore[reportUnusedFunction]
+        clock.now = midnight  # the run's second request is made in the new day
+        return 'tick'
+
+    # The first request fits the old day; the second would not, but it is made in the new day, which resets.
+    assert (await agent.run('go', deps=ACME)).output == 'done'
+    assert [s.spend_usd for s in enforcer.statuses(ACME)] == [second]
+    assert fast_tracker.flush()
+    day_before = budget_report(fast_tracker.engine, [budget], now=midnight - US)
+    assert [s.spend_usd for s in day_before] == [second + first]
+    assert [s.resets_at for s in day_before] == [midnight]
+    clock.now = midnight - US  # back in the old day (the cache of that period was dropped): spent
+    with pytest.raises(BudgetExceeded) as exc_info:
+        await agent.run('go', deps=ACME)
+    assert exc_info.value.period_start == midnight - timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    ('budget_id', 'run_id'), [(' acme ', 'acme'), ('acme', '\tacme\n'), (' acme', ' acme ')], ids=repr
+)
+async def test_whitespace_ids(slow_writer: UsageTracker, budget_id: str, run_id: str) -> None:
+    budget = Budget(organization_id=budget_id, limit_usd=2 * LARGEST)
+    assert budget.organization_id == 'acme'  # as the ledger stores it
+    enforcer = EnforceBudgets(slow_writer, budgets=[budget], refresh_interval=3600)
+    agent = looping_agent(0, [TrackUsage(slow_writer), enforcer])
+    outcomes = await asyncio.gather(agent.run('go', deps=UsageDeps(organization_id=run_id)), return_exceptions=True)
+    rows = assert_bounded(slow_writer, outcomes, budget.limit_usd, 1)
+    assert {r['organization_id'] for r in rows} == {'acme'}
+
+
+def test_empty_ids_are_rejected() -> None:
+    with pytest.raises(ValueError, match='empty once normalized'):
+        Budget(organization_id='  ', limit_usd=Decimal(1))
+
+
+async def test_refusal(slow_writer: UsageTracker) -> None:
+    budget = Budget(organization_id='acme', limit_usd=LARGEST, name='acme cap')
+    enforcer = EnforceBudgets(slow_writer, budgets=[budget], estimate=LARGEST / 2)
+    agent = looping_agent(0, [TrackUsage(slow_writer), enforcer])
+    with pytest.raises(BudgetExceeded) as exc_info:
+        await agent.run('go', deps=ACME)
+    error = exc_info.value
+    first, second = request_cost(OUTPUT_TOKENS[0]), request_cost(OUTPUT_TOKENS[1])
+    assert first + LARGEST / 2 <= LARGEST < first + second + LARGEST / 2  # two requests fit, not three
+    assert (error.scope, error.period, error.limit_usd) == ('organization:acme', 'month', LARGEST)
+    assert (error.spend_usd, error.reserved_usd, error.estimate_usd) == (first + second, 0, LARGEST / 2)
+    assert pickle.loads(pickle.dumps(error)).estimate_usd == LARGEST / 2
+    [refused] = [r for r in ledger(slow_writer) if r['status'] == 'refused']
+    assert (refused['cost_usd'], refused['organization_id'], refused['model'], refused['source']) == (
+        0,
+        'acme',
+        'gpt-4o',
+        'agent',
+    )
+    assert refused['metadata']['budget'] == 'acme cap'
+    assert refused['run_id'] == next(r['run_id'] for r in ledger(slow_writer) if r['status'] == 'ok')
+
+
+async def test_max_tokens_estimate(slow_writer: UsageTracker) -> None:
+    reserve = genai_prices.calc_price(genai_prices.Usage(output_tokens=1000), 'gpt-4o', provider_id='openai')
+    budget = Budget(organization_id='acme', limit_usd=reserve.total_price - US_DOLLAR_FRACTION)
+    enforcer = EnforceBudgets(slow_writer, budgets=[budget], estimate='max_tokens')
+    agent = looping_agent(0, [TrackUsage(slow_writer), enforcer])
+    with pytest.raises(BudgetExceeded) as exc_info:  # max_tokens could cost more than the whole budget
+        await agent.run('go', deps=ACME, model_settings={'max_tokens': 1000})
+    assert (exc_info.value.estimate_usd, exc_info.value.spend_usd) == (reserve.total_price, 0)
+
+
+US_DOLLAR_FRACTION = Decimal('0.000001')
+
+
+async def test_soft_limits(slow_writer: UsageTracker) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    fired: list[tuple[str | None, float, Decimal]] = []
+    budget = Budget(organization_id='acme', limit_usd=6 * LARGEST, warn_at=(0.5, 0.25))
+    enforcer = EnforceBudgets(
+        slow_writer, budgets=[budget], on_warning=lambda status, at: fired.append((status.key, at, status.spend_usd))
+    )
+    agent = looping_agent(0, [TrackUsage(slow_writer), enforcer])
+    with provider.get_tracer('test').start_as_current_span('app'):
+        with pytest.raises(BudgetExceeded):
+            await agent.run('go', deps=ACME)
+        with pytest.raises(BudgetExceeded):
+            await agent.run('go', deps=ACME)  # already past both thresholds this period: nothing fires again
+    assert [(key, at) for key, at, _ in fired] == [('acme', 0.25), ('acme', 0.5)]
+    assert all(spend >= Decimal(str(at)) * budget.limit_usd for _, at, spend in fired)
+    [span] = exporter.get_finished_spans()
+    events = [e for e in span.events if e.name == WARNING_EVENT]
+    assert [e.attributes and e.attributes['pai_usage.budget.threshold'] for e in events] == [0.25, 0.5]
+    provider.shutdown()
+
+
+async def test_rolling_window(fast_tracker: UsageTracker) -> None:
+    now = datetime(2026, 5, 5, 12, tzinfo=UTC)
+    seed(fast_tracker, (now - timedelta(hours=2), 'acme', '100'), (now - timedelta(minutes=30), 'acme', '4'))
+    budget = Budget(organization_id='acme', limit_usd=Decimal(5), period=timedelta(hours=1))
+    assert budget.label == 'organization acme, $5/rolling 1:00:00'
+    clock = Clock(now)
+    enforcer = EnforceBudgets(fast_tracker, budgets=[budget], clock=clock, refresh_interval=60)
+    [status] = enforcer.statuses(ACME)
+    assert (status.spend_usd, status.start, status.resets_at) == (Decimal(4), now - timedelta(hours=1), None)
+    seed(fast_tracker, (now, 'acme', '1'))
+    with pytest.raises(BudgetExceeded):
+        enforcer.check(ACME)
+    clock.now = now + timedelta(minutes=45)  # the $4 left the window
+    assert [s.spend_usd for s in enforcer.statuses(ACME)] == [Decimal(1)]
+    with pytest.raises(ValueError, match='rolling windows are in-process only'):
+        EnforceBudgets(fast_tracker, budgets=[budget], hard=True)
+
+
+@pytest.mark.parametrize(
+    ('period', 'timezone_name', 'moment', 'expected'),
+    [
+        # Weeks start on Monday: Sunday 2026-03-08 23:30 in New York is Monday 04:30 UTC.
+        ('week', 'America/New_York', datetime(2026, 3, 9, 3, 30, tzinfo=UTC), ((2026, 3, 2, 5), (2026, 3, 9, 4))),
+        ('week', 'UTC', datetime(2026, 3, 9, tzinfo=UTC), ((2026, 3, 9, 0), (2026, 3, 16, 0))),
+        # Paris: midnight is 23:00 UTC in winter, 22:00 in summer (DST began 2026-03-29).
+        ('day', 'Europe/Paris', datetime(2026, 3, 28, 23, 30, tzinfo=UTC), ((2026, 3, 28, 23), (2026, 3, 29, 22))),
+        ('month', 'Asia/Tokyo', datetime(2026, 12, 31, 15, tzinfo=UTC), ((2026, 12, 31, 15), (2027, 1, 31, 15))),
+    ],
+)
+def test_calendar_periods_in_a_time_zone(
+    period: Any, timezone_name: str, moment: datetime, expected: tuple[tuple[int, ...], tuple[int, ...]]
+) -> None:
+    start, end = expected
+    assert period_bounds(period, moment, timezone_name) == (datetime(*start, tzinfo=UTC), datetime(*end, tzinfo=UTC))
+
+
+def test_unknown_time_zone() -> None:
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
+        Budget(limit_usd=Decimal(1), timezone='Mars/Olympus')
+
+
+def test_counters_table_matches_its_migration(database_url: str) -> None:
+    engine = sa.create_engine(database_url)
+    migrate(engine)
+
+    def ours(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+        table = obj if type_ == 'table' else getattr(obj, 'table', None)
+        return getattr(table, 'name', None) == BUDGET_COUNTERS.name
+
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={'compare_type': True, 'include_object': ours})
+        assert compare_metadata(context, BUDGET_COUNTERS.metadata) == []
+    engine.dispose()
+
+
+@pytest.mark.parametrize('hard', [False, True], ids=['in-process', 'hard'])
+def test_holds_reserve_until_released(database_url: str, hard: bool) -> None:
+    with UsageTracker(database_url) as tracker:
+        enforcer = EnforceBudgets(tracker, budgets=[Budget(organization_id='acme', limit_usd=Decimal(1))], hard=hard)
+        with enforcer.reserve(organization_id=' acme', estimate=Decimal('0.6')) as hold:
+            assert [s.reserved_usd for s in enforcer.statuses(organization_id='acme')] == [Decimal('0.6')]
+            with pytest.raises(BudgetExceeded) as exc_info:  # 0.6 held + 0.6 asked > 1
+                enforcer.reserve(organization_id='acme', estimate=Decimal('0.6'))
+            assert (exc_info.value.reserved_usd, exc_info.value.estimate_usd) == (Decimal('0.6'), Decimal('0.6'))
+            enforcer.reserve(organization_id='acme', estimate=Decimal('0.4')).release()  # exactly fits
+        hold.release()  # idempotent
+        [status] = enforcer.statuses(organization_id='acme')
+        assert (status.reserved_usd, status.remaining_usd) == (0, 1)
+        line = format_budgets([status]).splitlines()[1]
+        # spend, reserved, remaining, limit
+        assert [w for w in line.split() if w.startswith('$')] == ['$0.0000', '$0.0000', '$1.0000', '$1.0000']
+        enforcer.close()
+    tracker.engine.dispose()

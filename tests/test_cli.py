@@ -724,7 +724,7 @@ def test_budgets_file(this_month: UsageTracker, capsys: pytest.CaptureFixture[st
     assert (code, err) == (1, '')  # acme is over its per-organization budget
     lines = out.splitlines()[1:]
     assert len(lines) == 3  # one line per organization with spend, then the named budget
-    per_org = {line.split()[3]: line for line in lines if line.startswith('per organization, $2.5/month')}
+    per_org = {line.split()[2]: line for line in lines if line.startswith('per organizatio\u2026')}
     acme, globex = per_org['acme'], per_org['globex']
     daily = next(line for line in lines if line.startswith('globex daily'))
     assert '$3.0000' in acme.split() and acme.endswith('EXCEEDED')
@@ -747,7 +747,7 @@ def test_budgets_file(this_month: UsageTracker, capsys: pytest.CaptureFixture[st
         (['--file', '{dir}/missing.json'], ['cannot read budgets file', 'No such file or directory']),
         (['--file', '{dir}/bad.json'], ['bad budgets file', 'not valid JSON']),
         (['--file', '{dir}/wrong.json'], ['bad budgets file', 'budget #1 has unknown fields']),
-        (['--file', '{dir}/bad.json', '--org', 'acme'], ['--period and --org go with --limit']),
+        (['--file', '{dir}/bad.json', '--org', 'acme'], ['--period, --timezone and --org go with --limit']),
     ],
 )
 def test_budgets_bad_options(

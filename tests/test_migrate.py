@@ -31,6 +31,7 @@ NOT_MODELED = {
     MIGRATIONS_TABLE,  # our bookkeeping
     'token_usage_daily',  # PostgreSQL's derived daily rollup (0002), deliberately not a SQLModel table
     'token_usage_monthly',  # and its monthly level (0006)
+    'pai_usage_budget_counters',  # hard-mode budget counters (0004), a Core table checked in test_budgets.py
 }
 """Tables the migrations create that `pai_usage.metadata` does not describe, on purpose."""
 
@@ -158,8 +159,8 @@ def test_shipped_migrations_are_aligned_across_backends():
     versions = {dialect: [m.version for m in available_migrations(dialect)] for dialect in ('postgresql', 'sqlite')}
     assert versions['postgresql'] == versions['sqlite']
     assert versions['sqlite'][0] == '0001'
-    # Each version once: two branches' files with one number would both be applied, in name order.
-    assert len(set(versions['sqlite'])) == len(versions['sqlite'])
+    # Each version once, and no gaps: two branches' files with one number would both be applied, in name order.
+    assert versions['sqlite'] == [f'{i:04d}' for i in range(1, len(versions['sqlite']) + 1)]
 
 
 # Rows as the schema before 0005 stored them on SQLite: 32 hex digits, naive UTC text, scaled integers.

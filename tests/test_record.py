@@ -44,7 +44,7 @@ from pai_usage.record import MAX_COST_USD, MAX_METADATA_BYTES, MAX_TOKENS, MAX_U
         pytest.param({'metadata': {'ratio': float('nan')}}, 'metadata', 'JSON-serializable', id='nan-metadata'),
         pytest.param({'created_at': datetime(2026, 1, 1)}, 'created_at', 'timezone-aware', id='naive-datetime'),
         pytest.param({'source': 'batch'}, 'source', "'agent' or 'direct'", id='bad-source'),
-        pytest.param({'status': 'maybe'}, 'status', "'ok' or 'error'", id='bad-status'),
+        pytest.param({'status': 'maybe'}, 'status', "'ok', 'error' or 'refused'", id='bad-status'),
         pytest.param({'pricing_status': 'free'}, 'pricing_status', "'priced', 'unpriced' or 'override'", id='bad-ps'),
         pytest.param({'organization_id': ''}, 'organization_id', 'at least 1 character', id='empty-org'),
         pytest.param({'model': 'm' * 256}, 'model', 'at most 255 characters', id='long-model'),

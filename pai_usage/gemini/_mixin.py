@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
@@ -233,6 +234,24 @@ class GeminiUsageMixin:
             return _Attribution(None, None, None, None, tracker, None)
         return _Attribution(
             chosen.organization_id, chosen.user_id, chosen.run_id, chosen.agent_name, tracker, chosen.metadata
+        )
+
+    # --- budgets (pai_usage.budgets owns this hook: reserve before a call, refuse it past a limit) -------------
+
+    def _reserve_budgets(self, operation: str, model: str) -> list[Any]:
+        budgets = sys.modules.get('pai_usage.budgets')
+        if budgets is None:
+            return []  # no `EnforceBudgets` exists before its module is imported: nothing to reserve
+        who = self._attribution()
+        return budgets.reserve_direct(
+            who.tracker,
+            organization_id=who.organization_id,
+            user_id=who.user_id,
+            provider=self.usage_provider,
+            model=_model_name(model),
+            operation=operation,
+            run_id=who.run_id,
+            agent_name=who.agent_name,
         )
 
     # --- recording -------------------------------------------------------------------------------------------
@@ -588,8 +607,10 @@ class _TimedCall:
         self.model = model
         self.start = time.perf_counter()
         self.ms = 0
+        self.holds: list[Any] = []
 
     def __enter__(self) -> _TimedCall:
+        self.holds = self.owner._reserve_budgets(self.operation, self.model)  # pyright: ignore[reportPrivateUsage]
         return self
 
     def __exit__(
@@ -601,6 +622,8 @@ class _TimedCall:
             self.owner._record(  # pyright: ignore[reportPrivateUsage]
                 operation=self.operation, model=self.model, error=exc, duration_ms=self.ms
             )
+        for hold in self.holds:  # the call is over: its cost counts from its record (tracked next)
+            hold.release()
 
     def polling(self, op: types.GenerateVideosOperation, timeout: float | None) -> bool:
         """Whether `op` needs another poll; `TimeoutError` once it has run for more than `timeout` seconds."""
@@ -632,8 +655,10 @@ class _StreamState:
         self.last: types.GenerateContentResponse | None = None
         self.chunks = 0
         self.done = False
+        self.holds: list[Any] = []
 
     def __enter__(self) -> _StreamState:
+        self.holds = self.owner._reserve_budgets(self.operation, self.model)  # pyright: ignore[reportPrivateUsage]
         return self
 
     def __exit__(
@@ -646,6 +671,8 @@ class _StreamState:
         else:
             # Closed early (`GeneratorExit`), cancelled or interrupted: what was seen so far, marked incomplete.
             self.finish(None, incomplete=True)
+        for hold in self.holds:  # after `finish` tracked the stream's record: budgets count it
+            hold.release()
 
     def seen(self, chunk: types.GenerateContentResponse) -> None:
         self.chunks += 1

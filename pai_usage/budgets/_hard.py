@@ -1,0 +1,229 @@
+"""Hard mode: budget counters in the database, reserved and settled atomically by every process.
+
+One row per (scope, period, period start) in `pai_usage_budget_counters` (migration `0004`). A reservation
+is one conditional `UPDATE ... SET reserved = reserved + :estimate WHERE spent + reserved + :estimate <=
+:limit RETURNING ...` in its own short transaction: the row lock makes concurrent reservations from any
+number of processes serialize on it, so together they keep the bound one process keeps alone. Settled spend
+and released reservations are sent as deltas, with the next reservation or from a background thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..table import COST_SCALE, UTCDateTime
+
+__all__ = ('BUDGET_COUNTERS', 'CounterKey', 'HardOp', 'apply_deltas', 'ensure_table', 'raise_to', 'read', 'reserve')
+
+_metadata = sa.MetaData()
+
+
+class _CounterMoney(sa.types.TypeDecorator[Decimal]):
+    """Exact money that SQL can add in place: `NUMERIC` on PostgreSQL, an integer of 1e-12 USD on SQLite.
+
+    Not `table.ExactDecimal`, whose SQLite form is readable text: the counters are updated with `spent + ?` in SQL.
+    """
+
+    impl = sa.Numeric
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == 'sqlite':
+            return dialect.type_descriptor(sa.BigInteger())
+        return dialect.type_descriptor(sa.Numeric(24, COST_SCALE, asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: sa.Dialect) -> Any:
+        if value is None or dialect.name != 'sqlite':
+            return value
+        return int(Decimal(value).scaleb(COST_SCALE).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == 'sqlite':
+            return Decimal(int(value)).scaleb(-COST_SCALE)
+        return Decimal(value)
+
+
+_MONEY = _CounterMoney()
+
+BUDGET_COUNTERS = sa.Table(
+    'pai_usage_budget_counters',
+    _metadata,
+    sa.Column('scope', sa.String(300), primary_key=True),
+    sa.Column('period', sa.String(100), primary_key=True),
+    sa.Column('period_start', UTCDateTime, primary_key=True),
+    sa.Column('spent_usd', _MONEY, nullable=False),
+    sa.Column('reserved_usd', _MONEY, nullable=False),
+    sa.Column('updated_at', UTCDateTime, nullable=False),
+)
+"""The hard-mode counters table (migration `0004_budget_counters.sql`)."""
+
+CounterKey = tuple[str, str, datetime]
+"""(scope, period, period start) of one counter row."""
+
+_C = BUDGET_COUNTERS.c
+
+
+@dataclass(kw_only=True)
+class HardOp:
+    """One counter's part of a reservation: deltas to send first, then the estimate to reserve."""
+
+    key: CounterKey
+    """The counter row."""
+    limit: Decimal
+    """The smallest limit of the budgets sharing the counter."""
+    spent_delta: Decimal
+    """Spend settled in this process since the last statement."""
+    released: Decimal
+    """Reservations released in this process since the last statement."""
+    estimate: Decimal
+    """What this request reserves."""
+    seed: Decimal
+    """The spend a new row starts from (the ledger's, plus this process's unwritten records)."""
+
+
+def _money(value: Decimal) -> sa.BindParameter[Decimal]:
+    return sa.literal(value, _MONEY)
+
+
+def _where(key: CounterKey) -> sa.ColumnElement[bool]:
+    scope, period, start = key
+    return sa.and_(_C.scope == scope, _C.period == period, _C.period_start == start)
+
+
+def _floor0(expr: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    return sa.case((expr < _money(Decimal(0)), _money(Decimal(0))), else_=expr)
+
+
+def ensure_table(engine: sa.Engine) -> None:
+    """Apply migrations if the counters table is missing (the tracker's writer may not have run yet)."""
+    with engine.connect() as conn:
+        if sa.inspect(conn).has_table(BUDGET_COUNTERS.name):
+            return
+    from ..migrate import migrate
+
+    migrate(engine)
+
+
+def _insert(engine: sa.Engine) -> Any:
+    return (postgresql.insert if engine.dialect.name == 'postgresql' else sqlite.insert)(BUDGET_COUNTERS)
+
+
+def reserve(engine: sa.Engine, ops: Sequence[HardOp]) -> tuple[int | None, list[tuple[Decimal, Decimal]]]:
+    """Send each counter's deltas and reserve its estimate, all or nothing, in one transaction.
+
+    Returns the index of the first counter that refused (None: all reserved) and each counter's spent and
+    reserved after the statement. Deltas are applied either way.
+    """
+    now = datetime.now(UTC)
+    refused: int | None = None
+    seen: list[tuple[Decimal, Decimal]] = []
+    with engine.begin() as conn:
+        for i, op in enumerate(ops):
+            spent = _C.spent_usd + _money(op.spent_delta)
+            reserved = _C.reserved_usd - _money(op.released)
+            estimate = _money(op.estimate if refused is None else Decimal(0))
+            limit = _money(op.limit)
+            admit = sa.and_(spent + reserved + estimate <= limit, spent + reserved < limit)
+            row: sa.Row[Any, Any] | None = None
+            for attempt in range(2):
+                row = conn.execute(
+                    sa.update(BUDGET_COUNTERS)
+                    .where(_where(op.key), admit if refused is None else sa.true())
+                    .values(spent_usd=spent, reserved_usd=_floor0(reserved + estimate), updated_at=now)
+                    .returning(_C.spent_usd, _C.reserved_usd)
+                ).first()
+                if row is not None:
+                    break
+                # Refused, or no row yet: apply the deltas alone, creating the row from `seed` if needed.
+                row = conn.execute(
+                    sa.update(BUDGET_COUNTERS)
+                    .where(_where(op.key))
+                    .values(spent_usd=spent, reserved_usd=_floor0(reserved), updated_at=now)
+                    .returning(_C.spent_usd, _C.reserved_usd)
+                ).first()
+                if row is not None:
+                    refused = i
+                    break
+                scope, period, start = op.key
+                conn.execute(
+                    _insert(engine)
+                    .values(
+                        scope=scope,
+                        period=period,
+                        period_start=start,
+                        spent_usd=op.seed,
+                        reserved_usd=Decimal(0),
+                        updated_at=now,
+                    )
+                    .on_conflict_do_nothing()
+                )
+                # The row now holds `seed`, which already counts this process's settled spend.
+                op.spent_delta = Decimal(0)
+                spent = _C.spent_usd + _money(Decimal(0))
+                admit = sa.and_(spent + reserved + estimate <= limit, spent + reserved < limit)
+                assert attempt == 0, 'the counter row exists after the insert'
+            assert row is not None
+            seen.append((Decimal(row[0]), Decimal(row[1])))
+        if refused is not None:
+            # All or nothing: give back what the counters before the refusing one reserved.
+            for op in ops[:refused]:
+                conn.execute(
+                    sa.update(BUDGET_COUNTERS)
+                    .where(_where(op.key))
+                    .values(reserved_usd=_floor0(_C.reserved_usd - _money(op.estimate)), updated_at=now)
+                )
+    return refused, seen
+
+
+def apply_deltas(engine: sa.Engine, deltas: Sequence[tuple[CounterKey, Decimal, Decimal]]) -> None:
+    """Add settled spend and release reservations: `(key, spent_delta, released)` per counter, one transaction."""
+    if not deltas:
+        return
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        for key, spent_delta, released in deltas:
+            conn.execute(
+                sa.update(BUDGET_COUNTERS)
+                .where(_where(key))
+                .values(
+                    spent_usd=_C.spent_usd + _money(spent_delta),
+                    reserved_usd=_floor0(_C.reserved_usd - _money(released)),
+                    updated_at=now,
+                )
+            )
+
+
+def raise_to(engine: sa.Engine, key: CounterKey, ledger_usd: Decimal) -> None:
+    """Raise a counter's spend to the ledger's when the ledger holds more (spend no enforcer settled)."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(BUDGET_COUNTERS)
+            .where(_where(key), _C.spent_usd < _money(ledger_usd))
+            .values(spent_usd=_money(ledger_usd), updated_at=datetime.now(UTC))
+        )
+
+
+def read(engine: sa.Engine, keys: Sequence[CounterKey]) -> dict[CounterKey, tuple[Decimal, Decimal]]:
+    """Spent and reserved of the counters that exist among `keys` (none if the table does not exist)."""
+    if not keys:
+        return {}
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(_C.scope, _C.period, _C.period_start, _C.spent_usd, _C.reserved_usd).where(
+                    sa.or_(*(_where(key) for key in keys))
+                )
+            ).all()
+    except SQLAlchemyError:
+        return {}  # no hard-mode counters here (yet)
+    return {(r[0], r[1], r[2]): (r[3], r[4]) for r in rows}
