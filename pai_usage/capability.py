@@ -69,6 +69,14 @@ except ImportError:  # pragma: no cover - older or newer pydantic-ai: read the a
         return list(getattr(error, '_pydantic_ai_failed_attempts', None) or ())
 
 
+try:  # pydantic-ai's own pricing of a response, for the partial response of a stream that ended early.
+    from pydantic_ai._genai_prices import fill_response_cost as _fill_response_cost
+except ImportError:  # pragma: no cover - the tracker prices the row itself, with genai-prices too
+
+    def _fill_response_cost(response: ModelResponse) -> None:
+        pass
+
+
 try:  # The run context pydantic-ai sets around each model call (`model_request` / `model_request_stream`).
     from pydantic_ai._run_context import get_current_run_context as _current_run_context
 except ImportError:  # pragma: no cover
@@ -399,8 +407,11 @@ class TrackUsage(AbstractCapability[Any]):
                 return
             response = stream.get()
             elapsed_ms = (perf_counter() - request.start) * 1000 - self._record_attempts(run, response.failed_attempts)
-            if not (response.usage.has_values() or response.usage.cost):
+            if not (response.usage.has_values() or response.usage.cost) or not self._first_time(run, response.usage):
                 return
+            # Priced as pydantic-ai prices what it bills for it, on a copy: the stream's usage object is its own.
+            response = dataclasses.replace(response, usage=copy(response.usage))
+            _fill_response_cost(response)
             extra: dict[str, Any] = {
                 'response_state': response.state if response.state != 'complete' else 'interrupted'
             }
