@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from time import perf_counter
-from typing import Any, ClassVar, cast
+from types import TracebackType
+from typing import Any, ClassVar, Self, cast
 
 import genai_prices
 import pydantic_ai
@@ -172,11 +173,33 @@ _current_run: ContextVar[_Run | None] = ContextVar('pai_usage_agent_run', defaul
 
 
 class _TrackedModel(WrapperModel):
-    """The model serving one attempt, wrapped to record what it billed, however the attempt ends."""
+    """The model serving one attempt, wrapped to record what it billed, however the attempt ends.
+
+    `TrackUsage`'s companion: it reports to the capability's private lifecycle methods.
+    """
 
     def __init__(self, wrapped: Model, run: _Run) -> None:
         super().__init__(wrapped)
         self._run = run
+
+    # pydantic-ai wraps each model class's `request` / `request_stream` to restore special tokens and to budget
+    # file downloads at the model boundary; the wrapped model's own methods already do both, so not twice here.
+    @classmethod
+    def _restore_special_tokens_at_the_model_boundary(cls) -> None:
+        pass
+
+    @classmethod
+    def _budget_downloads_at_the_model_boundary(cls) -> None:
+        pass
+
+    # Only ever a capability's serving wrapper, whose scope leaves the wrapped model to its owner to enter and exit.
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: TracebackType | None
+    ) -> bool | None:
+        return None
 
     async def request(
         self,
@@ -186,13 +209,13 @@ class _TrackedModel(WrapperModel):
     ) -> ModelResponse:
         run = self._run
         owner = run.owner
-        request = owner._guard(owner._begin, run)
+        request = owner._guard(owner._begin, run)  # pyright: ignore[reportPrivateUsage]
         try:
             response = await self.wrapped.request(messages, model_settings, model_request_parameters)
         except BaseException as exc:
-            owner._guard(owner._returned, run, request, None, exc)
+            owner._guard(owner._returned, run, request, None, exc)  # pyright: ignore[reportPrivateUsage]
             raise
-        owner._guard(owner._returned, run, request, response, None)
+        owner._guard(owner._returned, run, request, response, None)  # pyright: ignore[reportPrivateUsage]
         return response
 
     @asynccontextmanager
@@ -205,7 +228,7 @@ class _TrackedModel(WrapperModel):
     ) -> AsyncGenerator[StreamedResponse]:
         run = self._run
         owner = run.owner
-        request = owner._guard(owner._begin, run)
+        request = owner._guard(owner._begin, run)  # pyright: ignore[reportPrivateUsage]
         stream: StreamedResponse | None = None
         try:
             async with self.wrapped.request_stream(
@@ -213,9 +236,9 @@ class _TrackedModel(WrapperModel):
             ) as stream:
                 yield stream
         except BaseException as exc:
-            owner._guard(owner._stream_ended, run, request, stream, exc)
+            owner._guard(owner._stream_ended, run, request, stream, exc)  # pyright: ignore[reportPrivateUsage]
             raise
-        owner._guard(owner._stream_ended, run, request, stream, None)
+        owner._guard(owner._stream_ended, run, request, stream, None)  # pyright: ignore[reportPrivateUsage]
 
 
 @dataclass
@@ -582,7 +605,8 @@ def _release(shared: _Shared) -> RunUsage | None:
     remainder = RunUsage()
     found = False
     for key, value in now.items():
-        if key not in _NOT_COUNTS and type(value) in (int, float):
+        # Most counts are 0: test that first, it is the cheapest.
+        if value and key not in _NOT_COUNTS and type(value) in (int, float):
             value = value - start.get(key, 0) - recorded.get(key, 0)
             if value > 0:
                 setattr(remainder, key, value)
@@ -604,7 +628,7 @@ def _add(total: RunUsage, usage: RequestUsage | RunUsage) -> None:
     """`total.incr(usage)` for what the reconciliation needs, looking only at the counts `usage` has."""
     counts = total.__dict__
     for key, value in usage.__dict__.items():
-        if key not in _NOT_COUNTS and type(value) in (int, float):
+        if value and key not in _NOT_COUNTS and type(value) in (int, float):
             counts[key] = counts.get(key, 0) + value
     if usage.details:
         details = total.details
