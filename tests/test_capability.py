@@ -478,8 +478,9 @@ async def test_response_rejected_by_a_hook_is_one_error_row(tracker: UsageTracke
 # --- delegation ---
 
 
+@pytest.mark.parametrize('mode', MODES)
 @pytest.mark.parametrize('child_tracked', [True, False], ids=['child-tracked', 'child-untracked'])
-async def test_delegation_counts_each_request_once(tracker: UsageTracker, child_tracked: bool) -> None:
+async def test_delegation_counts_each_request_once(tracker: UsageTracker, child_tracked: bool, mode: str) -> None:
     child = make_agent(tracker if child_tracked else None, 'claude-sonnet-4', 'anthropic', tool=False)
     child.name = 'child'
     seen: list[UsageContext | None] = []
@@ -492,10 +493,10 @@ async def test_delegation_counts_each_request_once(tracker: UsageTracker, child_
         result = await child.run('sub', usage=ctx.usage)  # no deps: attribution flows through the context
         return result.output
 
-    result = await parent.run('q', deps=DEPS)
+    _, usage = await run_mode(parent, mode)
     got = rows(tracker)
-    assert_adds_up(got, result.usage)
-    assert sum(r['cost_usd'] for r in got) == result.usage.cost
+    assert_adds_up(got, usage)
+    assert sum(r['cost_usd'] for r in got) == usage.cost
     parent_run = seen[0]
     assert parent_run is not None and parent_run.organization_id == 'org1' and parent_run.run_id
     assert {(r['organization_id'], r['user_id']) for r in got} == {('org1', 'u1')}
