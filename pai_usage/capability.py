@@ -383,7 +383,11 @@ class TrackUsage(AbstractCapability[Any]):
         run_context = _current_run_context()
         step = run_context.run_step if run_context is not None else None
         previous = run.current
-        if previous is not None and previous.response is not None:
+        if previous is not None and previous.response is not None and previous.response.state == 'suspended':
+            # A continuation of the same response (e.g. Anthropic `pause_turn`): the merged response carries the
+            # segments' usage when it is accepted; if the chain fails, the run's remainder does.
+            run.current = None
+        elif previous is not None and previous.response is not None:
             # Its response was never accepted by `after_model_request`: a hook rejected it to make this attempt
             # (same step), or one retried the step with `ModelRetry`, keeping it (a later step).
             run.current = None
