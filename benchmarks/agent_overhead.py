@@ -6,10 +6,17 @@
    user sees, but disturbed by other processes on a shared machine), process CPU time and caller-thread
    CPU time (the writer thread left out).
 2. Breakdown, same method: a capability overriding no hook at all (what pydantic-ai charges for having a
-   capability), a no-op capability overriding the same hooks (pydantic-ai's own cost of such a capability), and
-   `TrackUsage` with a tracker that drops records (our caller-side work).
-3. Deterministic: `TrackUsage`'s hooks driven directly with a real run's context and response, without
-   pydantic-ai around them, per recorded request; and the tracker's background cost per row.
+   capability: it copies the run context for every hook of every capability, overridden or not), a no-op
+   capability overriding the same hooks as `TrackUsage` (`wrap_run`, `get_wrapper_model` with a pass-through
+   `WrapperModel`, `after_model_request`: pydantic-ai's own cost of such a capability), and `TrackUsage` with a
+   tracker that drops records (our caller-side work).
+3. Deterministic: `TrackUsage`'s hooks and model wrapper driven directly with a real run's context and
+   response, without pydantic-ai around them, per recorded request; and the tracker's background cost per row.
+
+Wall and CPU time are noisy on a shared machine. For a stable figure, count instructions with callgrind: run
+`python -m benchmarks.agent_overhead --instructions VARIANT N` under
+`valgrind --tool=callgrind` for N = 0 and N = 60 and divide the difference by 60 (instructions per run);
+the ratio of a variant's figure to `untracked`'s is the overhead.
 
     python -m benchmarks.agent_overhead [RUNS]
 """
@@ -27,12 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from pydantic_ai import Agent
-from pydantic_ai.capabilities import AbstractCapability
-from pydantic_ai.capabilities.abstract import WrapModelRequestHandler, WrapRunHandler
+from pydantic_ai.capabilities import AbstractCapability, CapabilityOrdering
+from pydantic_ai.capabilities.abstract import WrapRunHandler
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
-from pydantic_ai.models import ModelRequestContext
+from pydantic_ai.models import Model, ModelRequestContext, ModelRequestParameters
 from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.run import AgentRunResult
+from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import RunContext
 from pydantic_ai.usage import RequestUsage
 
@@ -41,8 +50,10 @@ from pai_usage import TrackUsage, UsageDeps, UsageTracker
 RUNS = 10_000
 BREAKDOWN_RUNS = 2_000
 BATCH = 100
-TARGET_RATIO = 1.05
+TARGET_RATIO = 1.03
+"""Issue 12: a tracked run within 1.03x of the untracked one (SQLite tracker included)."""
 TARGET_US_PER_REQUEST = 20.0
+"""Issue 12: our own work per recorded request."""
 
 
 def _answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -62,13 +73,14 @@ class _NoHooks(AbstractCapability[Any]):
 class _SameHooks(AbstractCapability[Any]):
     """Overrides the hooks `TrackUsage` overrides, doing nothing: pydantic-ai's own cost of such a capability."""
 
+    def get_ordering(self) -> CapabilityOrdering:
+        return CapabilityOrdering(position='outermost')
+
     async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
         return await handler()
 
-    async def wrap_model_request(
-        self, ctx: RunContext[Any], *, request_context: ModelRequestContext, handler: WrapModelRequestHandler
-    ) -> ModelResponse:
-        return await handler(request_context)
+    def get_wrapper_model(self, model: Model) -> Model | None:
+        return WrapperModel(model)
 
     async def after_model_request(
         self, ctx: RunContext[Any], *, request_context: ModelRequestContext, response: ModelResponse
@@ -189,21 +201,43 @@ class _Capture(AbstractCapability[Any]):
         return response
 
 
+class _Replay(WrapperModel):
+    """Answers every request with one captured response, without the model's own work."""
+
+    def __init__(self, wrapped: Model, response: ModelResponse) -> None:
+        super().__init__(wrapped)
+        self.response = response
+
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
+        return self.response
+
+
 async def hook_cost(tracker: UsageTracker, n: int) -> tuple[float, float]:
-    """`TrackUsage`'s own hook work per recorded request, in caller-thread CPU us, and with the writer's CPU."""
+    """`TrackUsage`'s own work per recorded request, in caller-thread CPU us, and with the writer's CPU.
+
+    Each iteration is a run's worth of it: `wrap_run`, the model wrapper's `get_wrapper_model` and `request`,
+    `after_model_request`, the run's end.
+    """
     capture = _Capture()
     model = FunctionModel(_answer, model_name='gpt-4o')
     await Agent(model, deps_type=UsageDeps, capabilities=[capture]).run(
         'q', deps=UsageDeps(user_id='u1', organization_id='org1')
     )
     ctx, request_context, response = capture.seen
+    replay = _Replay(model, response)
     cap = TrackUsage(tracker)
-
-    async def model_handler(rc: ModelRequestContext) -> ModelResponse:
-        return await cap.after_model_request(ctx, request_context=rc, response=response)
+    parameters = ModelRequestParameters()
 
     async def run_handler() -> Any:
-        return await cap.wrap_model_request(ctx, request_context=request_context, handler=model_handler)
+        wrapper = cap.get_wrapper_model(replay)
+        assert wrapper is not None
+        answer = await wrapper.request([], None, parameters)
+        return await cap.after_model_request(ctx, request_context=request_context, response=answer)
 
     async def body() -> None:
         for _ in range(n):
@@ -231,7 +265,35 @@ async def _hook_costs(n: int) -> tuple[tuple[float, float], tuple[float, float]]
     return null, real
 
 
+VARIANTS = ('untracked', 'empty', 'same-hooks', 'null', 'sqlite')
+"""`--instructions` variants: no capability, `_NoHooks`, `_SameHooks`, `TrackUsage` to a null / SQLite tracker."""
+
+
+def instructions(variant: str, n: int) -> None:
+    """20 warm-up runs and `n` runs of one variant, to count instructions with callgrind (see the docstring)."""
+    model = FunctionModel(_answer, model_name='gpt-4o')
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker = UsageTracker(f'sqlite:///{Path(tmp) / "bench.db"}') if variant == 'sqlite' else None
+        capabilities: dict[str, list[AbstractCapability[Any]]] = {
+            'untracked': [],
+            'empty': [_NoHooks()],
+            'same-hooks': [_SameHooks()],
+            'null': [TrackUsage(_NullTracker())],
+            'sqlite': [TrackUsage(tracker)],
+        }
+        agent = Agent(model, deps_type=UsageDeps, name='bench', capabilities=capabilities[variant])
+        deps = UsageDeps(user_id='u1', organization_id='org1')
+        asyncio.run(_batch(agent, deps, 20 + n))
+        if tracker is not None:
+            assert tracker.flush(120)
+            tracker.close()
+            tracker.engine.dispose()
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == '--instructions' and sys.argv[2] in VARIANTS:
+        instructions(sys.argv[2], int(sys.argv[3]))
+        return
     runs = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else RUNS
     results, written = asyncio.run(measure(runs, min(BREAKDOWN_RUNS, runs)))
     tracked = results[0]
@@ -243,18 +305,24 @@ def main() -> None:
     print(f'  {"variant":32} {"runs":>6} | ratio, extra us per run (= per recorded request) by clock')
     for r in results:
         cells = '  '.join(f'{r.ratio(i):.3f} {r.us_per_run(i):+7.1f}' for i in range(len(CLOCK_NAMES)))
-        print(f'  {r.name:32} {r.runs:6d} | {cells}   (median wall ratio {r.median_wall_ratio:.3f})')
+        target = f'   target <= {TARGET_RATIO}' if r is tracked else ''
+        print(f'  {r.name:32} {r.runs:6d} | {cells}   (median wall ratio {r.median_wall_ratio:.3f}){target}')
     print(f'  clocks: {", ".join(CLOCK_NAMES)}; rows written: {written} (warm-up included)')
-    ratio, per_request = tracked.ratio(1), tracked.us_per_run(1)
-    met = ratio <= TARGET_RATIO and per_request <= TARGET_US_PER_REQUEST
+    ratio = tracked.ratio(1)
     print(
-        f'  target (process CPU): ratio <= {TARGET_RATIO}, <= {TARGET_US_PER_REQUEST:.0f} us per recorded request: '
-        f'{"met" if met else "NOT met"} ({ratio:.3f}, {per_request:.1f} us)'
+        f'  target (process CPU): ratio <= {TARGET_RATIO}: {"met" if ratio <= TARGET_RATIO else "NOT met"} '
+        f'({ratio:.3f}); an empty capability alone costs pydantic-ai {results[1].ratio(1):.3f}'
+        if len(results) > 1
+        else f'  target (process CPU): ratio <= {TARGET_RATIO}: {"met" if ratio <= TARGET_RATIO else "NOT met"}'
     )
     (null_thread, _), (real_thread, real_process) = asyncio.run(_hook_costs(runs))
+    met = 'met' if real_thread <= TARGET_US_PER_REQUEST else 'NOT met'
     print(f'  TrackUsage hooks alone, {runs} runs of 1 request, CPU us per recorded request:')
     print(f'    capability work, records dropped:         {null_thread:6.1f}')
-    print(f'    + track() into the SQLite tracker:        {real_thread:6.1f}  (caller thread)')
+    print(
+        f'    + track() into the SQLite tracker:        {real_thread:6.1f}  (caller thread)   '
+        f'target <= {TARGET_US_PER_REQUEST:.0f}: {met}'
+    )
     print(f'    + the tracker writer thread (validate, write): {real_process:6.1f}  (process)')
 
 

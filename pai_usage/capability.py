@@ -8,36 +8,52 @@ await agent.run('Hi', deps=UsageDeps(user_id='u1', organization_id='org1'))
 
 Rows written for a run (all with `source='agent'`, the run's `run_id` and attribution):
 
-- `agent_request`: one per model response, from `after_model_request`, with the response's own model,
-  provider, provider response id, tokens and pydantic-ai's cost. Attempts a `FallbackModel` (or the
-  `ModelFallback` capability) moved on from get a row each with `status='error'`.
+- `agent_request`: one per model response, with the response's own model, provider, provider response id,
+  tokens and pydantic-ai's cost. Attempts a `FallbackModel` (or the `ModelFallback` capability, or any hook
+  raising `RetryModelRequest`) moved on from get a row each with `status='error'`, also when the request then
+  fails, times out or is cancelled. A stream that ends early, fails or times out is a row of what it billed,
+  with its `response_state` in `metadata`.
 - `agent_run_remainder`: usage pydantic-ai counted in the run's `RunUsage` that no row recorded, e.g. that of
-  a delegated sub-agent without this capability. Written when the run ends, so the rows of a run (and of the
-  sub-agents sharing its usage) add up to `result.usage`, each token once.
+  a delegated sub-agent without this capability. Written when the run ends and every request in flight has
+  settled, so the rows of a run (and of the sub-agents sharing its usage) add up to `result.usage`, each token
+  once.
 - `agent_run`: a zero-token marker with `status='error'` and the exception type in `metadata`, written only
   when the run fails (tool error, usage limit, exhausted retries, timeout, cancellation).
+
+How it hooks in, chosen for cost: pydantic-ai copies the run context for every hook of every capability,
+so the capability overrides as few hooks as it can. `wrap_run` opens and closes the run's books and makes the
+run the current `UsageContext`; `get_wrapper_model` wraps the model serving each attempt, which sees every
+request, stream, error and the attempts a model carries; `after_model_request` (the capability sorts itself
+outermost, so its hook runs after every other's) is where a response is known to be accepted.
 
 The capability never raises into the run and never waits on I/O: it only calls `UsageTracker.track()`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from copy import copy
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from time import perf_counter
-from typing import Any, ClassVar, cast
+from types import TracebackType
+from typing import Any, ClassVar, Self, cast
 
 import genai_prices
 import pydantic_ai
-from pydantic_ai.capabilities import AbstractCapability
-from pydantic_ai.capabilities.abstract import WrapModelRequestHandler, WrapRunHandler
-from pydantic_ai.messages import ModelRequestAttempt, ModelResponse
-from pydantic_ai.models import ModelRequestContext
+from pydantic_ai.capabilities import AbstractCapability, CapabilityOrdering
+from pydantic_ai.capabilities.abstract import WrapRunHandler
+from pydantic_ai.messages import ModelMessage, ModelRequestAttempt, ModelResponse
+from pydantic_ai.models import Model, ModelRequestContext, ModelRequestParameters, StreamedResponse
+from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.run import AgentRunResult
+from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import RunContext
 from pydantic_ai.usage import RequestUsage, RunUsage
 
@@ -46,6 +62,30 @@ from ._warnings import MissingAttributionWarning, PaiUsageWarning, warn_once
 from .context import UsageContext, current_usage_context, usage_context
 from .tracker import UsageTracker, get_tracker
 from .usage import TokenCounts
+
+try:  # The reader of the attempts pydantic-ai 2.68+ carries on an error that ends a request.
+    from pydantic_ai._model_request_attempts import carried_attempts as _carried_attempts
+except ImportError:  # pragma: no cover - older or newer pydantic-ai: read the attribute it is stored in
+
+    def _carried_attempts(error: BaseException) -> list[ModelRequestAttempt]:
+        return list(getattr(error, '_pydantic_ai_failed_attempts', None) or ())
+
+
+try:  # pydantic-ai's own pricing of a response, for the partial response of a stream that ended early.
+    from pydantic_ai._genai_prices import fill_response_cost as _fill_response_cost
+except ImportError:  # pragma: no cover - the tracker prices the row itself, with genai-prices too
+
+    def _fill_response_cost(response: ModelResponse) -> None:
+        pass
+
+
+try:  # The run context pydantic-ai sets around each model call (`model_request` / `model_request_stream`).
+    from pydantic_ai._run_context import get_current_run_context as _current_run_context
+except ImportError:  # pragma: no cover
+
+    def _current_run_context() -> RunContext[Any] | None:
+        return None
+
 
 __all__ = ('PYDANTIC_AI_PRICE_SOURCE', 'TrackUsage')
 
@@ -64,6 +104,8 @@ _PLAIN_TEXT_COUNTS = frozenset(
 )
 # Attributes of a `RunUsage` that are not usage to reconcile.
 _NOT_COUNTS = frozenset({'requests', 'tool_calls', 'details', 'cost', 'unmeasured_requests'})
+# Ways a request stops without failing: the consumer broke off, the run was cancelled or timed out.
+_STOPPED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
 
 
 @dataclass(eq=False)
@@ -86,17 +128,118 @@ _active_runs: set[str | None] = set()
 _shared_lock = threading.Lock()
 
 
+@dataclass(eq=False, slots=True)
+class _Request:
+    """One attempt at a model request, from the moment the wrapper sends it until its response is settled."""
+
+    start: float
+    """`perf_counter()` when it was sent."""
+    step: int | None
+    """The run step it belongs to: a later attempt in the same step means a hook rejected this one."""
+    response: ModelResponse | None = None
+    """What the model returned, until it is recorded."""
+    duration_ms: float | None = None
+    """Wall time of the call, set when the model returned."""
+
+
 @dataclass(eq=False)
 class _Run:
-    """Per-run state of a `TrackUsage`."""
+    """Per-run state of a `TrackUsage`: the run's books."""
 
+    owner: TrackUsage
+    """The capability recording this run (with two on one run, the outer one)."""
     tracker: UsageTracker
     base: dict[str, Any]
     """The fields every row of the run shares."""
     context: UsageContext
     """The usage context current while the run is active."""
     shared: _Shared
-    pending: list[ModelResponse] = field(default_factory=list[ModelResponse])
+    current: _Request | None = None
+    """The latest attempt whose response is not recorded yet."""
+    inflight: int = 0
+    """Attempts sent and not yet returned or failed: the books close only when this is 0."""
+    ended: bool = False
+    """`wrap_run` has returned or raised."""
+    error: BaseException | None = None
+    """What ended the run, if it failed."""
+    closed: bool = False
+    seen: set[int] = field(default_factory=set[int])
+    """`id()`s of the usage objects and attempts recorded, so that each is recorded once."""
+    keep: list[object] = field(default_factory=list[object])
+    """The objects `seen` refers to, kept alive so that their ids are not reused during the run."""
+
+
+# The run being recorded, for the model wrapper: set in `wrap_run`, which pydantic-ai propagates to the run body.
+_current_run: ContextVar[_Run | None] = ContextVar('pai_usage_agent_run', default=None)
+
+
+class _TrackedModel(WrapperModel):
+    """The model serving one attempt, wrapped to record what it billed, however the attempt ends.
+
+    `TrackUsage`'s companion: it reports to the capability's private lifecycle methods.
+    """
+
+    def __init__(self, wrapped: Model, run: _Run) -> None:
+        super().__init__(wrapped)
+        self._run = run
+
+    # pydantic-ai wraps each model class's `request` / `request_stream` to restore special tokens and to budget
+    # file downloads at the model boundary; the wrapped model's own methods already do both, so not twice here.
+    @classmethod
+    def _restore_special_tokens_at_the_model_boundary(cls) -> None:
+        pass
+
+    @classmethod
+    def _budget_downloads_at_the_model_boundary(cls) -> None:
+        pass
+
+    # Only ever a capability's serving wrapper, whose scope leaves the wrapped model to its owner to enter and exit.
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: TracebackType | None
+    ) -> bool | None:
+        return None
+
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
+        run = self._run
+        owner = run.owner
+        request = owner._guard(owner._begin, run)  # pyright: ignore[reportPrivateUsage]
+        try:
+            response = await self.wrapped.request(messages, model_settings, model_request_parameters)
+        except BaseException as exc:
+            owner._guard(owner._returned, run, request, None, exc)  # pyright: ignore[reportPrivateUsage]
+            raise
+        owner._guard(owner._returned, run, request, response, None)  # pyright: ignore[reportPrivateUsage]
+        return response
+
+    @asynccontextmanager
+    async def request_stream(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+        run_context: RunContext[Any] | None = None,
+    ) -> AsyncGenerator[StreamedResponse]:
+        run = self._run
+        owner = run.owner
+        request = owner._guard(owner._begin, run)  # pyright: ignore[reportPrivateUsage]
+        stream: StreamedResponse | None = None
+        try:
+            async with self.wrapped.request_stream(
+                messages, model_settings, model_request_parameters, run_context
+            ) as stream:
+                yield stream
+        except BaseException as exc:
+            owner._guard(owner._stream_ended, run, request, stream, exc)  # pyright: ignore[reportPrivateUsage]
+            raise
+        owner._guard(owner._stream_ended, run, request, stream, None)  # pyright: ignore[reportPrivateUsage]
 
 
 @dataclass
@@ -118,50 +261,45 @@ class TrackUsage(AbstractCapability[Any]):
     errors: ClassVar[int] = 0
     """How many times tracking failed inside a run (logged, never raised). Process-wide."""
 
-    # Per-run state, by run id. Not a `for_run` copy: pydantic-ai re-extracts a replaced capability's
-    # configuration on every run, which costs more than everything this capability does (~100 us a run).
-    _runs: dict[str | None, _Run] = field(default_factory=dict[str | None, _Run], init=False, repr=False, compare=False)
+    # Per-run state lives in `_Run`, found through `_current_run`. Not a `for_run` copy: pydantic-ai
+    # re-extracts a replaced capability's configuration on every run, which costs more than everything this
+    # capability does (~100 us a run).
+
+    def get_ordering(self) -> CapabilityOrdering:
+        """Outermost: its `after_model_request` runs after every other capability's has accepted the response."""
+        return CapabilityOrdering(position='outermost')
 
     async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
-        """Make the run the current `UsageContext`; when it ends, however it ends, record the remainder and marker."""
+        """Open the run's books and make it the current `UsageContext`; close them once it ended and settled."""
         run: _Run | None = self._guard(self._start, ctx)
         if run is None:
             return await handler()
-        self._runs[ctx.run_id] = run
+        token = _current_run.set(run)
         try:
             with usage_context(run.context):
                 result = await handler()
         except BaseException as exc:
-            self._guard(self._finish, run, exc)
+            self._guard(self._end, run, exc)
             raise
-        self._guard(self._finish, run, None)
+        finally:
+            _current_run.reset(token)
+        self._guard(self._end, run, None)
         return result
 
-    async def wrap_model_request(
-        self, ctx: RunContext[Any], *, request_context: ModelRequestContext, handler: WrapModelRequestHandler
-    ) -> ModelResponse:
-        """Time the request; record its responses and failed attempts once it is settled."""
-        run = self._runs.get(ctx.run_id)
-        if run is None:
-            return await handler(request_context)
-        start = perf_counter()
-        try:
-            response = await handler(request_context)
-        except BaseException as exc:
-            self._guard(self._settle, run, None, start, exc)
-            raise
-        self._guard(self._settle, run, response, start, None)
-        return response
+    def get_wrapper_model(self, model: Model) -> Model | None:
+        """Wrap the model serving each attempt of a run this capability records."""
+        run = _current_run.get()
+        if run is None or run.owner is not self or run.closed:
+            return None
+        return _TrackedModel(model, run)
 
     async def after_model_request(
         self, ctx: RunContext[Any], *, request_context: ModelRequestContext, response: ModelResponse
     ) -> ModelResponse:
-        """Note the response, unchanged; it is recorded when its request is settled."""
-        run = self._runs.get(ctx.run_id)
-        if run is not None:
-            # Recorded when `wrap_model_request` returns: only then is it known whether a later hook or a
-            # fallback rejected this response, and how long the request took.
-            run.pending.append(response)
+        """Record the response, unchanged: the hooks that ran before this one accepted it."""
+        run = _current_run.get()
+        if run is not None and run.owner is self and run.base['run_id'] == ctx.run_id:
+            self._guard(self._accepted, run, response)
         return response
 
     # --- internals ---
@@ -243,55 +381,192 @@ class TrackUsage(AbstractCapability[Any]):
                 shared = _shared[id(usage)] = _Shared(usage, copy(usage))
             shared.runs += 1
             _active_runs.add(ctx.run_id)
-        return _Run(tracker=tracker, base=base, context=context, shared=shared)
+        return _Run(owner=self, tracker=tracker, base=base, context=context, shared=shared)
 
-    def _settle(self, run: _Run, final: ModelResponse | None, start: float, error: BaseException | None) -> None:
-        """Record the responses and failed attempts of one request step."""
-        pending, run.pending = run.pending, []
-        elapsed_ms = (perf_counter() - start) * 1000
-        attempts: list[ModelRequestAttempt] = list(
-            final.failed_attempts or () if final is not None else getattr(error, 'attempts', ()) or ()
-        )
-        for attempt in attempts:
-            elapsed_ms -= attempt.duration.total_seconds() * 1000
-            usage = attempt.usage
-            seen = next((r for r in pending if usage is not None and r.usage is usage), None)
-            if seen is not None:
-                # A hook rejected a response we already saw: one row for it, as the failed attempt it became.
-                pending.remove(seen)
-            self._record_attempt(run, attempt, seen)
-        for response in pending:
-            self._record_response(run, response, 'ok', elapsed_ms if response is pending[-1] else None)
+    # An attempt's life: `_begin` when the wrapper sends it; `_returned` (or `_stream_ended`) when the model
+    # returns or fails; `_accepted` when the outermost `after_model_request` sees its response. A response
+    # no `after_model_request` saw is settled by whatever comes next: another attempt (`_begin`) or the end
+    # of the run (`_close`).
+
+    def _begin(self, run: _Run) -> _Request:
+        run.inflight += 1
+        run_context = _current_run_context()
+        step = run_context.run_step if run_context is not None else None
+        previous = run.current
+        if previous is not None and previous.response is not None and previous.response.state == 'suspended':
+            # A continuation of the same response (e.g. Anthropic `pause_turn`): the merged response carries the
+            # segments' usage when it is accepted; if the chain fails, the run's remainder does.
+            run.current = None
+        elif previous is not None and previous.response is not None:
+            # Its response was never accepted by `after_model_request`: a hook rejected it to make this attempt
+            # (same step), or one retried the step with `ModelRetry`, keeping it (a later step).
+            run.current = None
+            if previous.step is not None and previous.step == step:
+                self._record_rejected(run, previous.response, previous.duration_ms)
+            else:
+                self._record_response(run, previous.response, 'ok', previous.duration_ms)
+        request = run.current = _Request(start=perf_counter(), step=step)
+        return request
+
+    def _returned(
+        self, run: _Run, request: _Request | None, response: ModelResponse | None, error: BaseException | None
+    ) -> None:
+        """The model returned `response` or raised `error`: record the attempts it made before, keep the response."""
+        try:
+            if request is None:
+                return
+            elapsed_ms = (perf_counter() - request.start) * 1000
+            if response is not None:
+                # Attempts a `FallbackModel` moved on from are final: record them now, not when the response is.
+                elapsed_ms -= self._record_attempts(run, response.failed_attempts)
+                request.response = response
+                request.duration_ms = elapsed_ms
+            else:
+                self._record_attempts(run, _error_attempts(error))
+                if run.current is request:
+                    run.current = None
+        finally:
+            self._settled(run)
+
+    def _stream_ended(
+        self, run: _Run, request: _Request | None, stream: StreamedResponse | None, error: BaseException | None
+    ) -> None:
+        """A stream's context exited: record what it billed unless `after_model_request` already did."""
+        try:
+            if request is None:
+                return
+            unsettled = run.current is request
+            if unsettled:
+                run.current = None
+            if error is not None:
+                self._record_attempts(run, _error_attempts(error))
+            if stream is None or not unsettled:
+                return
+            response = stream.get()
+            elapsed_ms = (perf_counter() - request.start) * 1000 - self._record_attempts(run, response.failed_attempts)
+            if not (response.usage.has_values() or response.usage.cost) or not self._first_time(run, response.usage):
+                return
+            # Priced as pydantic-ai prices what it bills for it, on a copy: the stream's usage object is its own.
+            response = dataclasses.replace(response, usage=copy(response.usage))
+            _fill_response_cost(response)
+            extra: dict[str, Any] = {
+                'response_state': response.state if response.state != 'complete' else 'interrupted'
+            }
+            status = 'ok'
+            if error is not None:
+                extra['error_type'] = type(error).__name__
+                if not isinstance(error, _STOPPED):
+                    status = 'error'
+            self._record_response(run, response, status, elapsed_ms, **extra)
+        finally:
+            self._settled(run)
+
+    def _accepted(self, run: _Run, response: ModelResponse) -> None:
+        request = run.current
+        duration_ms = None
+        if request is not None:
+            run.current = None
+            duration_ms = (
+                request.duration_ms if request.duration_ms is not None else (perf_counter() - request.start) * 1000
+            )
+        # Attempts hooks or a `FallbackModel` moved on from before this response: most were recorded already, when
+        # the model returned or the next attempt began; their time is not in `duration_ms`.
+        self._record_attempts(run, response.failed_attempts)
+        self._record_response(run, response, 'ok', duration_ms)
+
+    def _settled(self, run: _Run) -> None:
+        run.inflight -= 1
+        if run.ended and not run.inflight and not run.closed:
+            self._close(run)
+
+    def _end(self, run: _Run, error: BaseException | None) -> None:
+        """`wrap_run` is done; a cancelled run's requests may still be unwinding, and close the books when settled."""
+        run.ended = True
+        run.error = error
+        with _shared_lock:
+            _active_runs.discard(run.base['run_id'])
+        if not run.inflight:
+            self._close(run)
+
+    def _close(self, run: _Run) -> None:
+        """Record what the run's responses did not show, and the failure marker; release shared state."""
+        run.closed = True
+        error = run.error
+        try:
+            error_attempts = _error_attempts(error) if error is not None else []
+            request, run.current = run.current, None
+            if request is not None and request.response is not None:
+                response = request.response
+                if any(a.usage is response.usage for a in error_attempts):
+                    self._guard(self._record_rejected, run, response, request.duration_ms)
+                else:
+                    self._guard(self._record_response, run, response, 'ok', request.duration_ms)
+            self._guard(self._record_attempts, run, error_attempts)
+        finally:
+            self._reconcile(run)
+
+    def _reconcile(self, run: _Run) -> None:
+        error = run.error
+        status = 'ok' if error is None else 'error'
+        remainder = _release(run.shared)
+        if remainder is not None:
+            # Which model spent it is unknown (an untracked sub-agent may use any): NULL model, and
+            # pydantic-ai's cost of those requests when it had one, else unpriced.
+            run.tracker.track(**self._row(run, 'agent_run_remainder', remainder, None, None, status))
+        if error is not None:
+            fields = self._row(run, 'agent_run', RequestUsage(), None, None, 'error')
+            fields['metadata'] = {**fields['metadata'], 'error_type': type(error).__name__}
+            fields['cost_usd'] = Decimal(0)
+            fields['pricing_status'] = 'priced'
+            run.tracker.track(**fields)
+
+    def _first_time(self, run: _Run, obj: object) -> bool:
+        key = id(obj)
+        if key in run.seen:
+            return False
+        run.seen.add(key)
+        run.keep.append(obj)
+        return True
+
+    def _record_attempts(self, run: _Run, attempts: list[ModelRequestAttempt] | None) -> float:
+        """Record each attempt not recorded yet; return their total duration in ms."""
+        total_ms = 0.0
+        for attempt in attempts or ():
+            total_ms += attempt.duration.total_seconds() * 1000
+            if self._first_time(run, attempt) and (attempt.usage is None or self._first_time(run, attempt.usage)):
+                self._record_attempt(run, attempt)
+        return total_ms
+
+    def _record_rejected(self, run: _Run, response: ModelResponse, duration_ms: float | None) -> None:
+        self._record_response(run, response, 'error', duration_ms, attempt_outcome='rejected')
 
     def _record_response(
         self, run: _Run, response: ModelResponse, status: str, duration_ms: float | None, **extra: Any
     ) -> None:
         usage = response.usage
+        if not self._first_time(run, usage):
+            return
         fields = self._row(run, 'agent_request', usage, response.provider_name, response.model_name, status)
         fields['request_id'] = response.provider_response_id
         fields['created_at'] = _aware(response.timestamp)
         if duration_ms is not None:
             fields['duration_ms'] = max(round(duration_ms), 0)
-        if response.state != 'complete':
+        if response.state != 'complete' and 'response_state' not in extra:
             extra['response_state'] = response.state  # e.g. `interrupted`: a stream stopped early
         if extra:
             fields['metadata'] = {**fields['metadata'], **extra}
         run.tracker.track(**fields)
         _add(run.shared.recorded, usage)
 
-    def _record_attempt(self, run: _Run, attempt: ModelRequestAttempt, seen: ModelResponse | None) -> None:
+    def _record_attempt(self, run: _Run, attempt: ModelRequestAttempt) -> None:
         extra: dict[str, Any] = {'attempt_outcome': attempt.outcome}
         if attempt.error:
             # Only the exception type: provider error messages may quote the prompt.
             extra['error_type'] = attempt.error.split(':', 1)[0]
-        duration_ms = attempt.duration.total_seconds() * 1000
-        if seen is not None:
-            self._record_response(run, seen, 'error', duration_ms, **extra)
-            return
         usage = attempt.usage or RequestUsage()
         fields = self._row(run, 'agent_request', usage, attempt.provider_name, attempt.model_name, 'error')
         fields['created_at'] = _aware(attempt.timestamp)
-        fields['duration_ms'] = max(round(duration_ms), 0)
+        fields['duration_ms'] = max(round(attempt.duration.total_seconds() * 1000), 0)
         fields['metadata'] = {**fields['metadata'], **extra}
         run.tracker.track(**fields)
         if attempt.usage is not None:
@@ -323,27 +598,13 @@ class TrackUsage(AbstractCapability[Any]):
             fields['price_source'] = PYDANTIC_AI_PRICE_SOURCE
         return fields
 
-    def _finish(self, run: _Run, error: BaseException | None) -> None:
-        """Record what the run's responses did not show, and the failure marker; release shared state."""
-        self._runs.pop(run.base['run_id'], None)
-        with _shared_lock:
-            _active_runs.discard(run.base['run_id'])
-        status = 'ok' if error is None else 'error'
-        if run.pending:  # seen by `after_model_request` outside any `wrap_model_request` (defensive)
-            pending, run.pending = run.pending, []
-            for response in pending:
-                self._guard(self._record_response, run, response, 'ok', None)
-        remainder = _release(run.shared)
-        if remainder is not None:
-            # Which model spent it is unknown (an untracked sub-agent may use any): NULL model, and
-            # pydantic-ai's cost of those requests when it had one, else unpriced.
-            run.tracker.track(**self._row(run, 'agent_run_remainder', remainder, None, None, status))
-        if error is not None:
-            fields = self._row(run, 'agent_run', RequestUsage(), None, None, 'error')
-            fields['metadata'] = {**fields['metadata'], 'error_type': type(error).__name__}
-            fields['cost_usd'] = Decimal(0)
-            fields['pricing_status'] = 'priced'
-            run.tracker.track(**fields)
+
+def _error_attempts(error: BaseException | None) -> list[ModelRequestAttempt]:
+    """The failed attempts an error that ended a request lists: a `FallbackExceptionGroup`'s, or those carried."""
+    if error is None:
+        return []
+    listed: list[ModelRequestAttempt] = list(getattr(error, 'attempts', None) or ())
+    return [*listed, *(a for a in _carried_attempts(error) if a not in listed)]
 
 
 def _release(shared: _Shared) -> RunUsage | None:
@@ -358,7 +619,8 @@ def _release(shared: _Shared) -> RunUsage | None:
     remainder = RunUsage()
     found = False
     for key, value in now.items():
-        if key not in _NOT_COUNTS and type(value) in (int, float):
+        # Most counts are 0: test that first, it is the cheapest.
+        if value and key not in _NOT_COUNTS and type(value) in (int, float):
             value = value - start.get(key, 0) - recorded.get(key, 0)
             if value > 0:
                 setattr(remainder, key, value)
@@ -380,7 +642,7 @@ def _add(total: RunUsage, usage: RequestUsage | RunUsage) -> None:
     """`total.incr(usage)` for what the reconciliation needs, looking only at the counts `usage` has."""
     counts = total.__dict__
     for key, value in usage.__dict__.items():
-        if key not in _NOT_COUNTS and type(value) in (int, float):
+        if value and key not in _NOT_COUNTS and type(value) in (int, float):
             counts[key] = counts.get(key, 0) + value
     if usage.details:
         details = total.details

@@ -225,22 +225,41 @@ async def slow_stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIte
         await asyncio.sleep(0.005)
 
 
-async def test_abandoned_stream_is_billed(tracker: UsageTracker) -> None:
-    agent = Agent(FunctionModel(stream_function=slow_stream, model_name='gpt-4o'), capabilities=[TrackUsage(tracker)])
-    async with agent.run_stream('q', deps=DEPS) as stream:
-        async for _ in stream.stream_text(delta=True):
-            break
-    usage = stream.usage
+async def failing_stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+    yield 'one '
+    yield 'two '
+    raise Boom('stream')
+
+
+@pytest.mark.parametrize('how', ['abandoned', 'failed', 'timeout'])
+async def test_stream_ending_early_is_a_row_for_its_model(tracker: UsageTracker, how: str) -> None:
+    """pydantic-ai bills a stream cut off, failed or timed out without `after_model_request`: the wrapper records it."""
+    model = FunctionModel(stream_function=failing_stream if how == 'failed' else slow_stream, model_name='gpt-4o')
+    agent = Agent(model, capabilities=[TrackUsage(tracker)])
+    usage = RunUsage()  # the run's usage, also when it raises
+    expected = {'abandoned': None, 'failed': Boom, 'timeout': TimeoutError}[how]
+    try:
+        async with asyncio.timeout(None) as deadline:
+            async with agent.run_stream('q', deps=DEPS, usage=usage) as stream:
+                async for _ in stream.stream_text(delta=True):
+                    if how == 'abandoned':
+                        break
+                    if how == 'timeout':  # once it billed something: time out at the next wait
+                        deadline.reschedule(asyncio.get_running_loop().time())
+    except (Boom, TimeoutError) as exc:
+        assert type(exc) is expected
+    else:
+        assert expected is None
     got = rows(tracker)
-    assert usage.input_tokens > 0
+    assert usage.output_tokens > 0
     assert_adds_up(got, usage)
     assert sum(r['cost_usd'] for r in got) == usage.cost
-    # pydantic-ai 2.68 shows the cut-off response to `after_model_request`; were it not to, the run's
-    # `agent_run_remainder` row would carry its tokens instead.
-    assert {r['operation'] for r in got} <= {'agent_request', 'agent_run_remainder', 'agent_run'}
-    assert [(r['status'], r['metadata']) for r in got if r['operation'] == 'agent_run'] == [
-        ('error', {'error_type': 'CancelledError'})
-    ]
+    (request,) = [r for r in got if r['operation'] == 'agent_request']
+    assert request['model'] == 'gpt-4o'
+    assert request['price_source'] == PYDANTIC_AI_PRICE_SOURCE
+    assert request['metadata']['response_state'] != 'complete'
+    assert request['status'] == ('error' if how == 'failed' else 'ok')
+    assert [(r['operation'], r['status']) for r in got if r is not request] == [('agent_run', 'error')]
 
 
 async def test_response_rejected_by_model_retry_is_still_recorded(tracker: UsageTracker) -> None:
@@ -345,19 +364,22 @@ async def test_timeout_and_cancellation(tracker: UsageTracker, how: str) -> None
 # --- fallback ---
 
 
+def reject_bad(response: ModelResponse) -> bool:
+    return response.text == 'bad'
+
+
+def spends_and_is_rejected(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    return ModelResponse(
+        parts=[TextPart('bad')], provider_name='anthropic', usage=RequestUsage(input_tokens=700, output_tokens=30)
+    )
+
+
+REJECTED_PRICE = price({'input_tokens': 700, 'output_tokens': 30}, 'claude-sonnet-4', 'anthropic')
+
+
 @pytest.mark.parametrize('how', ['FallbackModel', 'ModelFallback-outer', 'ModelFallback-inner'])
 async def test_fallback_failed_attempts_get_their_own_rows(tracker: UsageTracker, how: str) -> None:
-    def failing(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        return ModelResponse(
-            parts=[TextPart('bad')],
-            provider_name='anthropic',
-            usage=RequestUsage(input_tokens=700, output_tokens=30),
-        )
-
-    def reject_bad(response: ModelResponse) -> bool:
-        return response.text == 'bad'
-
-    first = FunctionModel(failing, model_name='claude-sonnet-4')
+    first = FunctionModel(spends_and_is_rejected, model_name='claude-sonnet-4')
     second = FunctionModel(model_fn('openai'), model_name='gpt-4o')
     if how == 'FallbackModel':
         agent = Agent(FallbackModel(first, second, fallback_on=reject_bad), capabilities=[TrackUsage(tracker)])
@@ -371,9 +393,54 @@ async def test_fallback_failed_attempts_get_their_own_rows(tracker: UsageTracker
         ('gpt-4o', 'openai', 'ok'),
     ]
     assert got[0]['metadata'] == {'attempt_outcome': 'rejected'}
-    assert got[0]['cost_usd'] == price({'input_tokens': 700, 'output_tokens': 30}, 'claude-sonnet-4', 'anthropic')
+    assert got[0]['cost_usd'] == REJECTED_PRICE
     assert_adds_up(got, result.usage)
     assert sum(r['cost_usd'] for r in got) == result.usage.cost
+
+
+@pytest.mark.parametrize('how', ['cancel', 'timeout', 'error'])
+async def test_rejected_attempt_is_billed_when_the_next_model_never_answers(tracker: UsageTracker, how: str) -> None:
+    """Issue 13 #9/#10: the first model spent tokens and was rejected, then the run died during the second."""
+    started = asyncio.Event()
+
+    async def never_answers(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        started.set()
+        if how == 'error':
+            raise Boom('second')  # not covered by `fallback_on`: pydantic-ai carries the attempts on it
+        await asyncio.sleep(30)
+        raise AssertionError('not reached')
+
+    model = FallbackModel(
+        FunctionModel(spends_and_is_rejected, model_name='claude-sonnet-4'),
+        FunctionModel(never_answers, model_name='gpt-4o'),
+        fallback_on=reject_bad,
+    )
+    agent = Agent(model, capabilities=[TrackUsage(tracker)])
+    usage = RunUsage()
+
+    async def run() -> None:
+        async with asyncio.timeout(None) as deadline:
+            task = asyncio.current_task()
+            assert task is not None
+            waiter = asyncio.create_task(started.wait())
+            if how == 'cancel':
+                waiter.add_done_callback(lambda _: task.cancel())
+            elif how == 'timeout':
+                waiter.add_done_callback(lambda _: deadline.reschedule(asyncio.get_running_loop().time()))
+            await agent.run('q', deps=DEPS, usage=usage)
+
+    with pytest.raises({'cancel': asyncio.CancelledError, 'timeout': TimeoutError, 'error': Boom}[how]):
+        await run()
+    got = rows(tracker)
+    assert [(r['operation'], r['model'], r['status']) for r in got] == [
+        ('agent_request', 'claude-sonnet-4', 'error'),
+        ('agent_run', None, 'error'),
+    ]
+    assert got[0]['metadata'] == {'attempt_outcome': 'rejected'}
+    assert got[0]['price_source'] == PYDANTIC_AI_PRICE_SOURCE
+    # What was billed: genai-prices' price of the failed attempt's usage, and the run's own count of it.
+    assert sum(r['cost_usd'] for r in got) == REJECTED_PRICE == usage.cost
+    assert_adds_up(got, usage)
 
 
 @dataclass
@@ -411,8 +478,9 @@ async def test_response_rejected_by_a_hook_is_one_error_row(tracker: UsageTracke
 # --- delegation ---
 
 
+@pytest.mark.parametrize('mode', MODES)
 @pytest.mark.parametrize('child_tracked', [True, False], ids=['child-tracked', 'child-untracked'])
-async def test_delegation_counts_each_request_once(tracker: UsageTracker, child_tracked: bool) -> None:
+async def test_delegation_counts_each_request_once(tracker: UsageTracker, child_tracked: bool, mode: str) -> None:
     child = make_agent(tracker if child_tracked else None, 'claude-sonnet-4', 'anthropic', tool=False)
     child.name = 'child'
     seen: list[UsageContext | None] = []
@@ -425,10 +493,10 @@ async def test_delegation_counts_each_request_once(tracker: UsageTracker, child_
         result = await child.run('sub', usage=ctx.usage)  # no deps: attribution flows through the context
         return result.output
 
-    result = await parent.run('q', deps=DEPS)
+    _, usage = await run_mode(parent, mode)
     got = rows(tracker)
-    assert_adds_up(got, result.usage)
-    assert sum(r['cost_usd'] for r in got) == result.usage.cost
+    assert_adds_up(got, usage)
+    assert sum(r['cost_usd'] for r in got) == usage.cost
     parent_run = seen[0]
     assert parent_run is not None and parent_run.organization_id == 'org1' and parent_run.run_id
     assert {(r['organization_id'], r['user_id']) for r in got} == {('org1', 'u1')}
