@@ -33,6 +33,7 @@ __all__ = (
     'spawn',
     'table_ids',
     'track_all',
+    'wait_for_rows',
     'wait_until',
 )
 
@@ -93,6 +94,26 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f'timed out after {timeout} s waiting for {what}')
         time.sleep(0.05)
+
+
+def wait_for_rows(url: str, ids: Iterable[object], *, timeout: float = 60.0, settle: float = 10.0, what: str) -> None:
+    """Wait until every id in `ids` is in the table; give up early once the table stops gaining any of them.
+
+    A replay that lost records never completes, so waiting the whole timeout would only make a failure slow.
+    """
+    want = {str(i) for i in ids}
+    deadline = time.monotonic() + timeout
+    seen, since = -1, time.monotonic()
+    while True:
+        found = len(want & table_ids(url).keys())
+        if found == len(want):
+            return
+        now = time.monotonic()
+        if found != seen:
+            seen, since = found, now
+        if now > deadline or now - since > settle:
+            raise AssertionError(f'{what}: {len(want) - found} of {len(want)} records still not in the table')
+        time.sleep(0.1)
 
 
 def track_all(tracker: UsageTracker, records: Iterable[dict[str, Any]]) -> list[BaseException]:

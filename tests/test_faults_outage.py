@@ -15,7 +15,16 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests._faults import Producer, assert_exactly_once, billing, open_tracker, table_ids, track_all, wait_until
+from tests._faults import (
+    Producer,
+    assert_exactly_once,
+    billing,
+    open_tracker,
+    table_ids,
+    track_all,
+    wait_for_rows,
+    wait_until,
+)
 from tests._pgcluster import PgCluster, pg_cluster
 from tests._pgproxy import PgProxy, pg_proxy, via_proxy
 from tests.conftest import PG_SERVER_URL, require_postgres
@@ -105,7 +114,7 @@ def test_database_stays_down_then_the_next_tracker_replays(
     assert_exactly_once(target, [r['id'] for r in first], may_have=[r['id'] for r in later])
     expected = [r['id'] for r in first + later]
     with open_tracker(url, spill_dir=spill) as replayer:
-        wait_until(lambda: len(table_ids(target)) >= len(expected), timeout=30, what='the replay')
+        wait_for_rows(target, expected, what='the replay')
         assert replayer.close(timeout=30)
     assert_exactly_once(target, expected)
 

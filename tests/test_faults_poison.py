@@ -35,7 +35,7 @@ from tests._faults import (
     open_tracker,
     table_ids,
     track_all,
-    wait_until,
+    wait_for_rows,
 )
 from tests._pgproxy import PgProxy, pg_proxy, via_proxy
 from tests.conftest import PG_SERVER_URL
@@ -173,17 +173,17 @@ def test_poison_never_costs_a_good_record(pg_schema_url: str, proxy: PgProxy, tm
         if phase == 'healthy':
             assert tracker.flush(timeout=30), 'flush() returned False with the database up'
             invalid = tracker.stats().invalid
-            assert len(kinds['rejected']) <= invalid <= len(kinds['rejected']) + len(kinds['either'])
+            assert len(kinds['rejected']) <= invalid <= len(kinds['rejected']) + len(kinds['either']), (
+                f'stats().invalid is {invalid} for {len(kinds["rejected"])} invalid records'
+            )
             assert tracker.close(timeout=30)
         else:
             assert not tracker.flush(timeout=1), 'flush() returned True while the database was down'
             assert not tracker.close(timeout=2), 'close() returned True while the database was down'
             proxy.restore()
             with open_tracker(url, spill_dir=spill, **FAST) as replayer:
-                wait_until(
-                    lambda: table_ids(pg_schema_url).keys() >= {str(r['id']) for r in kinds['good'] + kinds['kept']},
-                    what='the replay of the poisoned spill',
-                )
+                poisoned = [r['id'] for r in kinds['good'] + kinds['kept']]
+                wait_for_rows(pg_schema_url, poisoned, what='the replay of the poisoned spill')
                 assert replayer.flush(timeout=30)
     # A later outage, of good records only, in the next tracker on this spill directory.
     with open_tracker(url, spill_dir=spill, **FAST) as current:
@@ -193,7 +193,7 @@ def test_poison_never_costs_a_good_record(pg_schema_url: str, proxy: PgProxy, tm
     proxy.restore()
     with open_tracker(url, spill_dir=spill, **FAST) as restarted:
         expected = {str(r['id']) for r in warmup + kinds['good'] + kinds['kept'] + later}
-        wait_until(lambda: table_ids(pg_schema_url).keys() >= expected, what="the later outage's replay")
+        wait_for_rows(pg_schema_url, expected, what="the later outage's replay")
         assert restarted.close(timeout=30)
 
     assert raised == []

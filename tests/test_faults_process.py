@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 
 from pai_usage import UsageTracker
-from tests._faults import FAST, assert_exactly_once, billing, open_tracker, spawn, table_ids, track_all, wait_until
+from tests._faults import (
+    FAST,
+    assert_exactly_once,
+    billing,
+    open_tracker,
+    spawn,
+    table_ids,
+    track_all,
+    wait_for_rows,
+    wait_until,
+)
 from tests._pgproxy import PgProxy, pg_proxy, via_proxy
 from tests.conftest import PG_SERVER_URL
 
@@ -80,9 +90,7 @@ def test_sigkill_mid_stream_loses_nothing_accepted(
     # The record after the last one counted may have been accepted too: its track() returned before the kill.
     maybe = [uuid.UUID(int=base | accepted)]
     with open_tracker(url, spill_dir=spill) as replayer:
-        wait_until(
-            lambda: len(table_ids(pg_schema_url)) >= accepted, timeout=60, what='the replay of the killed process'
-        )
+        wait_for_rows(pg_schema_url, expected, what='the replay of the killed process')
         assert replayer.close(timeout=30)
     assert_exactly_once(pg_schema_url, expected, may_have=maybe)
 
@@ -123,7 +131,7 @@ def test_track_after_close_uses_one_file_and_replays(pg_schema_url: str, tmp_pat
     assert late_files or stored == 1100, f'{1100 - stored} late records are neither in the table nor on disk'
 
     with open_tracker(pg_schema_url, spill_dir=spill, **FAST) as replayer:
-        wait_until(lambda: len(table_ids(pg_schema_url)) >= 1100, what='the replay of the late records')
+        wait_for_rows(pg_schema_url, expected, what='the replay of the late records')
         assert replayer.close(timeout=30)
     assert_exactly_once(pg_schema_url, expected)
 
@@ -133,6 +141,7 @@ def _exit_the_writer(record: object) -> None:
     raise SystemExit(3)
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnhandledThreadExceptionWarning')
 def test_a_dead_writer_is_reported(pg_schema_url: str, tmp_path: Path) -> None:
     """A listener ends the writer thread with SystemExit. Either the writer's guard survives it (all lands), or
     `stats()` says the writer is dead and `flush()`/`close()` say False; a next tracker replays everything."""
@@ -155,6 +164,6 @@ def test_a_dead_writer_is_reported(pg_schema_url: str, tmp_path: Path) -> None:
     assert everything_in == alive
 
     with open_tracker(pg_schema_url, spill_dir=spill, **FAST) as replayer:
-        wait_until(lambda: len(table_ids(pg_schema_url)) >= 300, what='the replay after the writer died')
+        wait_for_rows(pg_schema_url, [r['id'] for r in records], what='the replay after the writer died')
         assert replayer.close(timeout=30)
     assert_exactly_once(pg_schema_url, [r['id'] for r in records])
