@@ -49,18 +49,23 @@ async def test_async_context_manager(database_url: str, tmp_path: Path) -> None:
 
 
 def test_track_after_close_is_spilled_and_replayed(sqlite_url: str, tmp_path: Path) -> None:
+    """Late records (a thread still running at exit) go into one open spill file, replayed by the next start."""
     tracker = UsageTracker(sqlite_url, spill_dir=tmp_path, flush_interval=0.01)
     tracker.track(event())
     assert tracker.close()
-    tracker.track(event())  # e.g. a thread still running at exit
-    assert tracker.stats().spilled == 1
-    assert tracker.close()
+    for i in range(100):
+        tracker.track(event(i))
+    assert tracker.stats().spilled == 100
+    spill_dir = tracker.spill_dir
+    assert spill_dir is not None
+    assert len(list(spill_dir.glob('spill-*.jsonl'))) == 1, 'one file, not one per record'
+    assert tracker.close() is False, 'the late records are only on disk'
     tracker.engine.dispose()
     with UsageTracker(sqlite_url, spill_dir=tmp_path) as again:
         assert again.flush()
-        assert again.stats().replayed == 1
+        assert again.stats().replayed == 100
     again.engine.dispose()
-    assert rows(sqlite_url) == (2, 2)
+    assert rows(sqlite_url) == (101, 101)
 
 
 @pytest.mark.postgres
