@@ -45,7 +45,7 @@ for i in range(50_000):
                   input_tokens=100, output_tokens=10, cost_usd='0.00035')
     accepted[:8] = struct.pack('<q', i + 1)  # after track() returned: this record was accepted
     if i % 100 == 99:
-        time.sleep(0.002)  # a steady stream, so that the kill lands in the middle of it
+        time.sleep(0.005)  # a steady stream, so that the kill lands in the middle of it
 tracker.close()
 """
 
