@@ -74,8 +74,17 @@ def encode_payload(item: dict[str, Any]) -> bytes:
     try:
         return _MARSHAL + marshal.dumps(converted)
     except ValueError:
-        # e.g. metadata holding a datetime: the slow path, validated (and made JSON-safe) on replay.
-        return _JSON + json.dumps(converted, default=_json_default, check_circular=False, skipkeys=True).encode()
+        pass
+    # e.g. metadata holding a datetime, a cycle or 5000 levels: made JSON-safe now, as validation would.
+    from .record import safe_metadata  # the record module imports pydantic: only on this rare path
+
+    converted = dict(converted)
+    if 'metadata' in converted:
+        converted['metadata'] = safe_metadata(converted['metadata'])
+    try:
+        return _MARSHAL + marshal.dumps(converted)
+    except ValueError:
+        return _JSON + json.dumps(converted, default=_json_default, skipkeys=True).encode()
 
 
 def decode_payload(payload: bytes) -> dict[str, Any]:

@@ -28,9 +28,11 @@ import operator
 import os
 import queue
 import random
+import socket
 import sqlite3
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -39,6 +41,7 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import event
 
 from ._journal import Journal, Segment
 from ._log import RateLimitedLog
@@ -356,6 +359,8 @@ class Writer:
     """How often an idle, healthy writer looks for spill files left by other (dead) processes."""
     identity: Callable[[sa.Connection], Mapping[str, Any] | None] | None = None
     """Reads the identity of the database (server, database, schema) once connected, for the spill directory."""
+    io_timeout: float = 30.0
+    """Longest one database call of the writer may take before its sockets are shut down (a stalled network)."""
     _queue: queue.SimpleQueue[object] = field(default_factory=queue.SimpleQueue[object], init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -379,6 +384,18 @@ class Writer:
     _siblings: list[SpillDir] = field(default_factory=list[SpillDir], init=False)
     _warned_dirs: set[str] = field(default_factory=set[str], init=False)
     _pid: int = field(default_factory=os.getpid, init=False)
+    _io_since: float | None = field(default=None, init=False)
+    _connections: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet[Any], init=False)
+
+    def __post_init__(self) -> None:
+        if self.engine.dialect.name == 'postgresql':
+            event.listen(self.engine, 'connect', self._on_connect)
+
+    def _on_connect(self, dbapi_connection: Any, _record: Any) -> None:
+        try:
+            self._connections.add(dbapi_connection)
+        except TypeError:  # pragma: no cover - a driver whose connections take no weak reference
+            pass
 
     # --- called from the product's threads ---
 
@@ -521,6 +538,36 @@ class Writer:
                 # measured no faster, because of the GIL.
                 self._thread = threading.Thread(target=self._run, name='pai-usage-writer', daemon=True)
                 self._thread.start()
+                if self.engine.dialect.name == 'postgresql':
+                    thread = self._thread
+                    threading.Thread(target=self._watch, args=(thread,), name='pai-usage-watchdog', daemon=True).start()
+
+    def _watch(self, thread: threading.Thread) -> None:
+        """Shut down the sockets under a database call that hangs past `io_timeout` (a stalled TCP connection).
+
+        Timeouts on the server (`statement_timeout`) cannot answer through a connection that no longer moves
+        bytes, and TCP keepalives are answered by whatever middlebox holds it: only the client can give up.
+        """
+        while thread.is_alive():
+            time.sleep(min(1.0, self.io_timeout / 4))
+            since = self._io_since
+            if since is not None and time.monotonic() - since > self.io_timeout:
+                self._io_since = time.monotonic()  # once per timeout, not once a second
+                _log.error(
+                    'stalled', 'pai-usage: a database call hung for %.0f s; dropping its connection', self.io_timeout
+                )
+                for conn in list(self._connections):
+                    try:
+                        fd = conn.pgconn.socket
+                        sock = socket.socket(fileno=os.dup(fd))
+                    except Exception:  # closed meanwhile
+                        continue
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    finally:
+                        sock.close()
 
     def spill_now(self, item: object, *, closed: bool = False, seg: Segment | None = None) -> None:
         """Append one record to the spill file from the calling thread (buffered, no fsync on this thread).
@@ -624,15 +671,19 @@ class Writer:
         time.sleep(0.01)  # never a busy loop, even if every cycle fails
 
     def _startup(self) -> None:
-        if self.spill is not None and (self.spill.pending() or self._sibling_dirs()):
+        spill = self.spill
+        if spill is not None and (spill.pending() or any(s.pending() for s in spill.siblings())):
+            self._io_since = time.monotonic()
             try:
                 self._ensure_ready()
             except Exception as exc:
+                self._io_since = None
                 with self._count_lock:
                     self.stats.failed_writes += 1
                 self._enter_spilling()
                 _log.error('write', 'pai-usage: the database is unreachable, replay postponed: %r', exc)
                 return
+            self._io_since = None
             self._replay()
 
     def _cycle(self) -> bool:
@@ -948,6 +999,13 @@ class Writer:
     def _write(
         self, records: list[UsageRecord], *, replay: bool = False, more: Iterator[list[UsageRecord]] | None = None
     ) -> int:
+        self._io_since = time.monotonic()
+        try:
+            return self._write_now(records, replay=replay, more=more)
+        finally:
+            self._io_since = None
+
+    def _write_now(self, records: list[UsageRecord], *, replay: bool, more: Iterator[list[UsageRecord]] | None) -> int:
         self._ensure_ready()
         if self.engine.dialect.name != 'postgresql':
             _drain(more, records)
@@ -1021,14 +1079,17 @@ class Writer:
         self._next_probe = time.monotonic() + min(self._backoff(self._probe_attempt), _PROBE_CAP)
 
     def _probe(self) -> None:
+        self._io_since = time.monotonic()
         try:
             self._ensure_ready()
             with self.engine.connect() as conn:
                 conn.execute(sa.text('SELECT 1'))
         except Exception:
             self._enter_spilling()
-        else:
-            self._recover()
+            return
+        finally:
+            self._io_since = None
+        self._recover()
 
     def _recover(self) -> None:
         if self._spilling:
