@@ -6,6 +6,7 @@ server refuses to run as root). Everything is stopped by the postmaster's own pi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -13,10 +14,13 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import sqlalchemy as sa
 
 __all__ = ('PgCluster', 'pg_cluster')
 
@@ -40,12 +44,17 @@ def _free_port() -> int:
 
 @dataclass(eq=False)
 class PgCluster:
-    """One private cluster in `root`, listening on `127.0.0.1:port` with trust auth for `postgres`."""
+    """One private cluster in `root`, listening on `127.0.0.1:port` with trust auth for `postgres`.
+
+    Copies made by `with_new_database()` share the server: stopping one stops them all.
+    """
 
     root: Path
     """The temporary directory that holds the data directory and the server log."""
     port: int
     """The loopback port the server listens on."""
+    database: str = 'postgres'
+    """The database `url` names."""
 
     @property
     def data(self) -> Path:
@@ -54,7 +63,18 @@ class PgCluster:
     @property
     def url(self) -> str:
         """A SQLAlchemy URL for the `postgres` database of this cluster."""
-        return f'postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres'
+        return f'postgresql+psycopg://postgres@127.0.0.1:{self.port}/{self.database}'
+
+    def with_new_database(self) -> PgCluster:
+        """The same cluster, its `url` naming a database created just now (so tests sharing it never meet)."""
+        name = f'pai_test_{uuid.uuid4().hex[:12]}'
+        engine = sa.create_engine(self.url, isolation_level='AUTOCOMMIT')
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql(f'CREATE DATABASE {name}')
+        finally:
+            engine.dispose()
+        return dataclasses.replace(self, database=name)
 
     def pid(self) -> int | None:
         """The postmaster's pid while it runs."""

@@ -73,11 +73,19 @@ def test_outages_mid_stream_with_default_knobs(pg_schema_url: str, proxy: PgProx
     assert (stats.dropped, stats.pending) == (0, 0)
 
 
-@pytest.fixture
-def cluster() -> Iterator[PgCluster]:
+@pytest.fixture(scope='module')
+def _shared_cluster() -> Iterator[PgCluster]:
     require_postgres()  # the same binaries; under CI=true a missing server fails instead of skipping
     with pg_cluster() as c:
         yield c
+
+
+@pytest.fixture
+def cluster(_shared_cluster: PgCluster) -> PgCluster:
+    """The module's throwaway cluster, running, with a fresh database for this test as its `url`."""
+    if _shared_cluster.pid() is None:
+        _shared_cluster.start()  # a previous test failed while the server was down
+    return _shared_cluster.with_new_database()
 
 
 @pytest.mark.parametrize('outage', ['proxy cut', 'server crash', 'server shutdown'])
@@ -104,8 +112,8 @@ def test_database_stays_down_then_the_next_tracker_replays(
         assert tracker.flush(timeout=30)
         go_down()
         raised += track_all(tracker, later)
-        flushed = tracker.flush(timeout=3)
-        closed = tracker.close(timeout=5)
+        flushed = tracker.flush(timeout=1)
+        closed = tracker.close(timeout=2)
     assert raised == []
     assert not flushed, 'flush() returned True while the database was down'
     assert not closed, 'close() returned True while the database was down'

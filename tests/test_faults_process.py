@@ -65,7 +65,7 @@ def _counter(path: Path) -> int:
 def test_sigkill_mid_stream_loses_nothing_accepted(
     pg_schema_url: str, proxy: PgProxy, tmp_path: Path, database: str
 ) -> None:
-    """SIGKILL after 25k of 50k records (the database up, or cut since the 10,000th); a new tracker replays."""
+    """SIGKILL after 15k of 50k records (the database up, or cut since the 5,000th); a new tracker replays."""
     url = via_proxy(pg_schema_url, proxy)
     spill = tmp_path / 'spill'
     counter = tmp_path / 'accepted'
@@ -74,9 +74,9 @@ def test_sigkill_mid_stream_loses_nothing_accepted(
     child = spawn(KILLED_CHILD, url, str(spill), str(counter), prefix, log=tmp_path / 'child.log')
     try:
         if database == 'down':
-            wait_until(lambda: _counter(counter) >= 10_000, timeout=60, what='10k records tracked')
+            wait_until(lambda: _counter(counter) >= 5_000, timeout=60, what='5k records tracked')
             proxy.cut()
-        wait_until(lambda: _counter(counter) >= 25_000, timeout=60, what='25k records tracked')
+        wait_until(lambda: _counter(counter) >= 15_000, timeout=60, what='15k records tracked')
     finally:
         child.kill()
         child.wait(10)
