@@ -86,6 +86,12 @@ KEPT: list[tuple[str, dict[str, Any]]] = [
 ]
 """Bad labels or metadata on a good billing row: the row is stored with its tokens and cost."""
 
+CLEANED: dict[str, dict[str, Any]] = {
+    'NUL in a metadata key': {'key': 'v'},
+    'NUL in metadata values': {'key': 'val', 'nested': ['a', {'b': 'c'}]},
+}
+"""Metadata whose only fault is NUL bytes: stored as given, without them."""
+
 REJECTED: list[tuple[str, dict[str, Any]]] = [
     ('negative tokens', {'input_tokens': -1}),
     ('a NaN cost', {'cost_usd': float('nan')}),
@@ -138,7 +144,9 @@ def _assert_kept_as_billing(url: str, kept: list[dict[str, Any]]) -> None:
             if label in fields and row[label] != normalize_label(fields[label]):
                 wrong.append(f'{name}: {label} stored as {row[label]!r}')
         metadata = row['metadata']
-        if not isinstance(metadata, dict) or '\\u0000' in json.dumps(metadata):
+        bad = not isinstance(metadata, dict) or '\\u0000' in json.dumps(metadata)
+        # Bad metadata becomes a JSON-safe rendition or a marker saying why, never silently nothing.
+        if bad or ('metadata' in fields and not metadata) or metadata != CLEANED.get(name, metadata):
             wrong.append(f'{name}: metadata stored as {str(metadata)[:80]!r}')
     assert not wrong, wrong
 
@@ -176,6 +184,7 @@ def test_poison_never_costs_a_good_record(pg_schema_url: str, proxy: PgProxy, tm
             assert len(kinds['rejected']) <= invalid <= len(kinds['rejected']) + len(kinds['either']), (
                 f'stats().invalid is {invalid} for {len(kinds["rejected"])} invalid records'
             )
+            assert tracker.stats().spilled == 0, 'records went to disk while the database answered'
             assert tracker.close(timeout=30)
         else:
             assert not tracker.flush(timeout=1), 'flush() returned True while the database was down'
