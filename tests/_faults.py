@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from pai_usage import UsageTracker
 
 __all__ = (
+    'COST',
     'FAST',
     'ROOT',
     'Producer',
