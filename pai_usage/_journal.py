@@ -27,12 +27,12 @@ import socket
 import struct
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 __all__ = ('JOURNAL_PREFIX', 'Journal', 'Segment', 'read_segment')
 
@@ -43,7 +43,7 @@ _HEADER = 16
 _LENGTH = struct.Struct('<I')
 _MARSHAL, _JSON = b'm', b'j'
 _PLAIN = (str, int, float, bool, type(None))
-_CONVERTED = ('id', 'created_at', 'cost_usd', 'units')
+_CONVERTED = ('id', 'cost_usd', 'units')
 """Fields whose values are often not `marshal`-able (UUID, datetime, Decimal): turned into strings first."""
 
 
@@ -57,7 +57,7 @@ def _as_text(value: object) -> object:
 
 def _json_default(value: object) -> object:
     if isinstance(value, set | frozenset | tuple):
-        return list(value)  # pyright: ignore[reportUnknownArgumentType]
+        return list(cast('Iterable[object]', value))
     converted = _as_text(value)
     return converted if converted is not value else repr(value)
 
@@ -65,8 +65,13 @@ def _json_default(value: object) -> object:
 def encode_payload(item: dict[str, Any]) -> bytes:
     """The journal payload of one record's fields; never raises for a dict of any values."""
     converted = item
+    created = item.get('created_at')
+    if type(created) is datetime and created.tzinfo is not None:
+        # A float timestamp is exact to the microsecond for these dates, and much cheaper than `isoformat()`.
+        converted = item.copy()
+        converted['created_at'] = created.timestamp()
     for name in _CONVERTED:
-        value = item.get(name)
+        value = converted.get(name)
         if value is not None and type(value) not in _PLAIN:
             if converted is item:
                 converted = item.copy()
@@ -96,7 +101,11 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
         raise ValueError(f'corrupt journal record: {exc}') from None
     if not isinstance(value, dict):
         raise ValueError('corrupt journal record: not a mapping')
-    return value  # pyright: ignore[reportUnknownVariableType]
+    fields = cast('dict[str, Any]', value)
+    created = fields.get('created_at')
+    if type(created) is float:
+        fields['created_at'] = datetime.fromtimestamp(created, UTC)
+    return fields
 
 
 @dataclass(eq=False)

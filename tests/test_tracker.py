@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,34 @@ def test_queue_full_goes_to_disk_and_back(sqlite_url: str, tmp_path: Path) -> No
     assert stats.replayed == stats.spilled
     assert stats.enqueued == 5000
     assert rows(sqlite_url) == (5000, 5000)
+
+
+def test_new_ids_are_unique_time_ordered_uuid7() -> None:
+    ids = [tracker_module.new_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    parsed = [uuid.UUID(i) for i in ids]
+    assert {u.version for u in parsed} == {7}
+    assert {u.variant for u in parsed} == {uuid.RFC_4122}
+    stamps = [u.int >> 80 for u in parsed]
+    assert stamps == sorted(stamps), 'the millisecond prefix never goes back'
+    assert abs(stamps[-1] / 1000 - time.time()) < 60
+
+
+@pytest.mark.parametrize(
+    ('a', 'b'),
+    [
+        ('postgresql://u@127.0.0.1:5432/db', 'postgresql://u@localhost/db'),
+        ('postgresql://u@127.0.0.1/db', 'postgresql+psycopg://u:secret@127.0.0.1:5432/db?application_name=x'),
+        ('postgresql://u@h/db?options=-csearch_path%3Ds1', 'postgresql://u@h/db?options=-c%20search_path%3Ds1'),
+    ],
+)
+def test_spill_dir_is_keyed_by_the_database_not_the_url_text(a: str, b: str, tmp_path: Path) -> None:
+    first = UsageTracker(a, spill_dir=tmp_path, handle_sigterm=False)
+    second = UsageTracker(b, spill_dir=tmp_path, handle_sigterm=False)
+    other = UsageTracker(a.replace('/db', '/other'), spill_dir=tmp_path, handle_sigterm=False)
+    try:
+        assert first.spill_dir == second.spill_dir
+        assert other.spill_dir != first.spill_dir
+    finally:
+        for t in (first, second, other):
+            t.close()

@@ -464,6 +464,44 @@ def test_duplicate_ids_are_stored_once(database_url: str, tmp_path: Path) -> Non
     tracker.engine.dispose()
     assert rows(database_url) == (80, 80)
     assert (stats.failed_writes, stats.dropped, stats.spilled, stats.pending) == (0, 0, 0, 0)
+    assert (stats.written, stats.duplicates) == (80, 20), 'duplicates are counted apart from written rows'
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize('replay', [False, True], ids=['queue', 'replay'])
+@pytest.mark.usefixtures('fresh_log')
+def test_a_row_the_database_refuses_costs_only_itself(
+    pg_schema_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, replay: bool
+) -> None:
+    """A data error (PostgreSQL refuses a NUL in a jsonb key) splits the batch: only the refused row is rejected."""
+    good = [event(i) for i in range(200)]
+    poison = event(details={'cache\x00write': 1})  # valid for pydantic, refused by jsonb
+    caplog.set_level(logging.ERROR, logger='pai_usage')
+    with UsageTracker(pg_schema_url, spill_dir=tmp_path, flush_interval=0.01) as tracker:
+        tracker.track(event())
+        assert tracker.flush(30)
+        spill_dir = tracker.spill_dir
+        assert spill_dir is not None
+        if replay:
+            # The same batch found in a spill file left by another process.
+            (spill_dir / f'spill-otherhost-1-{uuid.uuid4().hex[:8]}.jsonl').write_bytes(
+                b''.join(writer_module.encode(e) for e in [*good[:100], poison, *good[100:]])
+            )
+            tracker._writer._replay()  # pyright: ignore[reportPrivateUsage]
+        else:
+            for e in [*good[:100], poison, *good[100:]]:
+                tracker.track(e)
+        assert tracker.flush(30)
+        stats = tracker.stats()
+    tracker.engine.dispose()
+    assert rows(pg_schema_url) == (201, 201)
+    assert ids_in_table(pg_schema_url) >= {str(e['id']) for e in good}
+    assert (stats.invalid, stats.failed_writes, stats.spilled, stats.quarantined) == (1, 0, 0, 0)
+    (rejected,) = [json.loads(line) for f in tmp_path.rglob('rejected-*.jsonl') for line in f.read_text().splitlines()]
+    assert rejected['error'].startswith('refused by the database')
+    assert rejected['record']['id'] == str(poison['id'])
+    assert 'refused by the database' in caplog.text
+    assert not list(spill_dir.glob('spill-*.jsonl')) and not list(spill_dir.glob('replay-*'))
 
 
 def _core_insert(conn: sa.Connection, records: list[UsageRecord]) -> None:
