@@ -121,11 +121,16 @@ def main() -> None:
     print(f'  SimpleQueue.put:              p50 {put_p50:6.2f} us   p99 {put_p99:6.2f} us')
     print(f'  floor (uuid4 + now + put):    p50 {floor_p50:6.2f} us   p99 {floor_p99:6.2f} us')
     for mode, (p50, p99) in tracked.items():
-        ok = p50 <= TARGET_P50_US and p50 <= TARGET_FLOOR_RATIO * floor_p50
         print(
             f'  track(), durability={mode + "):":9s} p50 {p50:6.2f} us   p99 {p99:6.2f} us   '
-            f'{p50 / floor_p50:4.2f}x floor, {p50 / put_p50:5.1f}x put '
-            f'(target p50 <= {TARGET_P50_US} us and <= {TARGET_FLOOR_RATIO}x floor: {"OK" if ok else "OVER"})'
+            f'{p50 / floor_p50:4.2f}x floor, {p50 / put_p50:5.1f}x put'
+        )
+    for mode, (p50, _) in tracked.items():
+        under = 'OK' if p50 <= TARGET_P50_US else 'OVER'
+        ratio = 'OK' if p50 <= TARGET_FLOOR_RATIO * floor_p50 else 'OVER'
+        print(
+            f'  {mode}: p50 <= {TARGET_P50_US} us (issue 9): {under};'
+            f'  p50 <= {TARGET_FLOOR_RATIO}x floor (issue 12): {ratio}'
         )
 
 

@@ -142,6 +142,18 @@ class Segment:
         os.close(self.fd)
 
 
+_MADV_POPULATE_WRITE = getattr(mmap, 'MADV_POPULATE_WRITE', 23)  # Linux 5.14+; Python 3.11 lacks the name
+
+
+def _populate(mm: mmap.mmap) -> None:
+    """Fault the whole mapping in now, once per segment: otherwise every 4 KiB page's first write faults inside
+    `track()` (measured: p99 several times the p50)."""
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE)
+    except (OSError, ValueError, AttributeError):  # an older kernel or another OS: fault pages as they come
+        pass
+
+
 def read_segment(path: Path) -> Iterator[dict[str, Any] | ValueError]:
     """The records of a segment file, in order; a corrupt record is yielded as its `ValueError`, then reading stops."""
     with open(path, 'rb') as f:
@@ -267,6 +279,7 @@ class Journal:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.posix_fallocate(fd, 0, length)  # blocks reserved now: a full disk fails here, not as SIGBUS later
             mm = mmap.mmap(fd, length)
+            _populate(mm)
             mm[: len(_MAGIC)] = _MAGIC
             os.rename(hidden, path)
         except BaseException:
