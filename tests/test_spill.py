@@ -224,3 +224,30 @@ def test_replay_failure_keeps_the_file(tmp_path: Path) -> None:
     finally:
         tracker.close(1)
         engine.dispose()
+
+
+def test_quarantined_file_never_blocks_the_others(tmp_path: Path) -> None:
+    """A file set aside as poison is never claimed again, and the files after it still are."""
+    for n in range(2):
+        spill = SpillDir(tmp_path)
+        spill.append(lines_of(n + 1))
+        spill.close()
+    replayer = SpillDir(tmp_path)
+    first, second = replayer.claim()
+    target = first.quarantine()
+    assert target.name.startswith('quarantine-') and target.exists()
+    second.done()
+    assert not replayer.pending()
+    assert list(replayer.claim()) == []
+    assert [p.name.split('-')[0] for p in tmp_path.iterdir()] == ['quarantine']
+
+
+def test_spill_files_name_their_target(tmp_path: Path) -> None:
+    spill = SpillDir(tmp_path, target={'backend': 'postgresql', 'database': 'db'})
+    spill.append(lines_of(1))
+    spill.close()
+    (path,) = tmp_path.glob('spill-*.jsonl')
+    header = json.loads(path.read_bytes().splitlines()[0])
+    assert header['target'] == {'backend': 'postgresql', 'database': 'db'}
+    spill.write_target({'server': '1', 'database': 'db'})
+    assert spill.read_target() == {'server': '1', 'database': 'db'}
