@@ -8,6 +8,7 @@ a good record, block a later spill file, or stop a later outage's records from r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import Iterator
@@ -233,7 +234,7 @@ def test_capability_metadata_that_is_not_json_keeps_the_cost(
         agent = Agent(
             FunctionModel(_answer, model_name='gpt-4o'), capabilities=[TrackUsage(tracker, metadata=metadata)]
         )
-        agent.run_sync('hello')
+        asyncio.run(agent.run('hello'))  # not run_sync: that leaves its event loop open
         assert tracker.flush(timeout=30)
         with tracker.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(sa.select(TOKEN_USAGE)).mappings()]
