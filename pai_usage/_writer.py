@@ -42,6 +42,7 @@ from typing import Any, cast
 import sqlalchemy as sa
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
 
 from ._journal import Journal, Segment
 from ._log import RateLimitedLog
@@ -286,7 +287,7 @@ def _is_data_error(exc: BaseException) -> bool:
     name = type(orig).__name__
     if name in ('DataError', 'IntegrityError'):  # psycopg's client-side checks (e.g. NUL in text)
         return True
-    if isinstance(exc, sa.exc.SQLAlchemyError) or isinstance(orig, OSError | TimeoutError):
+    if isinstance(exc, SQLAlchemyError) or isinstance(orig, OSError | TimeoutError):
         return False
     module = type(orig).__module__
     if module.startswith(('psycopg', 'sqlite3', 'sqlalchemy')):
@@ -406,7 +407,7 @@ class Writer:
         seg: Segment | None = None
         if (journal := self.journal) is not None:
             try:
-                seg = journal.append(item if type(item) is dict else cast('UsageRecord', item).__dict__)
+                seg = journal.append(item if type(item) is dict else dict(item.__dict__))
             except Exception as exc:  # e.g. a full disk: the record still goes on, in memory only
                 _log.error('journal', 'pai-usage: could not journal a usage record (kept in memory): %r', exc)
         size = self._queue.qsize()
@@ -698,7 +699,7 @@ class Writer:
             if item is _STOP:
                 stop = True
             elif type(item) is _Flush:
-                markers.append(cast('_Flush', item))
+                markers.append(item)
             else:
                 entries.append(cast('_Entry', item))
         if entries:
@@ -987,7 +988,7 @@ class Writer:
                     header = json.loads(f.readline())
             except (OSError, ValueError):
                 continue
-            target = header.get('target', {}) if isinstance(header, dict) else {}
+            target: object = cast('dict[str, Any]', header).get('target') if isinstance(header, dict) else None
             if isinstance(target, dict):
                 t = cast('dict[str, Any]', target)
                 return t.get('database') == ours.get('database') and t.get('schema') == ours.get('schema')

@@ -102,17 +102,18 @@ def safe_metadata(value: object) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         return {_METADATA_MARKER: f'metadata dropped: a {type(value).__name__}, not a mapping'}
-    if not value:
-        return cast('dict[str, Any]', value)
+    mapping = cast('dict[Any, Any]', value)
+    if not mapping:
+        return mapping
     try:
         # The common case, in C: already JSON-safe and small (keys of other types would be converted silently).
-        encoded = _ENCODER.encode(value)
-        if '\\u0000' not in encoded and len(encoded) <= MAX_METADATA_BYTES and _str_keys(value):
-            return cast('dict[str, Any]', value)
+        encoded = _ENCODER.encode(mapping)
+        if '\\u0000' not in encoded and len(encoded) <= MAX_METADATA_BYTES and _str_keys(mapping):
+            return mapping
     except Exception:
         pass
     try:
-        cleaned = _clean(value, 0, set())
+        cleaned = _clean(mapping, 0, set())
         encoded = _ENCODER.encode(cleaned)
     except Exception as exc:  # pragma: no cover - `_clean` leaves only JSON types
         return {_METADATA_MARKER: f'metadata dropped: {type(exc).__name__}'}
@@ -140,16 +141,18 @@ def _clean(value: object, depth: int, path: set[int]) -> object:
     if depth >= _MAX_METADATA_DEPTH:
         return '<too deep>'
     if isinstance(value, dict | list | tuple | set | frozenset):
-        if id(value) in path:
+        container = cast('Iterable[object]', value)
+        key = id(container)
+        if key in path:
             return '<cycle>'
-        path.add(id(value))
+        path.add(key)
         try:
-            if isinstance(value, dict):
-                items = cast('dict[object, object]', value).items()
+            if isinstance(container, dict):
+                items = cast('dict[object, object]', container).items()
                 return {_key(k): _clean(v, depth + 1, path) for k, v in items}
-            return [_clean(v, depth + 1, path) for v in cast('Iterable[object]', value)]
+            return [_clean(v, depth + 1, path) for v in container]
         finally:
-            path.discard(id(value))
+            path.discard(key)
     return _clean(_text(value), depth, path)
 
 
