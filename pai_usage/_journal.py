@@ -263,6 +263,11 @@ class Journal:
         old = self._current
         if old is not None:
             old.sealed = True
+            try:
+                # Full: its pages leave this process's RSS (they stay in the file and the page cache).
+                old.mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError, AttributeError):  # pragma: no cover - another OS
+                pass
             if old.done():
                 old.close(delete=True)
             else:
