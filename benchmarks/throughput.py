@@ -34,7 +34,7 @@ from pai_usage.migrate import migrate
 RECORDS = 200_000
 ROUNDS = 2
 UNPRICED = 5_000
-TARGET = 0.5
+TARGET = 0.7
 
 
 def make_events(n: int, *, priced: bool = True) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .reprice import RepriceGroup, RepriceResult
     from .summary import SummaryRow, UsageSummary, UsageTotals
     from .table import TokenUsage, metadata
-    from .tracker import TrackerStats, UsageTracker, configure, get_tracker
+    from .tracker import Durability, TrackerStats, UsageTracker, configure, get_tracker
     from .usage import TokenCounts
 
     __version__: str
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = (
     'Budget',
     'BudgetExceeded',
+    'Durability',
     'EnforceBudgets',
     'HasUsageAttribution',
     'MissingAttributionWarning',
@@ -73,6 +74,7 @@ __all__ = (
 # genai-prices (~0.5 s), the capabilities pydantic-ai's agent machinery. `import pai_usage` (and so the CLI's
 # `--help`) stays fast; `from pai_usage import UsageTracker` imports what that name needs, once.
 _LAZY = {
+    'Durability': '.tracker',
     'Budget': '.budgets',
     'BudgetExceeded': '.budgets',
     'EnforceBudgets': '.budgets',

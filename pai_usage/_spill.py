@@ -8,7 +8,14 @@ the rename makes the claim visible and keeps two replayers from reading the same
 idempotently (`ON CONFLICT DO NOTHING` on the primary key), so a file replayed twice, e.g. after a crash in the middle
 of a replay, still gives exactly one row per record.
 
-Records that fail validation go to `rejected-<host>-<pid>.jsonl` with the error, never back to replay.
+Records that fail validation go to `rejected-<host>-<pid>.jsonl` with the error and the record as typed JSON
+(only the fields a `UsageRecord` has), never back to replay. A file that cannot be replayed for a reason other
+than the database being unreachable is renamed `quarantine-...` and never blocks the others.
+
+Each spill file starts with a header line naming its target (`{"pai_usage_spill": 1, "target": {...}}`), and
+each directory may hold `target.json`: the identity of the database (server, database, schema) learnt by a
+tracker that reached it, so that a tracker reaching the same database under another URL spelling finds them.
+Journal segments of dead processes (`_journal.py`) are claimed and replayed like spill files.
 """
 
 from __future__ import annotations
@@ -19,24 +26,46 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
-__all__ = ('SPILL_DIR_ENV_VAR', 'ClaimedFile', 'SpillDir', 'default_spill_dir', 'encode')
+from ._journal import JOURNAL_PREFIX, read_segment
+
+__all__ = (
+    'SPILL_DIR_ENV_VAR',
+    'TARGET_FILE',
+    'ClaimedFile',
+    'SpillDir',
+    'default_spill_dir',
+    'encode',
+    'encode_rejected',
+)
 
 SPILL_DIR_ENV_VAR = 'PAI_USAGE_SPILL_DIR'
 """Environment variable naming the spill directory."""
-_DEFAULT_SPILL_DIR = '.pai_usage_spill'
+TARGET_FILE = 'target.json'
+"""Name of the file in a spill directory that holds the identity of its database, once known."""
 _MAX_REJECTED_LINE = 1 << 20
+_HEADER_KEY = 'pai_usage_spill'
 
 
-def default_spill_dir() -> Path:
-    """`$PAI_USAGE_SPILL_DIR`, else `./.pai_usage_spill` (next to the default SQLite file)."""
-    return Path(os.environ.get(SPILL_DIR_ENV_VAR) or _DEFAULT_SPILL_DIR)
+def default_spill_dir(database_file: str | os.PathLike[str] | None = None) -> Path:
+    """`$PAI_USAGE_SPILL_DIR`; else beside the SQLite file; else a per-user state directory.
+
+    The state directory is `$XDG_STATE_HOME/pai-usage/spill`, else `~/.local/state/pai-usage/spill`: stable
+    whatever the working directory of the process.
+    """
+    if env := os.environ.get(SPILL_DIR_ENV_VAR):
+        return Path(env)
+    if database_file is not None:
+        path = Path(database_file).absolute()
+        return path.with_name(f'{path.name}.pai-usage-spill')
+    state = os.environ.get('XDG_STATE_HOME') or str(Path.home() / '.local' / 'state')
+    return Path(state) / 'pai-usage' / 'spill'
 
 
 def _json_default(value: object) -> object:
@@ -52,6 +81,27 @@ def _json_default(value: object) -> object:
 def encode(item: dict[str, Any]) -> bytes:
     """One JSON line for a record's fields (UUIDs, datetimes and Decimals as strings)."""
     return json.dumps(item, default=_json_default, separators=(',', ':')).encode() + b'\n'
+
+
+def _safe_default(value: object) -> object:
+    try:
+        return _json_default(value)
+    except TypeError:
+        return repr(value)[:200]
+
+
+def encode_rejected(error: str, record: Mapping[str, Any] | str, fields: Iterable[str] | None) -> bytes:
+    """One line of `rejected-*.jsonl`: the error and the record as typed JSON, keeping only known `fields`."""
+    if isinstance(record, Mapping) and fields is not None:
+        known = set(fields)
+        record = {k: v for k, v in record.items() if k in known}
+    try:
+        line = json.dumps({'error': error, 'record': record}, default=_safe_default, separators=(',', ':'))
+    except (TypeError, ValueError):  # a cycle, a key that is not a string, a huge int: keep the error at least
+        line = json.dumps({'error': error, 'record': None}, separators=(',', ':'))
+    if len(line) > _MAX_REJECTED_LINE:
+        line = json.dumps({'error': error, 'record': None, 'truncated': True}, separators=(',', ':'))
+    return line.encode() + b'\n'
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -76,6 +126,34 @@ class ClaimedFile:
         with open(self.path, 'rb') as f:
             yield from f
 
+    def records(self) -> Iterator[dict[str, Any] | ValueError]:
+        """The records the file holds, in order; what cannot be read is yielded as a `ValueError`."""
+        if self.path.suffix == '.bin':
+            yield from read_segment(self.path)
+            return
+        for line in self.lines():
+            try:
+                value = json.loads(line)
+            except ValueError:
+                # A torn line: the process died mid-append, before the write (and its fsync) completed.
+                yield ValueError(line.decode(errors='replace')[:1000])
+                continue
+            if isinstance(value, dict) and _HEADER_KEY in value:
+                continue
+            if not isinstance(value, dict):
+                yield ValueError('a spill line that is not a record')
+                continue
+            yield cast('dict[str, Any]', value)
+
+    def quarantine(self) -> Path:
+        """The file cannot be replayed (not for an outage): set it aside as `quarantine-...`, never blocking others."""
+        target = self.path.with_name(f'quarantine-{_tag()}{self.path.suffix}')
+        try:
+            os.rename(self.path, target)
+        finally:
+            os.close(self.fd)
+        return target
+
     def done(self) -> None:
         """Everything in the file is in the database: delete it."""
         self.path.unlink(missing_ok=True)
@@ -92,11 +170,14 @@ class SpillDir:
 
     path: Path
     """The directory (created on first use)."""
+    target: Mapping[str, Any] | None = None
+    """What the files are for (database URL without password, key), written in each file's header."""
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _fd: int | None = field(default=None, init=False)
     _file: Path | None = field(default=None, init=False)
     _dirty: bool = field(default=False, init=False)
     _rejected_fd: int | None = field(default=None, init=False)
+    _own: set[str] = field(default_factory=set[str], init=False)
 
     def append(self, lines: Iterable[bytes], *, sync: bool = True) -> None:
         """Append encoded records to this process's file; with `sync`, fsync before returning.
@@ -147,27 +228,39 @@ class SpillDir:
         """Whether this process has an open spill file (records appended since the last `rotate()`)."""
         return self._fd is not None
 
+    def own_pending(self) -> bool:
+        """Whether records this process spilled are still only on disk (in its open file, or not replayed yet)."""
+        with self._lock:
+            if self._own:
+                self._own = {n for n in self._own if (self.path / n).exists()}
+            return self._fd is not None or bool(self._own)
+
     def pending(self) -> bool:
-        """Whether the directory holds spill files other than our own open one (cheap: one listdir)."""
+        """Whether the directory holds replayable files other than our own open one (cheap: one listdir)."""
         try:
             names = os.listdir(self.path)
         except OSError:
             return False
         own = self._file.name if self._file is not None else None
-        return any(n != own and n.endswith('.jsonl') and not n.startswith('rejected-') for n in names)
+        return any(n != own and _replayable(n) for n in names)
 
-    def claim(self) -> Iterator[ClaimedFile]:
+    def claim(self, skip: Iterable[str] = ()) -> Iterator[ClaimedFile]:
         """Claim replayable files one at a time: those whose writer is gone (or closed) and no one replays."""
         try:
             names = sorted(os.listdir(self.path))
         except OSError:
             return
-        own = self._file.name if self._file is not None else None
+        own = {self._file.name} if self._file is not None else set[str]()
+        own.update(skip)
         for name in names:
-            if name == own or not name.endswith('.jsonl') or name.startswith('rejected-'):
+            if name in own or not _replayable(name):
                 continue
             claimed = self._claim(self.path / name)
             if claimed is not None:
+                with self._lock:
+                    if name in self._own:
+                        self._own.discard(name)
+                        self._own.add(claimed.path.name)
                 yield claimed
 
     def _claim(self, path: Path) -> ClaimedFile | None:
@@ -180,7 +273,7 @@ class SpillDir:
         except OSError:
             os.close(fd)
             return None  # its writer is alive, or another process replays it
-        target = path.with_name(f'replay-{_tag()}.jsonl')
+        target = path.with_name(f'replay-{_tag()}{path.suffix}')
         try:
             # The lock is on the inode: we may have locked it just after another replayer deleted it.
             if os.fstat(fd).st_nlink == 0:
@@ -191,16 +284,38 @@ class SpillDir:
             return None
         return ClaimedFile(target, fd)
 
-    def reject(self, raw: object, error: str) -> None:
-        """Keep a record that failed validation, with the reason, in `rejected-<host>-<pid>.jsonl`."""
-        line = json.dumps({'error': error, 'record': raw}, default=repr, separators=(',', ':'))
-        if len(line) > _MAX_REJECTED_LINE:
-            line = json.dumps({'error': error, 'truncated': line[:_MAX_REJECTED_LINE]}, separators=(',', ':'))
+    def read_target(self) -> dict[str, Any] | None:
+        """The identity of this directory's database, as a tracker that reached it recorded it."""
+        try:
+            value = json.loads((self.path / TARGET_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return cast('dict[str, Any]', value) if isinstance(value, dict) else None
+
+    def write_target(self, identity: Mapping[str, Any]) -> None:
+        """Record the identity of this directory's database (atomically; only when it changed)."""
+        if self.read_target() == dict(identity):
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f'.{TARGET_FILE}.{_tag()}.tmp'
+        tmp.write_text(json.dumps(dict(identity), default=str, sort_keys=True))
+        os.replace(tmp, self.path / TARGET_FILE)
+
+    def siblings(self) -> list[SpillDir]:
+        """The other databases' directories under the same spill root."""
+        try:
+            entries = sorted(self.path.parent.iterdir())
+        except OSError:
+            return []
+        return [SpillDir(p) for p in entries if p != self.path and p.is_dir()]
+
+    def reject(self, line: bytes) -> None:
+        """Keep a rejected record (a line from `encode_rejected`) in `rejected-<host>-<pid>.jsonl`."""
         with self._lock:
             if self._rejected_fd is None:
                 name = f'rejected-{socket.gethostname()}-{os.getpid()}.jsonl'
                 self._rejected_fd = self._create(self.path / name, exclusive=False)
-            _write_all(self._rejected_fd, line.encode() + b'\n')
+            _write_all(self._rejected_fd, line)
 
     def close(self) -> None:
         """Close our files (what was appended is kept for replay)."""
@@ -240,6 +355,7 @@ class SpillDir:
                     pass
         self._fd = self._rejected_fd = self._file = None
         self._dirty = False
+        self._own = set()
 
     def _open(self) -> int:
         if self._fd is None:
@@ -248,9 +364,20 @@ class SpillDir:
             hidden, file = self.path / f'.spill-{tag}.tmp', self.path / f'spill-{tag}.jsonl'
             fd = self._create(hidden)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            header = {_HEADER_KEY: 1, 'target': dict(self.target or {}), 'pid': os.getpid()}
+            os.write(fd, json.dumps(header, default=str, separators=(',', ':')).encode() + b'\n')
             os.rename(hidden, file)
             self._fd, self._file = fd, file
+            self._own.add(file.name)
         return self._fd
+
+
+def _replayable(name: str) -> bool:
+    if name.startswith(JOURNAL_PREFIX):
+        return name.endswith('.bin')
+    if name.startswith('replay-'):
+        return name.endswith(('.jsonl', '.bin'))
+    return name.startswith('spill-') and name.endswith('.jsonl')
 
 
 def _tag() -> str:

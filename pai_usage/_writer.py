@@ -1,23 +1,24 @@
 """The background writer: drains the tracker's queue and inserts batches, off the caller's thread.
 
-Records arrive as `UsageRecord`s or as raw field dicts; validation and pricing happen here, so that
-`track()` costs the caller a few microseconds. Inserts are idempotent on the record id, so every retry
-and every replay is safe.
+Records arrive as `UsageRecord`s or as raw field dicts, each with the journal segment that holds it (or None);
+validation and pricing happen here, per batch, so that `track()` costs the caller a few microseconds. Inserts
+are idempotent on the record id, so every retry and every replay is safe.
 
 Delivery, in order of preference:
 
 1. A batch is inserted: PostgreSQL gets a binary `COPY` straight into `token_usage` (falling back to a
    staging table and `INSERT ... SELECT ... ON CONFLICT DO NOTHING` when a unique key is already there);
-   SQLite gets one transaction with `executemany`. Validation runs in chunks: on PostgreSQL each chunk is
-   streamed into the `COPY` as soon as it is valid, so that the server inserts while the next one is validated.
+   SQLite gets one transaction with `executemany`. A database error about the data (not the connection)
+   splits the batch in halves until only the refused rows are left; those are rejected, one by one.
 2. A failed write is retried with capped exponential backoff and jitter. When writes have failed for
    `spill_after` seconds (or the queue is half full, or we are shutting down), the batch goes to the spill
-   file (`_spill.py`) and the writer switches to spilling: every batch goes to disk, and the database is
-   probed with growing intervals. When it answers, the spill files are replayed.
+   file (`_spill.py`) and the writer switches to spilling: batches go to disk, and the database is probed
+   at least every second. When it answers, the spill files are replayed, and new batches go to it again.
 3. If even the spill fails (disk full), the records are counted as `dropped` and logged.
 
-`track()` itself writes to the spill file only when the queue is full (a buffered append, fsynced by the
-writer thread), so a hung database can never make the caller wait or grow memory without bound.
+A flush or close request probes at once and replays this process's spilled records before it answers, and
+answers True only when everything tracked before it is in the database. The loop is guarded: a bug in one
+cycle is logged and counted (`loop_errors`), and the loop goes on.
 """
 
 from __future__ import annotations
@@ -27,18 +28,25 @@ import operator
 import os
 import queue
 import random
+import socket
+import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, cast
 
 import sqlalchemy as sa
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
 
+from ._journal import Journal, Segment
 from ._log import RateLimitedLog
-from ._spill import SpillDir, encode
+from ._spill import SpillDir, encode, encode_rejected
 from .migrate import migrate
 from .pricing import PriceTable, price_fields
 from .record import UsageRecord
@@ -65,9 +73,11 @@ class WriterStats:
     overflowed: int = 0
     """Records `track()` handled itself because the queue was full (or it failed)."""
     written: int = 0
-    """Records inserted straight from the queue."""
+    """Records inserted straight from the queue (new rows)."""
+    duplicates: int = 0
+    """Records from the queue whose id was already in the table (stored once)."""
     invalid: int = 0
-    """Records rejected by validation, in the queue or in spill files."""
+    """Records rejected by validation or refused by the database, in the queue or in spill files."""
     replay_invalid: int = 0
     """The part of `invalid` found while replaying spill files."""
     failed_writes: int = 0
@@ -81,7 +91,13 @@ class WriterStats:
     spilled: int = 0
     """Records appended to the spill file."""
     replayed: int = 0
-    """Records re-sent to the database from spill files (any process's)."""
+    """Records re-sent to the database from spill files or journals (any process's)."""
+    replay_duplicates: int = 0
+    """The part of `replayed` whose id was already in the table."""
+    loop_errors: int = 0
+    """Writer cycles that failed on an unexpected error (logged; the loop went on)."""
+    quarantined: int = 0
+    """Spill files set aside because they could not be replayed (not for an outage)."""
 
     def reset(self) -> None:
         """Zero every counter (a forked child starts its own)."""
@@ -92,6 +108,10 @@ class WriterStats:
 @dataclass(slots=True)
 class _Flush:
     done: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False
+    """Set before `done`: whether everything put before the marker is in the database."""
+    dropped: int = 0
+    """`stats.dropped` when the marker was made."""
 
 
 _STOP = object()
@@ -156,14 +176,16 @@ _SQLITE_INSERT = (
 _bind_processors: dict[sa.Dialect, tuple[tuple[int, Callable[[Any], Any]], ...]] = {}
 
 
-def _insert_sqlite(conn: sa.Connection, records: Sequence[UsageRecord]) -> None:
+def _insert_sqlite(conn: sa.Connection, records: Sequence[UsageRecord]) -> int:
     """Insert records on SQLite, ignoring ids already present, without SQLAlchemy's per-row parameter machinery.
+
+    Returns how many rows were new.
 
     The column types' own bind processors (UUID, UTC datetime, exact decimals, JSON) convert the values, so the
     rows are stored exactly as a Core `insert()` stores them (`tests/test_writer.py` checks).
     """
     if not records:
-        return
+        return 0
     dialect = conn.dialect
     processors = _bind_processors.get(dialect)
     if processors is None:
@@ -180,7 +202,8 @@ def _insert_sqlite(conn: sa.Connection, records: Sequence[UsageRecord]) -> None:
             if (value := row[i]) is not None:
                 row[i] = processor(value)
         rows.append(tuple(row))
-    conn.exec_driver_sql(_SQLITE_INSERT, rows)
+    result = conn.exec_driver_sql(_SQLITE_INSERT, rows)
+    return len(rows) if result.rowcount < 0 else result.rowcount
 
 
 def _copy_records(
@@ -189,13 +212,14 @@ def _copy_records(
     *,
     staged: bool,
     more: Iterator[list[UsageRecord]] | None = None,
-) -> None:
+) -> int:
     """Binary COPY into `token_usage`, or into a temp table and on with `ON CONFLICT DO NOTHING`.
 
     The conflict has no target, so that the same statement serves a plain table (primary key `id`) and one
     partitioned by month (primary key `(id, created_at)`, as the optional partitioning migration makes it).
     `more` yields further records as they are validated, appended to `records` as they are written: the server
     inserts one chunk while the next is validated, instead of waiting for the whole batch.
+    Returns how many rows were new.
     """
     raw: Any = conn.connection.driver_connection
     info = conn.connection.info
@@ -226,14 +250,44 @@ def _copy_records(
             cur.execute(
                 f'INSERT INTO token_usage ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGE} ON CONFLICT DO NOTHING'
             )
+            return max(cur.rowcount, 0)
+    return len(records)
 
 
 def _json_dumps(value: Any) -> str:
     return json.dumps(value) if value else '{}'  # default arguments: `json`'s cached, fastest encoder
 
 
+_Entry = tuple[Any, Segment | None]
+"""What the queue holds for one record: the record (a `UsageRecord` or a dict of fields) and its journal segment."""
+_PROBE_CAP = 1.0
+"""Longest gap between two probes of a database that is down: replay starts within a second of its return."""
+_FIELDS = tuple(UsageRecord.model_fields)
+
+
 def _is_unique_violation(exc: BaseException) -> bool:
     return getattr(getattr(exc, 'orig', exc), 'sqlstate', None) == '23505'
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    """Whether `exc` is about the rows written (split the batch, reject the refused rows), not the connection."""
+    orig = getattr(exc, 'orig', None) or exc
+    sqlstate = getattr(orig, 'sqlstate', None)
+    if isinstance(sqlstate, str) and sqlstate:
+        # 22: data exception (a NUL byte, a value out of range); 23: integrity (a CHECK, a NOT NULL).
+        return sqlstate[:2] in ('22', '23')
+    if isinstance(orig, sqlite3.Error):
+        return isinstance(orig, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError)
+    name = type(orig).__name__
+    if name in ('DataError', 'IntegrityError'):  # psycopg's client-side checks (e.g. NUL in text)
+        return True
+    if isinstance(exc, SQLAlchemyError) or isinstance(orig, OSError | TimeoutError):
+        return False
+    module = type(orig).__module__
+    if module.startswith(('psycopg', 'sqlite3', 'sqlalchemy')):
+        return False
+    # A Python error while encoding a row (a value the COPY dumper refuses): about the data too.
+    return isinstance(orig, TypeError | ValueError | OverflowError | ArithmeticError | KeyError | AttributeError)
 
 
 def _drain(more: Iterator[list[UsageRecord]] | None, records: list[UsageRecord]) -> None:
@@ -252,6 +306,20 @@ def _raw(item: object) -> dict[str, Any]:
     if isinstance(item, dict):
         return item  # pyright: ignore[reportUnknownVariableType]
     raise TypeError(f'not a usage record: {type(item).__name__}')
+
+
+def _describe(exc: ValidationError) -> str:
+    """The validation errors without the input values (a mistaken `prompt=` must never reach the log)."""
+    errors = exc.errors(include_url=False, include_input=False)
+    lines = [f'{len(errors)} validation error{"s" if len(errors) != 1 else ""} for UsageRecord']
+    for e in errors:
+        lines.append('.'.join(map(str, e['loc'])) or '(record)')
+        lines.append(f'  {e["msg"]} [type={e["type"]}]')
+    return '\n'.join(lines)
+
+
+def _settle_counts(entries: Iterable[_Entry]) -> dict[Segment, int]:
+    return Counter(seg for _, seg in entries if seg is not None)
 
 
 @dataclass(eq=False)
@@ -273,15 +341,21 @@ class Writer:
     retry_interval: float = 0.1
     """First backoff after a failed write, in seconds; it doubles (with jitter) on each failure."""
     max_retry_interval: float = 10.0
-    """Cap on the backoff, also the longest gap between two probes of a database that is down."""
+    """Cap on the backoff between two retries of a failing write."""
     spill_after: float = 2.0
     """Seconds of failing writes after which batches go to the spill file instead of waiting in memory."""
     max_queue: int = 10_000
     """Records held in memory at most; beyond that `track()` appends to the spill file."""
     spill: SpillDir | None = None
     """Where records go when the database cannot take them; None to keep them in memory only (and drop)."""
+    journal: Journal | None = None
+    """The write-ahead journal `put()` copies each record into first; None for memory-only durability."""
     replay_interval: float = 30.0
     """How often an idle, healthy writer looks for spill files left by other (dead) processes."""
+    identity: Callable[[sa.Connection], Mapping[str, Any] | None] | None = None
+    """Reads the identity of the database (server, database, schema) once connected, for the spill directory."""
+    io_timeout: float = 30.0
+    """Longest one database call of the writer may take before its sockets are shut down (a stalled network)."""
     _queue: queue.SimpleQueue[object] = field(default_factory=queue.SimpleQueue[object], init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -291,27 +365,50 @@ class Writer:
     # Set when a full batch (or a flush or stop marker) waits: ends the writer's wait for a batch to fill.
     _batch_ready: threading.Event = field(default_factory=threading.Event, init=False)
     _migrated: bool = field(default=False, init=False)
+    _identified: bool = field(default=False, init=False)
     _spilling: bool = field(default=False, init=False)
     _probe_attempt: int = field(default=0, init=False)
     _next_probe: float = field(default=0.0, init=False)
     _next_replay: float = field(default=0.0, init=False)
     _stopping: bool = field(default=False, init=False)
+    _stopped_clean: bool = field(default=False, init=False)
     _deadline: float = field(default=float('inf'), init=False)
     _inflight: list[UsageRecord] = field(default_factory=list[UsageRecord], init=False)
     _unvalidated: list[object] = field(default_factory=list[object], init=False)
+    _entries: list[_Entry] = field(default_factory=list[_Entry], init=False)
+    _siblings: list[SpillDir] = field(default_factory=list[SpillDir], init=False)
+    _warned_dirs: set[str] = field(default_factory=set[str], init=False)
     _pid: int = field(default_factory=os.getpid, init=False)
+    _io_since: float | None = field(default=None, init=False)
+    _connections: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet[Any], init=False)
+
+    def __post_init__(self) -> None:
+        if self.engine.dialect.name == 'postgresql':
+            event.listen(self.engine, 'connect', self._on_connect)
+
+    def _on_connect(self, dbapi_connection: Any, _record: Any) -> None:
+        try:
+            self._connections.add(dbapi_connection)
+        except TypeError:  # pragma: no cover - a driver whose connections take no weak reference
+            pass
 
     # --- called from the product's threads ---
 
     def put(self, item: UsageRecord | dict[str, Any]) -> None:
-        """Enqueue one record; never blocks. A full queue sends the record to the spill file."""
+        """Journal one record (if journalling) and enqueue it; never blocks. A full queue sends it to the spill file."""
         if self._thread is None:
             self._start()
+        seg: Segment | None = None
+        if (journal := self.journal) is not None:
+            try:
+                seg = journal.append(item if type(item) is dict else dict(item.__dict__))
+            except Exception as exc:  # e.g. a full disk: the record still goes on, in memory only
+                _log.error('journal', 'pai-usage: could not journal a usage record (kept in memory): %r', exc)
         size = self._queue.qsize()
         if size >= self.max_queue:
-            self.spill_now(item)
+            self.spill_now(item, seg=seg)
             return
-        self._queue.put(item)
+        self._queue.put((item, seg))
         # Counted, not derived from `taken + qsize()`: the writer takes a batch off the queue before it adds to
         # `taken`, so a derived count reads up to one batch short meanwhile (seen under 8 producer threads).
         with self._count_lock:
@@ -332,32 +429,43 @@ class Writer:
             self.stats.overflowed += n
             self.stats.dropped += n
 
+    def alive(self) -> bool:
+        """Whether the writer thread runs (or has not been needed yet, or stopped cleanly)."""
+        thread = self._thread
+        return thread is None or thread.is_alive() or self._stopped_clean
+
     def start_if_spilled(self) -> None:
-        """Start the thread now if spill files wait for replay (e.g. left by a process that was killed)."""
-        if self.spill is not None and self.spill.pending():
+        """Start the thread now if spill files or journals wait for replay (e.g. left by a killed process)."""
+        if self.spill is not None and (self.spill.pending() or any(s.pending() for s in self.spill.siblings())):
             self._start()
 
     def flush(self, timeout: float | None) -> bool:
-        """Wait until everything put so far is written (or spilled); returns False on timeout."""
+        """Wait until everything put so far is in the database; False on timeout or while some is only on disk."""
         self._check_pid()
-        if self._thread is None or not self._thread.is_alive():
-            return True
-        marker = _Flush()
+        thread = self._thread
+        if thread is None:
+            return self._settled_ok(self.stats.dropped)
+        if not thread.is_alive():
+            return False  # the writer died: what is queued will never be written by it
+        with self._count_lock:
+            marker = _Flush(dropped=self.stats.dropped)
         self._queue.put(marker)
         self._batch_ready.set()
-        return marker.done.wait(timeout)
+        self._wake.set()
+        if not marker.done.wait(timeout):
+            return False
+        return marker.ok
 
     def stop(self, timeout: float | None) -> bool:
-        """Write what is queued and stop the thread within `timeout`; spill whatever is left then.
+        """Write what is queued and stop the thread within `timeout`, probing and replaying until then.
 
-        Returns False if the writer did not finish in time (what it held was spilled, not lost).
+        Returns False if anything of this process is not in the database by then (it is on disk, not lost).
         """
         self._check_pid()
         thread = self._thread
         if thread is None:
-            if self.spill is not None:
-                self.spill.close()
-            return True
+            clean = self._close_files()
+            return clean and self._settled_ok(0)
         self._deadline = time.monotonic() + (timeout if timeout is not None else float('inf'))
         self._stopping = True
         self._queue.put(_STOP)
@@ -372,9 +480,23 @@ class Writer:
                 except OSError as exc:
                     _log.error('rotate', 'pai-usage: could not close the spill file: %r', exc)
             return False
+        clean = self._stopped_clean
+        clean = self._close_files() and clean
+        return clean and self._settled_ok(0)
+
+    def _settled_ok(self, dropped_before: int) -> bool:
+        with self._count_lock:
+            dropped = self.stats.dropped
+        own = self.spill is not None and self.spill.own_pending()
+        return dropped == dropped_before and not own
+
+    def _close_files(self) -> bool:
+        clean = True
+        if self.journal is not None:
+            clean = self.journal.close()
         if self.spill is not None:
             self.spill.close()
-        return True
+        return clean
 
     def after_fork(self) -> None:
         """In a forked child: forget the parent's queue, thread, locks, files and connections."""
@@ -384,14 +506,17 @@ class Writer:
         self._count_lock = threading.RLock()
         self._wake = threading.Event()
         self._batch_ready = threading.Event()
-        self._spilling = self._stopping = False
+        self._spilling = self._stopping = self._stopped_clean = False
         self._deadline = float('inf')
         self._inflight = []
         self._unvalidated = []
+        self._entries = []
         self._pid = os.getpid()
         self.stats.reset()
         if self.spill is not None:
             self.spill.after_fork()
+        if self.journal is not None:
+            self.journal.after_fork()
         # The parent's pooled connections belong to the parent: drop them without closing their sockets.
         self.engine.dispose(close=False)
 
@@ -408,17 +533,52 @@ class Writer:
                 # measured no faster, because of the GIL.
                 self._thread = threading.Thread(target=self._run, name='pai-usage-writer', daemon=True)
                 self._thread.start()
+                if self.engine.dialect.name == 'postgresql':
+                    thread = self._thread
+                    threading.Thread(target=self._watch, args=(thread,), name='pai-usage-watchdog', daemon=True).start()
 
-    def spill_now(self, item: object, *, closed: bool = False) -> None:
-        """Append one record to the spill file from the calling thread (buffered; the writer fsyncs it).
+    def _watch(self, thread: threading.Thread) -> None:
+        """Shut down the sockets under a database call that hangs past `io_timeout` (a stalled TCP connection).
 
-        With `closed` (the writer is stopped), the file is fsynced and closed at once, so that the next
-        start can replay it.
+        Timeouts on the server (`statement_timeout`) cannot answer through a connection that no longer moves
+        bytes, and TCP keepalives are answered by whatever middlebox holds it: only the client can give up.
+        """
+        while thread.is_alive():
+            time.sleep(min(1.0, self.io_timeout / 4))
+            since = self._io_since
+            if since is not None and time.monotonic() - since > self.io_timeout:
+                self._io_since = time.monotonic()  # once per timeout, not once a second
+                _log.error(
+                    'stalled', 'pai-usage: a database call hung for %.0f s; dropping its connection', self.io_timeout
+                )
+                for conn in list(self._connections):
+                    try:
+                        fd = conn.pgconn.socket
+                        sock = socket.socket(fileno=os.dup(fd))
+                    except Exception:  # closed meanwhile
+                        continue
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    finally:
+                        sock.close()
+
+    def spill_now(self, item: object, *, closed: bool = False, seg: Segment | None = None) -> None:
+        """Append one record to the spill file from the calling thread (buffered, no fsync on this thread).
+
+        With `closed` (the writer is stopped), the record goes into the one open file kept for late records,
+        in the page cache at once (it survives the process) and fsynced at exit.
         """
         with self._count_lock:
             self.stats.overflowed += 1
-        self._spill_raw([item], sync=closed)
-        if closed and self.spill is not None:
+        self._spill_raw([item], sync=False)
+        if seg is not None and self.journal is not None:
+            self.journal.settle({seg: 1})
+
+    def sync_late(self) -> None:
+        """Fsync and close the file of records tracked after `close()` (at exit, or on the next `close()`)."""
+        if self.spill is not None:
             try:
                 self.spill.rotate()
             except OSError as exc:
@@ -437,7 +597,7 @@ class Writer:
             except Exception as exc:
                 _log.error('leftovers', 'pai-usage: could not spill the batch being written: %r', exc)
         markers: list[_Flush] = []
-        items: list[object] = []
+        entries: list[_Entry] = []
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -446,10 +606,12 @@ class Writer:
             if isinstance(item, _Flush):
                 markers.append(item)
             elif item is not _STOP:
-                items.append(item)
+                entries.append(cast('_Entry', item))
         with self._count_lock:
-            self.stats.taken += len(items)
-        self._spill_raw(items, sync=True)
+            self.stats.taken += len(entries)
+        self._spill_raw([item for item, _ in entries], sync=True)
+        if self.journal is not None:
+            self.journal.settle(_settle_counts(entries))
         if self.spill is not None:
             try:
                 self.spill.sync()
@@ -464,44 +626,124 @@ class Writer:
         for item in items:
             try:
                 lines.append(encode(_raw(item)))
-            except (TypeError, ValueError) as exc:
-                self._reject(item, f'cannot be encoded as JSON: {exc}')
+            except Exception as exc:
+                self._reject(item, f'cannot be encoded as JSON: {exc!r}')
         self._spill_lines(lines, sync=sync)
 
     # --- the writer thread ---
 
     def _run(self) -> None:
-        """Take batches, validate and price them, write them (retrying, spilling); replay and probe when due."""
+        """Guarded loop: take batches, validate, price and write them (retrying, spilling); replay and probe."""
         self._next_replay = time.monotonic() + self.replay_interval
-        self._replay()
+        self._guarded(self._startup)
         while True:
-            items = self._take()
-            if not items:
-                self._maintain()
-                continue
-            stop = False
-            markers: list[_Flush] = []
-            fresh: list[object] = []
-            for item in items:
-                if item is _STOP:
-                    stop = True
-                elif isinstance(item, _Flush):
-                    markers.append(item)
-                else:
-                    fresh.append(item)
-            records: list[UsageRecord] = []
-            with self._count_lock:
-                self.stats.taken += len(fresh)
-            if fresh:
-                # Validated chunk by chunk while the batch is written (see `_copy_records`).
-                self._inflight, self._unvalidated = records, fresh
-                self._deliver(records, self._validated(fresh))
-                self._inflight, self._unvalidated = [], []
-            self._maintain()
-            for marker in markers:
-                marker.done.set()
-            if stop:
+            try:
+                if self._cycle():
+                    break
+            except Exception as exc:
+                self._loop_error(exc)
+        self._stopped_clean = True
+
+    def _guarded(self, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            self._loop_error(exc)
+
+    def _loop_error(self, exc: Exception) -> None:
+        with self._count_lock:
+            self.stats.loop_errors += 1
+        _log.error('loop', 'pai-usage: the writer hit an unexpected error (it goes on): %r', exc, exc_info=True)
+        # What the failed cycle held is saved, so that nothing it took is lost.
+        entries, self._entries = self._entries, []
+        self._inflight, self._unvalidated = [], []
+        if entries:
+            try:
+                self._spill_raw([item for item, _ in entries], sync=True)
+            finally:
+                if self.journal is not None:
+                    self.journal.settle(_settle_counts(entries))
+        time.sleep(0.01)  # never a busy loop, even if every cycle fails
+
+    def _startup(self) -> None:
+        spill = self.spill
+        if spill is not None and (spill.pending() or any(s.pending() for s in spill.siblings())):
+            self._io_since = time.monotonic()
+            try:
+                self._ensure_ready()
+            except Exception as exc:
+                self._io_since = None
+                with self._count_lock:
+                    self.stats.failed_writes += 1
+                self._enter_spilling()
+                _log.error('write', 'pai-usage: the database is unreachable, replay postponed: %r', exc)
                 return
+            self._io_since = None
+            self._replay()
+
+    def _cycle(self) -> bool:
+        items = self._take()
+        if not items:
+            self._maintain()
+            return False
+        stop = False
+        markers: list[_Flush] = []
+        entries: list[_Entry] = []
+        for item in items:
+            if item is _STOP:
+                stop = True
+            elif type(item) is _Flush:
+                markers.append(item)
+            else:
+                entries.append(cast('_Entry', item))
+        if entries:
+            self._process(entries)
+        self._maintain()
+        if stop:
+            self._shutdown()
+        for marker in markers:
+            self._answer(marker)
+        return stop
+
+    def _process(self, entries: list[_Entry]) -> None:
+        self._entries = entries
+        fresh = [item for item, _ in entries]
+        with self._count_lock:
+            self.stats.taken += len(fresh)
+        records: list[UsageRecord] = []
+        # Validated chunk by chunk while the batch is written (see `_copy_records`).
+        self._inflight, self._unvalidated = records, fresh
+        self._deliver(records, self._validated(fresh))
+        self._inflight, self._unvalidated = [], []
+        self._entries = []
+        if self.journal is not None:
+            self.journal.settle(_settle_counts(entries))
+
+    def _answer(self, marker: _Flush) -> None:
+        """Probe at once and replay what this process spilled, then say whether everything is in."""
+        spill = self.spill
+        if spill is not None and spill.own_pending():
+            self._probe_now()
+        marker.ok = self._settled_ok(marker.dropped)
+        marker.done.set()
+
+    def _probe_now(self) -> None:
+        if self._spilling:
+            self._probe()
+        elif self.spill is not None and self.spill.own_pending():
+            self._recover()
+
+    def _shutdown(self) -> None:
+        """Stopping: keep probing and replaying our own spilled records until the deadline."""
+        spill = self.spill
+        # A margin before the deadline, so that the thread ends (and closes its files) before `stop()` gives up.
+        deadline = self._deadline - 0.1
+        while spill is not None and spill.own_pending() and time.monotonic() < deadline:
+            self._probe_now()
+            if not spill.own_pending():
+                break
+            time.sleep(max(min(0.2, deadline - time.monotonic()), 0))
+            self._next_probe = 0.0
 
     def _take(self) -> list[object]:
         timeout = 1.0
@@ -537,19 +779,26 @@ class Writer:
     def _validate(self, item: object, *, replay: bool = False) -> UsageRecord | None:
         try:
             record = item if isinstance(item, UsageRecord) else UsageRecord.model_validate(self._prepared(item))
-            record = _priced(record, self.price_table)
+            return _priced(record, self.price_table)
         except ValidationError as exc:
-            with self._count_lock:
-                self.stats.invalid += 1
-                self.stats.replay_invalid += replay
-            # One message per kind of problem per interval: clear, without flooding the product's log.
-            kind = ','.join(sorted({'.'.join(map(str, e['loc'])) for e in exc.errors()}))
-            _log.error(f'invalid:{kind}', 'pai-usage: invalid usage record rejected: %s', exc)
-            self._reject(item, str(exc))
-            return None
-        return record
+            message = _describe(exc)
+            kind = ','.join(sorted({'.'.join(map(str, e['loc'])) for e in exc.errors(include_input=False)}))
+        except Exception as exc:  # a bug or an odd value in validation or pricing: this record only
+            message = f'{type(exc).__name__}: {exc}'[:2000]
+            kind = type(exc).__name__
+        self._count_invalid(1, replay=replay)
+        # One message per kind of problem per interval: clear, without flooding the product's log.
+        _log.error(f'invalid:{kind}', 'pai-usage: invalid usage record rejected: %s', message)
+        self._reject(item, message)
+        return None
 
-    def _validated(self, items: list[object]) -> Iterator[list[UsageRecord]]:
+    def _count_invalid(self, n: int, *, replay: bool) -> None:
+        with self._count_lock:
+            self.stats.invalid += n
+            if replay:
+                self.stats.replay_invalid += n
+
+    def _validated(self, items: list[object], *, replay: bool = False) -> Iterator[list[UsageRecord]]:
         """Validate and price `items`, one chunk at a time; `_unvalidated` holds the rest (for `_spill_leftovers`)."""
         table = self.price_table
         try:
@@ -563,8 +812,8 @@ class Writer:
                 # each bad record gets its own message and the good ones around it are kept.
                 try:
                     valid = [_priced(r, table) for r in _RECORDS.validate_python([self._prepared(i) for i in chunk])]
-                except ValidationError:
-                    valid = [r for item in chunk if (r := self._validate(item)) is not None]
+                except Exception:
+                    valid = [r for item in chunk if (r := self._validate(item, replay=replay)) is not None]
                 self._unvalidated = items[start + _CHUNK :]
                 yield valid
         finally:
@@ -590,8 +839,14 @@ class Writer:
         if self.spill is None:
             return
         try:
-            self.spill.reject(item, error)
-        except OSError as exc:
+            if isinstance(item, UsageRecord):
+                record: Mapping[str, Any] | str = item.model_dump(mode='json')
+            elif isinstance(item, Mapping):
+                record = cast('Mapping[str, Any]', item)
+            else:
+                record = str(item)[:1000]
+            self.spill.reject(encode_rejected(error, record, _FIELDS))
+        except Exception as exc:
             _log.error('reject', 'pai-usage: could not keep a rejected record in %s: %r', self.spill.path, exc)
 
     def _deliver(self, records: list[UsageRecord], more: Iterator[list[UsageRecord]] | None = None) -> None:
@@ -604,7 +859,7 @@ class Writer:
         failing_since: float | None = None
         while True:
             try:
-                self._write(records, more=more)
+                self._write_checked(records, more=more)
             except Exception as exc:
                 _drain(more, records)  # the rest of the batch, for the retry or the spill file
                 more = None
@@ -629,44 +884,154 @@ class Writer:
                     return
                 self._sleep(self._backoff(attempt))
                 continue
-            self._count_written(records)
             if self._spilling:
                 self._recover()
             return
 
-    def _write(
+    def _write_checked(
         self, records: list[UsageRecord], *, replay: bool = False, more: Iterator[list[UsageRecord]] | None = None
     ) -> None:
+        """Write and count `records`; a data error splits them until only the refused rows are left (rejected).
+
+        Raises on anything else (an outage), with `records` cut down to the rows not written yet.
+        """
+        try:
+            inserted = self._write(records, replay=replay, more=more)
+        except Exception as exc:
+            _drain(more, records)
+            if not _is_data_error(exc):
+                raise
+            self._split(records, exc, replay=replay)
+            return
+        self._count_written(records, inserted, replay=replay)
+
+    def _split(self, records: list[UsageRecord], first: BaseException, *, replay: bool) -> None:
+        parts: deque[tuple[list[UsageRecord], BaseException]] = deque([(records[:], first)])
+        while parts:
+            part, error = parts.popleft()
+            if len(part) == 1:
+                self._refused(part[0], error, replay=replay)
+                continue
+            mid = len(part) // 2
+            halves = (part[:mid], part[mid:])
+            for i, half in enumerate(halves):
+                try:
+                    inserted = self._write(half, replay=True)
+                except Exception as exc:
+                    if not _is_data_error(exc):  # an outage mid-way: the caller retries (or spills) the rest
+                        records[:] = [r for rest in (*halves[i:], *(p for p, _ in parts)) for r in rest]
+                        raise
+                    parts.append((half, exc))
+                    continue
+                self._count_written(half, inserted, replay=replay)
+        records.clear()
+
+    def _refused(self, record: UsageRecord, error: BaseException, *, replay: bool) -> None:
+        orig = getattr(error, 'orig', None) or error
+        message = f'refused by the database: {type(orig).__name__}: {orig}'.splitlines()[0][:1000]
+        self._count_invalid(1, replay=replay)
+        _log.error(f'refused:{type(orig).__name__}', 'pai-usage: usage record %s %s', record.id, message)
+        self._reject(record, message)
+
+    def _ensure_ready(self) -> None:
         if self.auto_migrate and not self._migrated:
             migrate(self.engine)
             self._migrated = True
+        if not self._identified and self.identity is not None:
+            try:
+                with self.engine.connect() as conn:
+                    identity = self.identity(conn)
+            except Exception:  # a permission missing: the URL-derived key stays the only one
+                identity = None
+            self._identified = True
+            if identity is not None and self.spill is not None:
+                try:
+                    self.spill.write_target(identity)
+                except OSError as exc:
+                    _log.error('target', 'pai-usage: could not record the spill directory target: %r', exc)
+                self._find_siblings(identity)
+
+    def _find_siblings(self, identity: Mapping[str, Any]) -> None:
+        """Spill directories of the same database under another key (another URL spelling): replay them too."""
+        assert self.spill is not None
+        ours = dict(identity)
+        for other in self.spill.siblings():
+            target = other.read_target()
+            if target == ours:
+                self._siblings.append(other)
+            elif (
+                target is None
+                and other.pending()
+                and str(other.path) not in self._warned_dirs
+                and self._maybe_same(other, ours)
+            ):
+                self._warned_dirs.add(str(other.path))
+                _log.warning(
+                    f'sibling:{other.path}',
+                    'pai-usage: spill files in %s may be for this database (%s) but name no server; not replayed',
+                    other.path,
+                    ours.get('database'),
+                )
+
+    def _maybe_same(self, other: SpillDir, ours: Mapping[str, Any]) -> bool:
+        for claimed_name in sorted(os.listdir(other.path)):
+            if not claimed_name.endswith('.jsonl') or claimed_name.startswith(('rejected-', 'quarantine-')):
+                continue
+            try:
+                with open(other.path / claimed_name, 'rb') as f:
+                    header = json.loads(f.readline())
+            except (OSError, ValueError):
+                continue
+            target: object = cast('dict[str, Any]', header).get('target') if isinstance(header, dict) else None
+            if isinstance(target, dict):
+                t = cast('dict[str, Any]', target)
+                return t.get('database') == ours.get('database') and t.get('schema') == ours.get('schema')
+        return False
+
+    def _sibling_dirs(self) -> list[SpillDir]:
+        return [s for s in self._siblings if s.pending()]
+
+    def _write(
+        self, records: list[UsageRecord], *, replay: bool = False, more: Iterator[list[UsageRecord]] | None = None
+    ) -> int:
+        self._io_since = time.monotonic()
+        try:
+            return self._write_now(records, replay=replay, more=more)
+        finally:
+            self._io_since = None
+
+    def _write_now(self, records: list[UsageRecord], *, replay: bool, more: Iterator[list[UsageRecord]] | None) -> int:
+        self._ensure_ready()
         if self.engine.dialect.name != 'postgresql':
             _drain(more, records)
             with self.engine.begin() as conn:
-                _insert_sqlite(conn, records)
-            return
+                return _insert_sqlite(conn, records)
         if not replay:
             # Fresh records are new ids: COPY straight into the table, the fastest path by far.
             try:
                 with self.engine.begin() as conn:
-                    _copy_records(conn, records, staged=False, more=more)
-                return
+                    return _copy_records(conn, records, staged=False, more=more)
             except Exception as exc:  # raw COPY raises psycopg's UniqueViolation, not SQLAlchemy's IntegrityError
                 _drain(more, records)
                 if not _is_unique_violation(exc):
                     raise
         _drain(more, records)
         with self.engine.begin() as conn:
-            _copy_records(conn, records, staged=True)
+            return _copy_records(conn, records, staged=True)
 
-    def _count_written(self, records: list[UsageRecord], *, replay: bool = False) -> None:
+    def _count_written(self, records: list[UsageRecord], inserted: int, *, replay: bool = False) -> None:
+        if not records:
+            return
         unpriced = sum(r.pricing_status == 'unpriced' for r in records)
         errors = sum(r.status == 'error' for r in records)
+        duplicates = max(len(records) - inserted, 0)
         with self._count_lock:
             if replay:
                 self.stats.replayed += len(records)
+                self.stats.replay_duplicates += duplicates
             else:
-                self.stats.written += len(records)
+                self.stats.written += len(records) - duplicates
+                self.stats.duplicates += duplicates
             self.stats.unpriced += unpriced
             self.stats.errors += errors
         self._notify(records)
@@ -677,7 +1042,14 @@ class Writer:
         _log.error('dropped', 'pai-usage: %d usage records LOST (not written, not spilled): %r', n, exc)
 
     def _spill_records(self, records: Sequence[UsageRecord]) -> None:
-        self._spill_lines([encode(r.model_dump(mode='json')) for r in records], sync=True)
+        lines: list[bytes] = []
+        for r in records:
+            try:
+                lines.append(encode(r.model_dump(mode='json')))
+            except Exception as exc:
+                self._count_invalid(1, replay=False)
+                self._reject(r, f'cannot be encoded as JSON: {exc!r}')
+        self._spill_lines(lines, sync=True)
 
     def _spill_lines(self, lines: list[bytes], *, sync: bool) -> None:
         if not lines:
@@ -698,7 +1070,21 @@ class Writer:
             self._spilling = True
             self._probe_attempt = 0
         self._probe_attempt += 1
-        self._next_probe = time.monotonic() + self._backoff(self._probe_attempt)
+        # Probes back off, but never past a second: replay starts soon after the database is back.
+        self._next_probe = time.monotonic() + min(self._backoff(self._probe_attempt), _PROBE_CAP)
+
+    def _probe(self) -> None:
+        self._io_since = time.monotonic()
+        try:
+            self._ensure_ready()
+            with self.engine.connect() as conn:
+                conn.execute(sa.text('SELECT 1'))
+        except Exception:
+            self._enter_spilling()
+            return
+        finally:
+            self._io_since = None
+        self._recover()
 
     def _recover(self) -> None:
         if self._spilling:
@@ -725,62 +1111,60 @@ class Writer:
         now = time.monotonic()
         if self._spilling:
             if now >= self._next_probe:
-                try:
-                    if self.auto_migrate and not self._migrated:
-                        migrate(self.engine)
-                        self._migrated = True
-                    with self.engine.connect() as conn:
-                        conn.execute(sa.text('SELECT 1'))
-                except Exception:
-                    self._enter_spilling()
-                else:
-                    self._recover()
+                self._probe()
         elif spill.has_own_file() and self._queue.qsize() < self.max_queue // 2:
             # A burst overflowed the queue while the database was fine: we have caught up, put it in.
             self._recover()
         elif now >= self._next_replay:
             self._next_replay = now + self.replay_interval
-            if spill.pending():
+            if spill.pending() or self._sibling_dirs():
                 self._replay()
 
     def _replay(self) -> None:
-        """Insert every claimable spill file, then delete it. Stops (keeping the file) if the database fails."""
+        """Insert every claimable spill file and journal, then delete it; stops (keeping the file) on an outage."""
         if self.spill is None:
             return
-        for claimed in self.spill.claim():
-            try:
-                batch: list[UsageRecord] = []
-                for line in claimed.lines():
-                    if (record := self._decode(line)) is not None:
-                        batch.append(record)
-                    if len(batch) >= self.batch_size:
-                        self._write(batch, replay=True)
-                        self._count_written(batch, replay=True)
-                        batch = []
-                if batch:
-                    self._write(batch, replay=True)
-                    self._count_written(batch, replay=True)
-            except Exception as exc:
-                claimed.release()
-                with self._count_lock:
-                    self.stats.failed_writes += 1
-                _log.error('replay', 'pai-usage: replaying %s failed, will retry: %r', claimed.path, exc)
-                self._enter_spilling()
-                return
-            claimed.done()
-        self.spill.tidy()
+        skip = self.journal.own_names() if self.journal is not None else set[str]()
+        for spill in (self.spill, *self._siblings):
+            for claimed in spill.claim(skip):
+                try:
+                    self._replay_file(claimed.records())
+                except Exception as exc:
+                    if _is_data_error(exc):  # not an outage: this file is poison, never let it block the others
+                        target = claimed.quarantine()
+                        with self._count_lock:
+                            self.stats.quarantined += 1
+                        _log.error('quarantine', 'pai-usage: could not replay %s, set aside: %r', target, exc)
+                        continue
+                    claimed.release()
+                    with self._count_lock:
+                        self.stats.failed_writes += 1
+                    _log.error('replay', 'pai-usage: replaying %s failed, will retry: %r', claimed.path, exc)
+                    self._enter_spilling()
+                    return
+                claimed.done()
+            spill.tidy()
 
-    def _decode(self, line: bytes) -> UsageRecord | None:
-        try:
-            raw = json.loads(line)
-        except ValueError:
-            # A torn line: the process died mid-append, before the write (and its fsync) completed.
-            with self._count_lock:
-                self.stats.invalid += 1
-                self.stats.replay_invalid += 1
-            self._reject(line.decode(errors='replace'), 'torn line in a spill file')
-            return None
-        return self._validate(raw, replay=True)
+    def _replay_file(self, raws: Iterator[dict[str, Any] | ValueError]) -> None:
+        pending: list[object] = []
+        for raw in raws:
+            if isinstance(raw, ValueError):
+                self._count_invalid(1, replay=True)
+                self._reject(str(raw), 'torn line in a spill file')
+                continue
+            pending.append(raw)
+            if len(pending) >= self.batch_size:
+                self._replay_batch(pending)
+                pending = []
+        if pending:
+            self._replay_batch(pending)
+
+    def _replay_batch(self, raws: list[object]) -> None:
+        batch: list[UsageRecord] = []
+        for chunk in self._validated(raws, replay=True):
+            batch.extend(chunk)
+        if batch:
+            self._write_checked(batch, replay=True)
 
     def _backoff(self, attempt: int) -> float:
         # Full jitter: spreads the retries of many processes; never 0, so never a busy loop.

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 from uuid import UUID, uuid4
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 __all__ = (
     'MAX_COST_USD',
@@ -23,6 +24,7 @@ __all__ = (
     'Status',
     'UsageRecord',
     'normalize_label',
+    'safe_metadata',
 )
 
 Source = Literal['agent', 'direct']
@@ -69,7 +71,108 @@ def normalize_label(value: object) -> str | None:
 
 
 _Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
-_Label = Annotated[str, Field(min_length=1, max_length=255)]
+# Labels are normalised, never refused: a billing row must not be lost for an odd user id or model name.
+_Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_LENGTH)]
+_NullableLabel = Annotated[_Label | None, BeforeValidator(normalize_label)]
+_MAX_TIER_LENGTH = 32
+
+
+def _operation(value: object) -> object:
+    return normalize_label(value) or 'request'
+
+
+def _service_tier(value: object) -> object:
+    # Never reject a billing row for its tier: an unknown one leaves the row unpriced, with the reason.
+    tier = normalize_label(value)
+    return None if tier is None else tier[:_MAX_TIER_LENGTH]
+
+
+def _price_source(value: object) -> str | None:
+    text = normalize_label(value)
+    return text[:100] if text is not None else None
+
+
+_MIN_CREATED_AT = datetime(1900, 1, 1, tzinfo=UTC)
+_MAX_CREATED_AT = datetime(3000, 1, 1, tzinfo=UTC)
+_MAX_METADATA_DEPTH = 20
+_METADATA_MARKER = '_pai_usage_metadata'
+"""The key of the marker that replaces metadata that could not be kept, saying why."""
+
+
+def safe_metadata(value: object) -> dict[str, Any]:
+    """`value` as JSON-safe metadata: a dict with string keys, no NUL, no NaN, at most `MAX_METADATA_BYTES`.
+
+    Nothing here raises: what cannot be kept becomes a string (`default=str`) or, for the whole value, a
+    marker `{'_pai_usage_metadata': '<why>'}`, so that the row (its tokens and cost) is always kept.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        return {_METADATA_MARKER: f'metadata dropped: a {type(value).__name__}, not a mapping'}
+    mapping = cast('dict[Any, Any]', value)
+    if not mapping:
+        return mapping
+    try:
+        # The common case, in C: already JSON-safe and small (keys of other types would be converted silently).
+        encoded = _ENCODER.encode(mapping)
+        if '\\u0000' not in encoded and len(encoded) <= MAX_METADATA_BYTES and _str_keys(mapping):
+            return mapping
+    except Exception:
+        pass
+    try:
+        cleaned = _clean(mapping, 0, set())
+        encoded = _ENCODER.encode(cleaned)
+    except Exception as exc:  # pragma: no cover - `_clean` leaves only JSON types
+        return {_METADATA_MARKER: f'metadata dropped: {type(exc).__name__}'}
+    if len(encoded) > MAX_METADATA_BYTES:
+        why = f'metadata dropped: {len(encoded)} bytes of JSON, more than the {MAX_METADATA_BYTES} allowed'
+        return {_METADATA_MARKER: why}
+    return cast('dict[str, Any]', cleaned)
+
+
+def _str_keys(value: dict[Any, Any]) -> bool:
+    return all(type(k) is str for k in value)
+
+
+def _clean(value: object, depth: int, path: set[int]) -> object:
+    """A JSON-safe copy of `value`: str keys, no NUL, finite numbers, depth-capped, cycles cut."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return value.replace('\x00', '') if '\x00' in value else value
+    if isinstance(value, int):
+        # Beyond 64 bits a JSON integer is not portable (and huge ints cannot even be printed).
+        return int(value) if -(1 << 63) <= value < (1 << 63) else f'<int of {value.bit_length()} bits>'
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if depth >= _MAX_METADATA_DEPTH:
+        return '<too deep>'
+    if isinstance(value, dict | list | tuple | set | frozenset):
+        container = cast('Iterable[object]', value)
+        key = id(container)
+        if key in path:
+            return '<cycle>'
+        path.add(key)
+        try:
+            if isinstance(container, dict):
+                items = cast('dict[object, object]', container).items()
+                return {_key(k): _clean(v, depth + 1, path) for k, v in items}
+            return [_clean(v, depth + 1, path) for v in container]
+        finally:
+            path.discard(key)
+    return _clean(_text(value), depth, path)
+
+
+def _key(key: object) -> str:
+    text = key if isinstance(key, str) else _text(key)
+    return text.replace('\x00', '') if '\x00' in text else text
+
+
+def _text(value: object) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return f'<unprintable {type(value).__name__}>'
 
 
 def _utcnow() -> datetime:
@@ -101,29 +204,29 @@ class UsageRecord(BaseModel):
     created_at: datetime = Field(default_factory=_utcnow)
     """When the call happened (timezone-aware, stored as UTC); historic prices are looked up at this time."""
 
-    organization_id: _Label | None = None
+    organization_id: _NullableLabel = None
     """The organization billed, or None when the call carried no attribution."""
-    user_id: _Label | None = None
+    user_id: _NullableLabel = None
     """The user who made the call, or None."""
 
-    provider: _Label | None = None
+    provider: _NullableLabel = None
     """Provider id as genai-prices knows it (`openai`, `anthropic`, `google-gla`, `google-vertex`, ...)."""
-    model: _Label | None = None
+    model: _NullableLabel = None
     """Model name as the provider reported it (the model that served the call, when the response names it)."""
-    service_tier: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+    service_tier: Annotated[str | None, BeforeValidator(_service_tier)] = None
     """Tier the call was served at (`standard`, `flex`, `priority`, `batch`), priced as such; None is standard."""
-    operation: _Label = 'request'
+    operation: Annotated[_Label, BeforeValidator(_operation)] = 'request'
     """What the call did: `agent_run`, `generate_image`, `analyze_text`, `text_to_speech`, ..."""
     source: Source = 'direct'
     """`agent` for PydanticAI runs, `direct` for direct API calls."""
 
-    run_id: _Label | None = None
+    run_id: _NullableLabel = None
     """The PydanticAI run this event belongs to."""
-    parent_run_id: _Label | None = None
+    parent_run_id: _NullableLabel = None
     """The run that delegated to `run_id`, for sub-agents."""
-    agent_name: _Label | None = None
+    agent_name: _NullableLabel = None
     """Name of the agent that made the request."""
-    request_id: Annotated[str, Field(max_length=255)] | None = None
+    request_id: _NullableLabel = None
     """The provider's response id; informative only, never a key."""
 
     input_tokens: _Tokens = 0
@@ -147,12 +250,12 @@ class UsageRecord(BaseModel):
 
     units: _Units | None = None
     """Billable non-token units (images, video seconds, characters), or None."""
-    unit_type: _Label | None = None
+    unit_type: _NullableLabel = None
     """What `units` counts: `image`, `video_second`, `character`, ..."""
 
     cost_usd: _Cost | None = None
     """Exact cost in USD; None when unknown, never 0 for unknown."""
-    price_source: Annotated[str, Field(max_length=100)] | None = None
+    price_source: Annotated[str | None, BeforeValidator(_price_source)] = None
     """Where the price came from: `genai-prices 0.2.3`, `pydantic-ai`, `config`, ..."""
     pricing_status: PricingStatus | None = None
     """None until the tracker prices the record; then `priced`, `unpriced` or `override`."""
@@ -161,28 +264,20 @@ class UsageRecord(BaseModel):
     """Wall time of the call in milliseconds."""
     status: Status = 'ok'
     """Whether the call succeeded."""
-    metadata: dict[str, Any] = Field(default_factory=dict[str, Any])
-    """Free-form JSON, at most 16 KiB; holds no prompt or response content unless the user puts it there."""
+    metadata: Annotated[dict[str, Any], BeforeValidator(safe_metadata)] = Field(default_factory=dict[str, Any])
+    """Free-form JSON, at most 16 KiB (made safe by `safe_metadata`); no prompt or response unless the user puts it."""
 
     @field_validator('created_at')
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             raise ValueError('must be timezone-aware')
-        return value.astimezone(UTC)
-
-    @field_validator('metadata')
-    @classmethod
-    def _bounded_json(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if not value:  # the common case: nothing to encode
-            return value
         try:
-            encoded = _ENCODER.encode(value)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f'must be JSON-serializable: {exc}') from None
-        # ASCII-only (`ensure_ascii`): one character is one byte.
-        if len(encoded) > MAX_METADATA_BYTES:
-            raise ValueError(f'is {len(encoded)} bytes of JSON, more than the {MAX_METADATA_BYTES} allowed')
+            value = value.astimezone(UTC)
+        except (OverflowError, ValueError):
+            raise ValueError('is out of range: cannot be converted to UTC') from None
+        if not _MIN_CREATED_AT <= value < _MAX_CREATED_AT:
+            raise ValueError(f'is out of range: {value.isoformat()} is not between 1900 and 3000')
         return value
 
     @property

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import hashlib
+import json
 import os
+import random
 import signal
 import threading
 import time
@@ -15,13 +17,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, Self
-from uuid import uuid4
+from typing import Any, Literal, Self
+from urllib.parse import unquote
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.pool import StaticPool
 
+from ._journal import Journal
 from ._log import RateLimitedLog
 from ._spill import SpillDir, default_spill_dir
 from ._warnings import PaiUsageWarning, UnknownFieldWarning, emit_pending, has_pending, warn_once
@@ -35,6 +38,7 @@ __all__ = (
     'DATABASE_URL_ENV_VAR',
     'DEFAULT_DATABASE_URL',
     'DISABLED_ENV_VAR',
+    'Durability',
     'TrackerStats',
     'UsageTracker',
     'configure',
@@ -56,6 +60,9 @@ _enabled: bool | None = None
 _sink: Callable[[UsageTracker, UsageRecord | dict[str, Any]], None] | None = None
 # Set by `pai_usage.testing` so that a test session's default tracker is in memory, never a real ledger.
 _default_factory: Callable[[], UsageTracker] | None = None
+
+Durability = Literal['journal', 'memory']
+"""How a tracked record waits for the writer: `journal` (survives the process) or `memory` (see `docs/delivery.md`)."""
 
 _log = RateLimitedLog()
 
@@ -85,7 +92,15 @@ class TrackerStats:
     spilled: int = 0
     """Saved to the spill file (queue full, database failing, or shutdown deadline); replayed later."""
     replayed: int = 0
-    """Re-sent to the database from spill files, this process's or others' (so it can exceed `spilled`)."""
+    """Re-sent to the database from spill files or journals, this process's or others' (so it can exceed `spilled`)."""
+    duplicates: int = 0
+    """Accepted, but their id was already in the table (stored once, not counted in `written`)."""
+    writer_alive: bool = True
+    """Whether the writer thread runs (or is not needed yet); when False, `flush()` and `close()` return False."""
+    loop_errors: int = 0
+    """Writer cycles that failed on an unexpected error: logged, and the writer went on."""
+    quarantined: int = 0
+    """Spill files set aside as `quarantine-*` because they could not be replayed (not for an outage)."""
 
 
 def create_engine(database: str | sa.Engine | None = None) -> sa.Engine:
@@ -104,8 +119,12 @@ def create_engine(database: str | sa.Engine | None = None) -> sa.Engine:
             url = 'postgresql+psycopg://' + url[len(prefix) :]
     if url.startswith('postgresql'):
         # Pre-ping drops connections a restart or network cut killed; the timeout bounds a connect to a hung host.
+        # A statement timeout and TCP keepalives / user timeout keep a stalled server or network from holding the
+        # writer forever (`options` from the URL, e.g. a search_path, are kept).
+        parsed = sa.make_url(url)
+        options = ' '.join(o for o in (parsed.query.get('options'), _PG_OPTIONS) if isinstance(o, str) and o)
         try:
-            engine = sa.create_engine(url, pool_pre_ping=True, connect_args={'connect_timeout': 10})
+            engine = sa.create_engine(url, pool_pre_ping=True, connect_args={**_PG_CONNECT_ARGS, 'options': options})
         except ModuleNotFoundError as exc:
             if not (exc.name or '').startswith('psycopg'):
                 raise
@@ -128,13 +147,88 @@ def _is_sqlite_memory(url: str) -> bool:
     return parsed.get_backend_name() == 'sqlite' and parsed.database in (None, '', ':memory:')
 
 
+_PG_OPTIONS = '-c statement_timeout=60000'
+_PG_CONNECT_ARGS: dict[str, Any] = {
+    'connect_timeout': 10,
+    'keepalives': 1,
+    'keepalives_idle': 30,
+    'keepalives_interval': 10,
+    'keepalives_count': 3,
+    'tcp_user_timeout': 60_000,
+}
+_LOOPBACK = frozenset({'localhost', '127.0.0.1', '::1', 'ip6-localhost', ''})
+
+
+def _database_file(engine: sa.Engine) -> Path | None:
+    database = engine.url.database
+    if engine.dialect.name != 'sqlite' or not database or database == ':memory:' or database.startswith('file:'):
+        return None
+    return Path(database).resolve()
+
+
+def _target(engine: sa.Engine) -> dict[str, Any]:
+    """What a spill directory is for, from the URL alone: stable across spellings of the same address."""
+    url = engine.url
+    if (path := _database_file(engine)) is not None:
+        return {'backend': 'sqlite', 'database': str(path)}
+    if engine.dialect.name != 'postgresql':
+        return {'backend': engine.dialect.name, 'url': url.render_as_string(hide_password=True)}
+    host = (url.host or '').lower()
+    options = url.query.get('options')
+    return {
+        'backend': 'postgresql',
+        'host': 'localhost' if host in _LOOPBACK else host,
+        'port': url.port or 5432,
+        'database': url.database or url.username or 'postgres',
+        'schema': _search_path(options if isinstance(options, str) else ''),
+    }
+
+
+def _search_path(options: str) -> str:
+    text = unquote(options).replace('-c ', '-c')
+    for part in text.split():
+        if part.startswith('-csearch_path='):
+            return part.split('=', 1)[1].split(',')[0].strip('"\'') or 'public'
+    return 'public'
+
+
+def _identity(conn: sa.Connection) -> dict[str, Any] | None:
+    """The database's identity as the server tells it: the same whatever URL reaches it."""
+    if conn.dialect.name == 'sqlite':
+        file = conn.engine.url.database
+        return {'backend': 'sqlite', 'database': str(Path(file).resolve())} if file and file != ':memory:' else None
+    if conn.dialect.name != 'postgresql':
+        return None
+    database, schema = conn.execute(sa.text('SELECT current_database(), current_schema()')).one()
+    try:
+        with conn.begin_nested():
+            server = conn.execute(sa.text('SELECT system_identifier::text FROM pg_control_system()')).scalar_one()
+    except Exception:  # not allowed for this role: the data directory's identity stays unknown
+        return None
+    return {'backend': 'postgresql', 'server': server, 'database': database, 'schema': schema}
+
+
 def _spill_path(spill_dir: str | os.PathLike[str] | None, engine: sa.Engine) -> Path:
     # One sub-directory per database, so that a shared spill directory never replays into the wrong one.
-    url = engine.url.render_as_string(hide_password=True)
-    return (
-        Path(spill_dir if spill_dir is not None else default_spill_dir())
-        / hashlib.sha256(url.encode()).hexdigest()[:16]
-    )
+    root = Path(spill_dir) if spill_dir is not None else default_spill_dir(_database_file(engine))
+    key = json.dumps(_target(engine), sort_keys=True)
+    return root / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+_rng = random.Random()
+os.register_at_fork(after_in_child=_rng.seed)  # a forked child must never repeat its parent's ids
+_getrandbits = _rng.getrandbits
+_time_ns = time.time_ns
+
+
+def new_id() -> str:
+    """A time-ordered UUIDv7, as 32 hex digits: cheaper than `uuid4()`, whose `os.urandom` releases the GIL."""
+    rand = _getrandbits(74)
+    value = ((_time_ns() // 1_000_000) << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & _LOW_62)
+    return f'{value:032x}'
+
+
+_LOW_62 = (1 << 62) - 1
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -172,6 +266,7 @@ class UsageTracker:
         retry_interval: float = 0.1,
         max_retry_interval: float = 10.0,
         handle_sigterm: bool = True,
+        durability: Durability = 'journal',
     ) -> None:
         """Create a tracker.
 
@@ -187,22 +282,34 @@ class UsageTracker:
             listeners: Called in the writer thread with each record once written; failures are logged.
             max_queue: Records held in memory at most; beyond that, `track()` appends them to the spill file.
             spill_dir: Where records go when the database cannot take them, replayed when it is back and at the
-                next start. Defaults to `$PAI_USAGE_SPILL_DIR`, else `./.pai_usage_spill`; each database gets
-                its own sub-directory.
+                next start. Defaults to `$PAI_USAGE_SPILL_DIR`, else a directory beside the SQLite file, else
+                `$XDG_STATE_HOME/pai-usage/spill` (`~/.local/state/pai-usage/spill`); each database gets its own
+                sub-directory.
             spill: False to never touch the disk: what the queue cannot hold is dropped (and counted).
             spill_after: Seconds of failing writes before batches go to the spill file.
             retry_interval: First backoff after a failed write; doubles, with jitter, up to `max_retry_interval`.
             max_retry_interval: Cap on the backoff and on the gap between probes of a database that is down.
             handle_sigterm: Flush (within `close_timeout`) on SIGTERM, then call the previous handler. Installed
                 only from the main thread.
+            durability: `journal` (the default) copies each record into a memory-mapped journal file before
+                `track()` returns, so that it survives SIGKILL or a crash of the process; `memory` keeps it in
+                the queue only (a little cheaper; lost if the process dies before the writer has it). Needs
+                `spill=True`. See `docs/delivery.md`.
         """
         self.engine = create_engine(database)
-        if auto_migrate and _is_sqlite_memory(self.engine.url.render_as_string()):
+        in_memory = _is_sqlite_memory(self.engine.url.render_as_string())
+        if auto_migrate and in_memory:
             # A private in-memory database starts empty: create the tables now, so that reads work before writes.
             migrate(self.engine)
         self.close_timeout = close_timeout
         self.handle_sigterm = handle_sigterm
         self._stats = WriterStats()
+        # An in-memory database dies with its process: no journal or spill file could ever be replayed into it.
+        spill_dir_ = (
+            SpillDir(_spill_path(spill_dir, self.engine), target=_target(self.engine))
+            if spill and not in_memory
+            else None
+        )
         self._writer = Writer(
             self.engine,
             self._stats,
@@ -215,12 +322,18 @@ class UsageTracker:
             max_retry_interval=max_retry_interval,
             spill_after=spill_after,
             max_queue=max_queue,
-            spill=SpillDir(_spill_path(spill_dir, self.engine)) if spill else None,
+            spill=spill_dir_,
+            journal=Journal(spill_dir_.path) if spill_dir_ is not None and durability == 'journal' else None,
+            identity=_identity,
         )
+        self.durability: Durability = durability if spill_dir_ is not None else 'memory'
+        """`journal` or `memory`: how tracked records wait for the writer."""
         self._closed = False
         self._enabled_by_env = os.environ.get(DISABLED_ENV_VAR, '').strip().lower() not in ('1', 'true', 'yes')
         self._disabled = 0
         self._disabled_lock = threading.Lock()
+        self._late = False
+        self._close_result = True
         self._observers: tuple[Callable[[UsageRecord | dict[str, Any]], None], ...] = ()
         _live_trackers.add(self)
         if handle_sigterm:
@@ -259,7 +372,7 @@ class UsageTracker:
                     item = _drop_unknown_fields(item)
                 # Identity and time are fixed now, so a retried or replayed record is the same event.
                 if 'id' not in item:
-                    item['id'] = uuid4()
+                    item['id'] = new_id()
                 if 'created_at' not in item:
                     item['created_at'] = datetime.now(UTC)
             for observer in self._observers:
@@ -272,7 +385,8 @@ class UsageTracker:
             if sink is not None:
                 sink(self, item)
             elif self._closed:
-                # Late events (e.g. from a thread still running at exit) go straight to the spill file.
+                # Late events (e.g. from a thread still running at exit) go to one open spill file.
+                self._late = True
                 self._writer.spill_now(item, closed=True)
             else:
                 self._writer.put(item)
@@ -283,9 +397,11 @@ class UsageTracker:
             _log.error('track', 'pai-usage: could not track a usage record: %r', exc)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
-        """Wait until every record tracked so far is written, or spilled if the database is failing.
+        """Wait until every record tracked so far is in the database.
 
-        Returns False if `timeout` ran out.
+        Probes the database at once and replays what this tracker spilled. Returns True only when every record
+        tracked before the call is in the database (or was rejected as invalid); False if `timeout` ran out,
+        while records are only on disk (the database is down), if any was lost, or if the writer died.
         """
         done = self._writer.flush(timeout)
         if has_pending():
@@ -293,18 +409,24 @@ class UsageTracker:
         return done
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush and stop the writer within `timeout` (default `close_timeout`); spill whatever remains.
+        """Flush and stop the writer within `timeout` (default `close_timeout`), probing and replaying until then.
 
-        Returns False if the queue did not drain into the database in time (the rest was spilled, not lost).
+        Returns True only when everything this tracker accepted is in the database; False while anything is
+        still only on disk (spilled, replayed by the next start) or was lost. Records tracked after `close()`
+        go to one spill file; a later `close()` fsyncs it and returns False.
         """
         if self._closed:
-            return True
+            if self._late:
+                self._writer.sync_late()
+                return False
+            return self._close_result
         self._closed = True
         _live_trackers.discard(self)
-        done = self._writer.stop(self.close_timeout if timeout is None else timeout)
+        _closed_trackers.add(self)
+        self._close_result = self._writer.stop(self.close_timeout if timeout is None else timeout)
         if has_pending():
             emit_pending(stacklevel=2)
-        return done
+        return self._close_result
 
     async def aflush(self, timeout: float | None = 10.0) -> bool:
         """`flush()` without blocking the event loop."""
@@ -347,7 +469,7 @@ class UsageTracker:
         """Counters of what happened to tracked records (in this process, since it started or forked)."""
         s = self._stats
         enqueued = self._writer.enqueued()
-        settled = s.written + (s.invalid - s.replay_invalid) + s.spilled + s.dropped
+        settled = s.written + s.duplicates + (s.invalid - s.replay_invalid) + s.spilled + s.dropped
         return TrackerStats(
             enqueued=enqueued,
             written=s.written,
@@ -360,6 +482,10 @@ class UsageTracker:
             spilled=s.spilled,
             replayed=s.replayed,
             disabled=self._disabled,
+            duplicates=s.duplicates + s.replay_duplicates,
+            writer_alive=self._writer.alive(),
+            loop_errors=s.loop_errors,
+            quarantined=s.quarantined,
         )
 
     def get_usage_summary(
@@ -421,10 +547,15 @@ def _drop_unknown_fields(item: dict[str, Any]) -> dict[str, Any]:
 
 
 _live_trackers: weakref.WeakSet[UsageTracker] = weakref.WeakSet()
+_closed_trackers: weakref.WeakSet[UsageTracker] = weakref.WeakSet()
 
 
 def _close_all(*, sigterm: bool = False) -> None:
     # One deadline for all trackers: the longest `close_timeout`, not their sum.
+    if not sigterm:
+        for closed in list(_closed_trackers):
+            if closed._late:  # pyright: ignore[reportPrivateUsage]
+                closed._writer.sync_late()  # pyright: ignore[reportPrivateUsage]
     trackers = [t for t in list(_live_trackers) if t.handle_sigterm or not sigterm]
     if not trackers:
         return

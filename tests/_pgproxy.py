@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class PgProxy:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _conns: set[socket.socket] = field(default_factory=set[socket.socket], init=False)
     _flowing: threading.Event = field(default_factory=threading.Event, init=False)
+    _stalled: set[socket.socket] = field(default_factory=set[socket.socket], init=False)
     _cut: bool = field(default=False, init=False)
     _closed: bool = field(default=False, init=False)
 
@@ -47,10 +49,22 @@ class PgProxy:
         """Stop forwarding bytes, leaving connections open (a hung network or server)."""
         self._flowing.clear()
 
+    def stall_existing(self) -> None:
+        """Stop forwarding bytes on the connections open now (a NAT or firewall that silently dropped them),
+        while new connections flow normally."""
+        with self._lock:
+            self._stalled.update(self._conns)
+
+    def connections(self) -> int:
+        """Client connections open through the proxy now."""
+        with self._lock:
+            return len(self._conns) // 2
+
     def restore(self) -> None:
         """Accept and forward again."""
         with self._lock:
             self._cut = False
+            self._stalled.clear()
         self._flowing.set()
 
     def close(self) -> None:
@@ -88,6 +102,8 @@ class PgProxy:
                 if not data:
                     break
                 self._flowing.wait()
+                while self._is_stalled(src):
+                    time.sleep(0.01)
                 with self._lock:
                     alive = src in self._conns
                 if not alive:
@@ -99,8 +115,14 @@ class PgProxy:
             with self._lock:
                 self._conns.discard(src)
                 self._conns.discard(dst)
+                self._stalled.discard(src)
+                self._stalled.discard(dst)
             _kill(src)
             _kill(dst)
+
+    def _is_stalled(self, sock: socket.socket) -> bool:
+        with self._lock:
+            return sock in self._stalled and sock in self._conns and not self._closed
 
 
 def _kill(sock: socket.socket) -> None:
@@ -111,11 +133,11 @@ def _kill(sock: socket.socket) -> None:
     sock.close()
 
 
-def via_proxy(url: str, proxy: PgProxy) -> str:
-    """`url` with its host and port replaced by the proxy's."""
+def via_proxy(url: str, proxy: PgProxy, *, host: str = '127.0.0.1') -> str:
+    """`url` with its host and port replaced by the proxy's (spelled `host`, e.g. `localhost`)."""
     parts = urlsplit(url)
     userinfo = parts.netloc.rpartition('@')[0]
-    netloc = f'{userinfo}@127.0.0.1:{proxy.port}' if userinfo else f'127.0.0.1:{proxy.port}'
+    netloc = f'{userinfo}@{host}:{proxy.port}' if userinfo else f'{host}:{proxy.port}'
     return urlunsplit(parts._replace(netloc=netloc))
 
 

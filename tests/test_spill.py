@@ -35,7 +35,7 @@ def test_live_owner_file_is_not_claimed(tmp_path: Path) -> None:
     owner.rotate()
     (claimed,) = replayer.claim()
     assert claimed.path.name.startswith('replay-')
-    assert [json.loads(line)['input_tokens'] for line in claimed.lines()] == [100, 101, 102]
+    assert [r['input_tokens'] for r in claimed.records() if isinstance(r, dict)] == [100, 101, 102]
     claimed.done()
     assert not replayer.pending()
     assert list(tmp_path.iterdir()) == []
@@ -49,7 +49,7 @@ def test_two_replayers_never_share_a_file(tmp_path: Path) -> None:
     assert list(second.claim()) == []
     claimed.release()  # e.g. the database failed mid-replay: the file stays for later
     (again,) = second.claim()
-    assert len(list(again.lines())) == 2
+    assert len(list(again.records())) == 2
     again.done()
 
 
@@ -69,7 +69,7 @@ def test_failed_append_leaves_no_torn_line(tmp_path: Path, monkeypatch: pytest.M
     spill.append(lines_of(1))
     spill.close()
     (claimed,) = SpillDir(tmp_path).claim()
-    assert [len(json.loads(line)) for line in claimed.lines()] == [7, 7, 7]
+    assert [len(r) for r in claimed.records() if isinstance(r, dict)] == [7, 7, 7]
     claimed.done()
 
 
@@ -84,12 +84,13 @@ def test_disk_full_counts_dropped_then_recovers(tmp_path: Path, monkeypatch: pyt
     tracker = UsageTracker(f'sqlite:///{db_dir}/usage.db', spill_dir=tmp_path / 'spill', **FAST)
     for i in range(50):
         tracker.track(event(i))
-    assert tracker.flush(30)
+    assert tracker.flush(30) is False, 'records were lost: flush() says so'
     assert tracker.stats().dropped == 50
     monkeypatch.undo()  # space is freed
     for i in range(20):
         tracker.track(event(i))
-    assert tracker.flush(30)
+    assert tracker.flush(30) is False, 'the database is still down: the records are only on disk'
+
     stats = tracker.stats()
     assert (stats.dropped, stats.spilled, stats.pending) == (50, 20, 0)
     db_dir.mkdir()  # the database is back
@@ -134,7 +135,7 @@ tracker = UsageTracker(sys.argv[1], spill_dir=sys.argv[2], flush_interval=0.01, 
                        max_retry_interval=0.05, max_queue=500)
 for i in range(2000):
     tracker.track(id=uuid.uuid4(), provider='openai', model='gpt-4o', input_tokens=i, cost_usd='0.01')
-assert tracker.close(10) is True
+assert tracker.close(0.5) is False  # truthful: the records are on disk, not in the database
 s = tracker.stats()
 assert s.spilled == 2000 and s.dropped == 0 and s.pending == 0, s
 """
@@ -159,8 +160,20 @@ def test_processes_share_a_spill_dir(tmp_path: Path) -> None:
 
 
 def test_default_spill_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Never the working directory: a per-user state directory, or beside the SQLite file."""
     monkeypatch.delenv('PAI_USAGE_SPILL_DIR', raising=False)
-    assert default_spill_dir() == Path('.pai_usage_spill')
+    monkeypatch.setenv('XDG_STATE_HOME', str(tmp_path / 'state'))
+    assert default_spill_dir() == tmp_path / 'state' / 'pai-usage' / 'spill'
+    monkeypatch.delenv('XDG_STATE_HOME')
+    assert default_spill_dir() == Path.home() / '.local' / 'state' / 'pai-usage' / 'spill'
+    assert default_spill_dir(tmp_path / 'usage.db') == tmp_path / 'usage.db.pai-usage-spill'
+    monkeypatch.chdir(tmp_path)
+    relative = UsageTracker('sqlite:///usage.db', handle_sigterm=False)
+    try:
+        assert relative.spill_dir is not None
+        assert relative.spill_dir.parent == tmp_path / 'usage.db.pai-usage-spill'
+    finally:
+        relative.close()
     monkeypatch.setenv('PAI_USAGE_SPILL_DIR', str(tmp_path))
     assert default_spill_dir() == tmp_path
     a = UsageTracker(f'sqlite:///{tmp_path}/a.db')
@@ -205,9 +218,36 @@ def test_replay_failure_keeps_the_file(tmp_path: Path) -> None:
         for f in (tmp_path / 'x').iterdir():
             f.rename(target / f.name)
         tracker._writer.start_if_spilled()  # pyright: ignore[reportPrivateUsage]
-        assert tracker.flush(30)
+        assert tracker.flush(30)  # nothing of this tracker's own is on disk
         assert tracker.stats().failed_writes >= 1
-        assert len(list(target.glob('replay-*.jsonl'))) == 1
+        assert len([*target.glob('replay-*.jsonl'), *target.glob('spill-*.jsonl')]) == 1
     finally:
         tracker.close(1)
         engine.dispose()
+
+
+def test_quarantined_file_never_blocks_the_others(tmp_path: Path) -> None:
+    """A file set aside as poison is never claimed again, and the files after it still are."""
+    for n in range(2):
+        spill = SpillDir(tmp_path)
+        spill.append(lines_of(n + 1))
+        spill.close()
+    replayer = SpillDir(tmp_path)
+    first, second = replayer.claim()
+    target = first.quarantine()
+    assert target.name.startswith('quarantine-') and target.exists()
+    second.done()
+    assert not replayer.pending()
+    assert list(replayer.claim()) == []
+    assert [p.name.split('-')[0] for p in tmp_path.iterdir()] == ['quarantine']
+
+
+def test_spill_files_name_their_target(tmp_path: Path) -> None:
+    spill = SpillDir(tmp_path, target={'backend': 'postgresql', 'database': 'db'})
+    spill.append(lines_of(1))
+    spill.close()
+    (path,) = tmp_path.glob('spill-*.jsonl')
+    header = json.loads(path.read_bytes().splitlines()[0])
+    assert header['target'] == {'backend': 'postgresql', 'database': 'db'}
+    spill.write_target({'server': '1', 'database': 'db'})
+    assert spill.read_target() == {'server': '1', 'database': 'db'}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -51,18 +52,23 @@ async def test_async_context_manager(database_url: str, tmp_path: Path) -> None:
 
 
 def test_track_after_close_is_spilled_and_replayed(sqlite_url: str, tmp_path: Path) -> None:
+    """Late records (a thread still running at exit) go into one open spill file, replayed by the next start."""
     tracker = UsageTracker(sqlite_url, spill_dir=tmp_path, flush_interval=0.01)
     tracker.track(event())
     assert tracker.close()
-    tracker.track(event())  # e.g. a thread still running at exit
-    assert tracker.stats().spilled == 1
-    assert tracker.close()
+    for i in range(100):
+        tracker.track(event(i))
+    assert tracker.stats().spilled == 100
+    spill_dir = tracker.spill_dir
+    assert spill_dir is not None
+    assert len(list(spill_dir.glob('spill-*.jsonl'))) == 1, 'one file, not one per record'
+    assert tracker.close() is False, 'the late records are only on disk'
     tracker.engine.dispose()
     with UsageTracker(sqlite_url, spill_dir=tmp_path) as again:
         assert again.flush()
-        assert again.stats().replayed == 1
+        assert again.stats().replayed == 100
     again.engine.dispose()
-    assert rows(sqlite_url) == (2, 2)
+    assert rows(sqlite_url) == (101, 101)
 
 
 @pytest.mark.postgres
@@ -160,3 +166,34 @@ def test_queue_full_goes_to_disk_and_back(sqlite_url: str, tmp_path: Path) -> No
     assert stats.replayed == stats.spilled
     assert stats.enqueued == 5000
     assert rows(sqlite_url) == (5000, 5000)
+
+
+def test_new_ids_are_unique_time_ordered_uuid7() -> None:
+    ids = [tracker_module.new_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    parsed = [uuid.UUID(i) for i in ids]
+    assert {u.version for u in parsed} == {7}
+    assert {u.variant for u in parsed} == {uuid.RFC_4122}
+    stamps = [u.int >> 80 for u in parsed]
+    assert stamps == sorted(stamps), 'the millisecond prefix never goes back'
+    assert abs(stamps[-1] / 1000 - time.time()) < 60
+
+
+@pytest.mark.parametrize(
+    ('a', 'b'),
+    [
+        ('postgresql://u@127.0.0.1:5432/db', 'postgresql://u@localhost/db'),
+        ('postgresql://u@127.0.0.1/db', 'postgresql+psycopg://u:secret@127.0.0.1:5432/db?application_name=x'),
+        ('postgresql://u@h/db?options=-csearch_path%3Ds1', 'postgresql://u@h/db?options=-c%20search_path%3Ds1'),
+    ],
+)
+def test_spill_dir_is_keyed_by_the_database_not_the_url_text(a: str, b: str, tmp_path: Path) -> None:
+    first = UsageTracker(a, spill_dir=tmp_path, handle_sigterm=False)
+    second = UsageTracker(b, spill_dir=tmp_path, handle_sigterm=False)
+    other = UsageTracker(a.replace('/db', '/other'), spill_dir=tmp_path, handle_sigterm=False)
+    try:
+        assert first.spill_dir == second.spill_dir
+        assert other.spill_dir != first.spill_dir
+    finally:
+        for t in (first, second, other):
+            t.close()

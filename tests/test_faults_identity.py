@@ -1,0 +1,71 @@
+"""Fault tests (issue 9): spilled records replay into their database whatever URL spelling the next tracker uses.
+
+A tracker reaches the database as `127.0.0.1:P`, then the database goes away and it spills. The next tracker
+names the same database as `localhost:P`, through another port (a second proxy to the same server), with an
+extra harmless query parameter, or from another working directory with the default spill directory: every
+spilled record must still reach the table, once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests._faults import FAST, assert_exactly_once, billing, open_tracker, table_ids, track_all, wait_for_rows
+from tests._pgproxy import pg_proxy, via_proxy
+from tests.conftest import PG_SERVER_URL
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.mark.parametrize('spelling', ['localhost', 'another port', 'extra query parameter', 'another directory'])
+def test_spill_replays_under_another_spelling(
+    pg_schema_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spelling: str
+) -> None:
+    reached = [billing(i) for i in range(200)]
+    spilled = [billing(i) for i in range(500)]
+    options: dict[str, Any] = dict(FAST)
+    if spelling == 'another directory':
+        # The real default spill directory, with the per-user state directories inside this test's tmp_path.
+        monkeypatch.delenv('PAI_USAGE_SPILL_DIR', raising=False)
+        home = tmp_path / 'home'
+        monkeypatch.setenv('HOME', str(home))
+        for name, sub in (('XDG_STATE_HOME', 'state'), ('XDG_DATA_HOME', 'data'), ('XDG_CACHE_HOME', 'cache')):
+            monkeypatch.setenv(name, str(home / sub))
+        for d in ('a', 'b'):
+            (tmp_path / d).mkdir()
+        monkeypatch.chdir(tmp_path / 'a')
+    else:
+        options['spill_dir'] = tmp_path / 'spill'
+
+    with pg_proxy(PG_SERVER_URL) as first, pg_proxy(PG_SERVER_URL) as second:
+        url = via_proxy(pg_schema_url, first)
+        with open_tracker(url, **options) as tracker:
+            raised = track_all(tracker, reached)
+            assert tracker.flush(timeout=30)
+            first.cut()
+            raised += track_all(tracker, spilled)
+            assert not tracker.close(timeout=2), 'close() returned True while the database was down'
+        assert raised == []
+        assert len(table_ids(pg_schema_url)) == len(reached)
+
+        if spelling == 'another port':
+            next_url = via_proxy(pg_schema_url, second)  # the first proxy stays cut
+        else:
+            first.restore()
+            next_url = {
+                'localhost': via_proxy(pg_schema_url, first, host='localhost'),
+                'extra query parameter': f'{url}&application_name=pai-usage-faults',
+                'another directory': url,
+            }[spelling]
+        if spelling == 'another directory':
+            monkeypatch.chdir(tmp_path / 'b')
+        assert next_url != url or spelling == 'another directory'
+        with open_tracker(next_url, **options) as replayer:
+            wait_for_rows(pg_schema_url, [r['id'] for r in spilled], what=f'the replay under {spelling!r}')
+            assert replayer.close(timeout=30)
+    assert_exactly_once(pg_schema_url, [r['id'] for r in reached + spilled])
+    if spelling == 'another directory':
+        assert not any((tmp_path / 'a').iterdir()), 'the default spill directory is not the working directory'

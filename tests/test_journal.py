@@ -1,0 +1,111 @@
+"""The write-ahead journal: records copied into a memory-mapped file, settled, rolled, deleted and replayed."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from pai_usage import UsageRecord, UsageTracker
+from pai_usage._journal import Journal, decode_payload, encode_payload, read_segment
+from pai_usage._spill import SpillDir
+from tests.test_writer import event, rows
+
+
+def test_payload_round_trips_through_validation() -> None:
+    cycle: dict[str, Any] = {}
+    cycle['self'] = cycle
+    fields: dict[str, Any] = {
+        'id': uuid.uuid4(),
+        'created_at': datetime(2026, 3, 1, 12, 30, 15, 123457, tzinfo=timezone(timedelta(hours=2))),
+        'cost_usd': Decimal('0.000123456789'),
+        'units': Decimal('1.5'),
+        'provider': 'openai',
+        'input_tokens': 7,
+        'metadata': {'when': datetime(2026, 1, 1, tzinfo=UTC), 'c': cycle},
+    }
+    decoded = decode_payload(encode_payload(fields))
+    record = UsageRecord.model_validate(decoded)
+    assert (record.id, record.created_at, record.cost_usd, record.units) == (
+        fields['id'],
+        fields['created_at'],
+        fields['cost_usd'],
+        fields['units'],
+    )
+    assert record.metadata == {'when': '2026-01-01 00:00:00+00:00', 'c': {'self': '<cycle>'}}
+
+
+def test_segments_roll_settle_and_delete(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, segment_bytes=4096)
+    segments = [journal.append(event(i)) for i in range(100)]
+    files = sorted(tmp_path.glob('journal-*.bin'))
+    assert len(files) > 2, 'small segments roll'
+    assert sum(1 for f in files for r in read_segment(f) if isinstance(r, dict)) == 100
+    counts: dict[Any, int] = {}
+    for seg in segments[:50]:
+        counts[seg] = counts.get(seg, 0) + 1
+    journal.settle(counts)
+    left = sorted(tmp_path.glob('journal-*.bin'))
+    assert 0 < len(left) < len(files), 'sealed segments whose records are all settled are deleted'
+    assert journal.close() is False, 'unsettled records are kept for the next start'
+    assert sum(1 for f in tmp_path.glob('journal-*.bin') for r in read_segment(f) if isinstance(r, dict)) >= 50
+
+
+def test_close_deletes_settled_segments(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    seg = journal.append(event())
+    journal.settle({seg: 1})
+    assert journal.close() is True
+    assert not list(tmp_path.glob('journal-*'))
+
+
+def test_a_live_segment_is_never_claimed(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.append(event())
+    replayer = SpillDir(tmp_path)
+    assert list(replayer.claim()) == [], 'its process holds the lock'
+    journal.close()  # one record not settled: kept
+    (claimed,) = replayer.claim()
+    assert claimed.path.suffix == '.bin'
+    assert [r['input_tokens'] for r in claimed.records() if isinstance(r, dict)] == [100]
+    claimed.done()
+
+
+def test_a_torn_record_ends_the_segment(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    for i in range(3):
+        journal.append(event(i))
+    (path,) = tmp_path.glob('journal-*.bin')
+    data = path.read_bytes()
+    journal.close()
+    end = data.index(b'\x00' * 64, 16)
+    torn = tmp_path / 'torn.bin'
+    torn.write_bytes(data[: end - 10])  # the last record cut short
+    got = list(read_segment(torn))
+    assert [type(r) for r in got] == [dict, dict, ValueError]
+    assert isinstance(list(read_segment(tmp_path / 'torn.bin'))[-1], ValueError)
+    not_ours = tmp_path / 'other.bin'
+    not_ours.write_bytes(b'hello')
+    assert [type(r) for r in read_segment(not_ours)] == [ValueError]
+
+
+def test_journal_left_by_a_dead_tracker_is_replayed(sqlite_url: str, tmp_path: Path) -> None:
+    """Records journalled but never written (the process died) reach the table at the next start, once."""
+    probe = UsageTracker(sqlite_url, spill_dir=tmp_path, handle_sigterm=False)
+    assert probe.durability == 'journal'
+    spill_dir = probe.spill_dir
+    assert spill_dir is not None and probe.close()
+    journal = Journal(spill_dir)
+    for i in range(20):
+        journal.append(event(i))
+    journal.close()  # as the kernel does for a killed process: the lock goes, the file stays
+    with UsageTracker(sqlite_url, spill_dir=tmp_path) as again:
+        again.track(event())
+        assert again.flush()
+        stats = again.stats()
+    again.engine.dispose()
+    assert (stats.replayed, stats.written) == (20, 1)
+    assert rows(sqlite_url) == (21, 21)
+    assert not list(spill_dir.glob('*.bin'))
