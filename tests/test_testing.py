@@ -190,9 +190,9 @@ def test_ledger_helpers(usage_ledger: UsageLedger):
 
 
 def test_ledger_keeps_no_values_of_invalid_records(usage_ledger: UsageLedger):
-    pai_usage.get_tracker().track(model='gpt-4o', input_tokens=-5, user_id='secret-prompt-text' * 20)
+    pai_usage.get_tracker().track(model='gpt-4o', input_tokens=-5, cost_usd='secret-prompt-text' * 20)
     assert usage_ledger.records == []
-    assert sorted(m.split(':')[0] for m in usage_ledger.invalid) == ['input_tokens', 'user_id']
+    assert sorted(m.split(':')[0] for m in usage_ledger.invalid) == ['cost_usd', 'input_tokens']
     assert 'secret' not in ''.join(usage_ledger.invalid)
 
 

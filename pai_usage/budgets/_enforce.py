@@ -18,7 +18,7 @@ from uuid import UUID
 import genai_prices
 import sqlalchemy as sa
 from pydantic_ai.capabilities import AbstractCapability
-from pydantic_ai.capabilities.abstract import CapabilityOrdering, WrapModelRequestHandler, WrapRunHandler
+from pydantic_ai.capabilities.abstract import WrapModelRequestHandler, WrapRunHandler
 from pydantic_ai.messages import ModelResponse
 from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import AgentDepsT, RunContext
@@ -271,12 +271,6 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
     def get_serialization_name(cls) -> str | None:
         return None  # takes a tracker and callables: not spec-serializable
 
-    def get_ordering(self) -> CapabilityOrdering | None:
-        """Outside `TrackUsage`: a request's row is tracked before its reservation is released."""
-        from ..capability import TrackUsage
-
-        return CapabilityOrdering(wraps=(TrackUsage,))
-
     # --- agent hooks ---------------------------------------------------------------------------------------
 
     async def wrap_run(self, ctx: RunContext[AgentDepsT], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
@@ -424,6 +418,12 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         run_id = get('run_id')
         record_id = get('id')
         created_at = get('created_at')
+        if isinstance(record_id, str):
+            # `track()` stamps raw fields with a UUIDv7 as 32 hex digits; written records carry it as a `UUID`.
+            try:
+                record_id = UUID(record_id)
+            except ValueError:
+                return
         if not isinstance(record_id, UUID) or not isinstance(created_at, datetime):
             return
         organization_id = normalize_label(get('organization_id'))
