@@ -68,7 +68,8 @@ def add_tenant_role(engine: sa.Engine, role: str, organization_id: str, *, grant
     """Restrict the (existing) PostgreSQL role `role` to `organization_id`'s rows, whatever it runs.
 
     Run as the tables' owner, after `enable_row_level_security`. With `grant_select`, also grants the role
-    `SELECT` on `token_usage` and its rollups `token_usage_daily`, `token_usage_monthly` (it still needs `USAGE` on their schema, and a login).
+    `SELECT` on `token_usage` and its rollups `token_usage_daily`, `token_usage_monthly` (it still needs `USAGE`
+    on their schema, and a login).
     """
     if not role or not organization_id:
         raise ValueError('`role` and `organization_id` must be non-empty strings')
