@@ -453,6 +453,11 @@ class UsageTracker:
         # Swapping in a new tuple is atomic: the writer thread sees the old or the new listeners, never half.
         self._writer.listeners = (*self._writer.listeners, listener)
 
+    @property
+    def price_table(self) -> PriceTable | None:
+        """This tracker's own price table, or None for the process-wide one (`pai_usage.pricing`)."""
+        return self._writer.price_table
+
     def add_observer(self, observer: Callable[[UsageRecord | dict[str, Any]], None]) -> None:
         """Call `observer` synchronously inside `track()`, on the caller's thread, with each record as given.
 

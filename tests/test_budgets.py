@@ -30,7 +30,7 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCall
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 from pydantic_ai.usage import RequestUsage, UsageLimits
 
-from pai_usage import TrackUsage, UsageTracker, usage_context
+from pai_usage import PriceTable, TokenPrice, TrackUsage, UsageTracker, usage_context
 from pai_usage.budgets import (
     BUDGET_COUNTERS,
     WARNING_EVENT,
@@ -210,6 +210,42 @@ async def test_org_without_budget(fast_tracker: UsageTracker) -> None:
     with pytest.raises(BudgetExceeded):
         await agent(enforcer).run('hi', deps=ACME)
     assert queries.count == 1
+
+
+@pytest.mark.parametrize('override', [False, True])
+def test_counts_the_cost_the_ledger_stores(database_url: str, override: bool) -> None:
+    # A caller-given cost (pydantic-ai's) is replaced by the tracker's own token override in the ledger:
+    # the budget must count that same figure, not the one the caller passed.
+    table = (
+        PriceTable(tokens=(TokenPrice('gpt-4o', input_mtok=Decimal(100), output_mtok=Decimal(200)),))
+        if override
+        else None
+    )
+    now = datetime(2026, 5, 5, tzinfo=UTC)
+    with UsageTracker(database_url, flush_interval=0.005, price_table=table) as tracker:
+        enforcer = EnforceBudgets(
+            tracker,
+            budgets=[Budget(organization_id='acme', limit_usd=Decimal(1000))],
+            refresh_interval=3600,
+            clock=Clock(now),
+        )
+        assert [s.spend_usd for s in enforcer.statuses(ACME)] == [0]
+        tracker.track(
+            organization_id='acme',
+            provider='openai',
+            model='gpt-4o',
+            input_tokens=1000,
+            output_tokens=100,
+            cost_usd=Decimal('0.0035'),
+            created_at=now,
+        )
+        counted = enforcer.statuses(ACME)[0].spend_usd  # before the writer has the row
+        assert tracker.flush()
+        [row] = tracker.get_usage_summary(now, now + timedelta(seconds=1), group_by=()).rows
+        enforcer.close()
+    tracker.engine.dispose()
+    assert counted == row.totals.cost_usd
+    assert counted == (Decimal('0.12') if override else Decimal('0.0035'))
 
 
 async def test_cached_spend_and_this_process_writes(fast_tracker: UsageTracker) -> None:

@@ -7,7 +7,7 @@ import atexit
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -26,10 +26,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .._log import RateLimitedLog
 from ..context import current_usage_context
-from ..pricing import price_usage
+from ..pricing import price_fields
 from ..record import UsageRecord, normalize_label
 from ..summary import query_summary
-from ..usage import TOKEN_BUCKETS, TokenCounts
 from . import _hard  # pyright: ignore[reportPrivateUsage]
 from ._model import (
     Budget,
@@ -405,12 +404,10 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
 
     def _observe(self, record: UsageRecord | dict[str, Any]) -> None:
         """Tracker observer, inside `track()`: count a settled record's cost at once."""
-        get: Callable[[str], Any] = (
-            record.get if isinstance(record, dict) else lambda name: getattr(record, name, None)  # pyright: ignore[reportUnknownMemberType, reportUnknownLambdaType]
-        )
-        cost = get('cost_usd')
-        if cost is None:
-            cost = _price(get)
+        fields: Mapping[str, Any] = record if isinstance(record, dict) else record.__dict__
+        get = fields.get
+        # The cost the ledger will store: the writer prices with the same function and the same table.
+        cost = price_fields(fields, self.tracker.price_table).cost_usd
         if isinstance(cost, (int, float)):
             cost = Decimal(str(cost))
         if not isinstance(cost, Decimal):
@@ -897,23 +894,6 @@ def _record_targets(organization_id: str | None, user_id: str | None) -> tuple[t
     if user_id is not None:
         targets.append(('user', user_id))
     return tuple(targets)
-
-
-def _price(get: Callable[[str], Any]) -> Decimal | None:
-    """The cost the tracker's writer will compute for an unpriced record (same function, same inputs)."""
-    try:
-        tokens = TokenCounts(**{name: get(name) or 0 for name in TOKEN_BUCKETS}, details=get('details') or {})
-        units = get('units')
-        return price_usage(
-            provider=get('provider'),
-            model=get('model'),
-            tokens=tokens,
-            units=Decimal(str(units)) if units is not None else None,
-            unit_type=get('unit_type'),
-            timestamp=get('created_at'),
-        ).cost_usd
-    except Exception:  # an invalid record: the writer will reject it, nothing to count
-        return None
 
 
 def _otel_event(status: BudgetStatus, fraction: float) -> None:
