@@ -990,26 +990,15 @@ def _plain(value: Decimal) -> str:
 
 def _reprice(args: argparse.Namespace) -> int:
     """`pai-usage reprice`: a dry run unless `--apply`."""
-    from datetime import UTC, datetime
-
     from sqlalchemy import exc as sa_exc
 
     from .migrate import migrate
     from .pricing import get_price_table
     from .reprice import format_reprice, reprice
 
-    def moment(option: str, value: str | None) -> datetime | None:
-        if value is None:
-            return None
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise _Fail(f'{option}: expected YYYY-MM-DD or an ISO datetime, got {value!r}') from None
-        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
-
-    since = moment('--since', args.since)
-    assert since is not None
-    until = moment('--until', args.until)
+    # `--until` is exclusive here, a date or a moment: unlike `summary`'s, a bare date is not widened to its end.
+    since, _ = _parse_moment('--since', args.since)
+    until = _parse_moment('--until', args.until)[0] if args.until is not None else None
     try:
         table = get_price_table()
     except ValueError as exc:
