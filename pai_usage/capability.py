@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import logging
 import threading
+import weakref
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -94,6 +97,35 @@ PYDANTIC_AI_PRICE_SOURCE = f'pydantic-ai {pydantic_ai.__version__} / genai-price
 
 _log = RateLimitedLog()
 _once = RateLimitedLog(interval=float('inf'))
+# Types, not their ids: a class defined per request or per test is freed, and a new one may reuse its id.
+_unattributed_types: weakref.WeakSet[type] = weakref.WeakSet()
+_unattributed_lock = threading.Lock()
+_unattributed_seq = itertools.count()
+
+
+def _warn_unattributed(deps_type: type) -> None:
+    """Log and warn once per deps type that carries no attribution."""
+    with _unattributed_lock:
+        if deps_type in _unattributed_types:
+            return
+        _unattributed_types.add(deps_type)
+        key = f'attribution:{deps_type.__qualname__}:{next(_unattributed_seq)}'
+    kind = deps_type.__qualname__
+    _once.log(
+        logging.WARNING,
+        key,
+        'pai-usage: deps of type `%s` have no `user_id` / `organization_id`; usage of runs with them is '
+        'recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.',
+        kind,
+    )
+    warn_once(
+        key,
+        f'pai-usage: deps of type `{kind}` have no `user_id` / `organization_id`; usage of runs with them '
+        'is recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.',
+        MissingAttributionWarning,
+        stacklevel=5,
+    )
+
 
 # Attributes of a usage object that are not token counts (or are mapped explicitly).
 _NOT_EXTRA = frozenset(f.name for f in dataclasses.fields(RunUsage)) | {'requests', 'tool_calls', 'cost'}
@@ -330,21 +362,7 @@ class TrackUsage(AbstractCapability[Any]):
             and user_id is None
             and not (hasattr(deps, 'organization_id') or hasattr(deps, 'user_id'))
         ):
-            deps_type = type(cast(object, deps))
-            kind = deps_type.__qualname__
-            _once.warning(
-                f'attribution:{kind}:{id(deps_type)}',
-                'pai-usage: deps of type `%s` have no `user_id` / `organization_id`; usage of runs with them is '
-                'recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.',
-                kind,
-            )
-            warn_once(
-                f'attribution:{kind}:{id(deps_type)}',
-                f'pai-usage: deps of type `{kind}` have no `user_id` / `organization_id`; usage of runs with them '
-                'is recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.',
-                MissingAttributionWarning,
-                stacklevel=4,
-            )
+            _warn_unattributed(type(cast(object, deps)))
         deps_tracker = getattr(deps, 'tracker', None)
         tracker = (
             deps_tracker

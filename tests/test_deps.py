@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -91,3 +92,22 @@ async def test_deps_without_attribution_never_fail_the_run(
             assert (await agent.run('q', deps=BrandDeps('b'))).output == 'ok'
     assert attribution(tracker) == [(None, None)] * 3
     assert len([m for m in caplog.messages if 'BrandDeps' in m]) == 1
+
+
+async def test_each_new_deps_type_warns_even_when_it_reuses_a_freed_id(
+    tracker: UsageTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A class freed and a new one allocated often get the same id(): the warning must follow the type.
+    agent = Agent(FunctionModel(answer, model_name='gpt-4o'), capabilities=[TrackUsage(tracker)])
+    with caplog.at_level(logging.WARNING, logger='pai_usage'):
+        for _ in range(5):
+
+            @dataclass
+            class PerRequestDeps:
+                brand_id: str
+
+            await agent.run('q', deps=PerRequestDeps('b'))
+            await agent.run('q', deps=PerRequestDeps('b'))
+            del PerRequestDeps
+            gc.collect()
+    assert len([m for m in caplog.messages if 'PerRequestDeps' in m]) == 5
