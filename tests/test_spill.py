@@ -18,6 +18,7 @@ import sqlalchemy as sa
 import pai_usage._spill as spill_module
 from pai_usage import UsageTracker
 from pai_usage._spill import SpillDir, default_spill_dir, encode
+from tests._faults import wait_until
 from tests.test_writer import FAST, event, rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,7 +220,8 @@ def test_replay_failure_keeps_the_file(tmp_path: Path) -> None:
             f.rename(target / f.name)
         tracker._writer.start_if_spilled()  # pyright: ignore[reportPrivateUsage]
         assert tracker.flush(30)  # nothing of this tracker's own is on disk
-        assert tracker.stats().failed_writes >= 1
+        # The replay runs on the writer's thread: flush() need not wait for a file another process left.
+        wait_until(lambda: tracker.stats().failed_writes >= 1, what='a failed replay attempt')
         assert len([*target.glob('replay-*.jsonl'), *target.glob('spill-*.jsonl')]) == 1
     finally:
         tracker.close(1)

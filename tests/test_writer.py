@@ -16,7 +16,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from pai_usage._log import RateLimitedLog
 from pai_usage.migrate import migrate
 from pai_usage.table import TOKEN_USAGE
 from pai_usage.tracker import create_engine
+from tests._faults import wait_until
 from tests._pgproxy import PgProxy, pg_proxy, via_proxy
 from tests.conftest import PG_SERVER_URL
 
@@ -80,14 +81,6 @@ def ids_in_table(url: str) -> set[str]:
             return {str(i) for (i,) in conn.execute(sa.text('SELECT id FROM token_usage'))}
     finally:
         engine.dispose()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = 'condition') -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out waiting for {what}')
-        time.sleep(0.02)
 
 
 @pytest.fixture
