@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+import weakref
 
 __all__ = (
     'MissingAttributionWarning',
@@ -50,6 +51,8 @@ _lock = threading.Lock()
 _emitted: set[str] = set()
 _pending: list[tuple[str, type[PaiUsageWarning]]] = []
 _strict: bool | None = None
+# Held weakly: a class defined per request or per test is freed, and a new one may reuse its id().
+_types_warned: weakref.WeakKeyDictionary[type, set[str]] = weakref.WeakKeyDictionary()
 
 
 def set_strict(strict: bool | None = True) -> None:
@@ -71,6 +74,25 @@ def warn_once(key: str, message: str, category: type[PaiUsageWarning], *, stackl
         if key in _emitted:
             return
         _emitted.add(key)
+    if is_strict():
+        raise category(message)
+    warnings.warn(message, category, stacklevel=stacklevel + 1)
+
+
+def first_for_type(kind: str, owner: type) -> bool:
+    """Whether this is the first `kind` of mistake reported for `owner` in this process (then it is remembered)."""
+    with _lock:
+        kinds = _types_warned.get(owner)
+        if kinds is None:
+            kinds = _types_warned[owner] = set()
+        elif kind in kinds:
+            return False
+        kinds.add(kind)
+    return True
+
+
+def emit(message: str, category: type[PaiUsageWarning], *, stacklevel: int = 2) -> None:
+    """Warn now (or raise, in strict mode), whatever was reported before: the caller decides it is the first."""
     if is_strict():
         raise category(message)
     warnings.warn(message, category, stacklevel=stacklevel + 1)
@@ -106,3 +128,4 @@ def reset() -> None:
     with _lock:
         _emitted.clear()
         _pending.clear()
+        _types_warned.clear()

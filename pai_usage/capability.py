@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
-import logging
 import threading
-import weakref
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -60,8 +57,8 @@ from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import RunContext
 from pydantic_ai.usage import RequestUsage, RunUsage
 
-from ._log import RateLimitedLog
-from ._warnings import MissingAttributionWarning, PaiUsageWarning, warn_once
+from ._log import RateLimitedLog, logger
+from ._warnings import MissingAttributionWarning, PaiUsageWarning, emit, first_for_type
 from .context import UsageContext, current_usage_context, usage_context
 from .tracker import UsageTracker, get_tracker
 from .usage import TokenCounts
@@ -96,30 +93,19 @@ PYDANTIC_AI_PRICE_SOURCE = f'pydantic-ai {pydantic_ai.__version__} / genai-price
 """`price_source` of rows whose cost pydantic-ai computed (`response.usage.cost`)."""
 
 _log = RateLimitedLog()
-_once = RateLimitedLog(interval=float('inf'))
-# Types, not their ids: a class defined per request or per test is freed, and a new one may reuse its id.
-_unattributed_types: weakref.WeakSet[type] = weakref.WeakSet()
-_unattributed_lock = threading.Lock()
-_unattributed_seq = itertools.count()
 
 
 def _warn_unattributed(deps_type: type) -> None:
     """Log and warn once per deps type that carries no attribution."""
-    with _unattributed_lock:
-        if deps_type in _unattributed_types:
-            return
-        _unattributed_types.add(deps_type)
-        key = f'attribution:{deps_type.__qualname__}:{next(_unattributed_seq)}'
+    if not first_for_type('attribution', deps_type):
+        return
     kind = deps_type.__qualname__
-    _once.log(
-        logging.WARNING,
-        key,
+    logger.warning(
         'pai-usage: deps of type `%s` have no `user_id` / `organization_id`; usage of runs with them is '
         'recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.',
         kind,
     )
-    warn_once(
-        key,
+    emit(
         f'pai-usage: deps of type `{kind}` have no `user_id` / `organization_id`; usage of runs with them '
         'is recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.',
         MissingAttributionWarning,
