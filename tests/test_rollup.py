@@ -78,6 +78,8 @@ GROUPINGS: list[tuple[GroupBy, ...]] = [
     (),
     ('model',),
     ('organization', 'model'),
+    ('model', 'organization', 'month'),
+    ('organization', 'provider', 'model'),
     ('day',),
     ('month', 'provider'),
     ('operation', 'source', 'day'),
@@ -274,6 +276,34 @@ def test_whole_months_are_read_from_the_monthly_level(pg_tracker: UsageTracker) 
     assert verify_rollup(engine, jan16, FEB) == []  # no whole month in range: the daily level only
     rebuild_rollup(engine)
     assert verify_rollup(engine) == []
+
+
+def test_groups_of_the_monthly_key_add_up_its_rows(pg_tracker: UsageTracker) -> None:
+    # By organization and model, a summary reads the monthly level's own rows and adds up in Python the few that
+    # share a group (a model under two providers): it must still equal the raw table's, at any row order.
+    items = records(400, seed=11)
+    track_all(pg_tracker, items)
+    engine = pg_tracker.engine
+    pairs = {(r.organization_id, r.model) for r in items if JAN <= r.created_at < FEB}
+    triples = {(r.organization_id, r.provider, r.model) for r in items if JAN <= r.created_at < FEB}
+    assert len(triples) > len(pairs)  # some groups are several rows of the monthly level
+    groupings: list[tuple[GroupBy, ...]] = [
+        ('organization', 'model'),
+        ('model', 'organization'),
+        ('organization', 'model', 'provider'),
+    ]
+    for group_by in groupings:
+        for filters in [{}, {'organization_id': 'acme'}]:
+            fast = rollup_summary(engine, JAN, FEB, group_by=group_by, **filters)
+            with rollup_disabled():
+                raw = query_summary(engine, JAN, FEB, group_by=group_by, **filters)
+            assert fast == raw and raw.rows, (group_by, filters)
+    summary = query_summary(engine, JAN, FEB, group_by=('organization', 'model'))
+    assert len(summary.rows) == len(pairs)
+    # Two whole months by month too: each (organization, model, month) group is again a few monthly rows.
+    fast = rollup_summary(engine, JAN, MAR, group_by=('organization', 'model', 'month'))
+    with rollup_disabled():
+        assert fast == query_summary(engine, JAN, MAR, group_by=('organization', 'model', 'month'))
 
 
 def test_reprice_updates_and_deletes_keep_both_levels_exact(pg_tracker: UsageTracker) -> None:

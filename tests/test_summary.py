@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import FrozenInstanceError, dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from itertools import cycle, islice
@@ -10,7 +12,16 @@ from itertools import cycle, islice
 import pytest
 
 from pai_usage import UsageRecord, UsageSummary, UsageTracker
-from pai_usage.summary import GROUP_BY_DIMENSIONS, GroupBy, UsageTotals, month_bounds, query_summary
+from pai_usage.summary import (
+    GROUP_BY_DIMENSIONS,
+    GroupBy,
+    SummaryRow,
+    UsageTotals,
+    _slot_constructor,  # pyright: ignore[reportPrivateUsage]
+    _summary_of,  # pyright: ignore[reportPrivateUsage]
+    month_bounds,
+    query_summary,
+)
 from pai_usage.usage import TOKEN_BUCKETS
 
 
@@ -266,3 +277,93 @@ def test_many_small_costs_sum_exactly(tracker: UsageTracker):
     assert tracker.flush()
     summary = tracker.get_usage_summary(*EVERYTHING)
     assert summary.totals.cost_usd == Decimal('0.000000000900')
+
+
+def _aggregate_row(group: tuple[str | None, ...], events: int, cost: Decimal | None, tokens: int) -> tuple[object, ...]:
+    return (*group, events, cost, 0, 0, tokens, 0, 0, 0, tokens, 0, 0, 0)
+
+
+def _summary(rows: list[tuple[object, ...]], group_by: tuple[GroupBy, ...], **options: bool) -> UsageSummary:
+    return _summary_of(
+        rows, start=EVERYTHING[0], end=EVERYTHING[1], organization_id=None, user_id=None, group_by=group_by, **options
+    )
+
+
+def test_summary_objects_are_ordinary_frozen_dataclasses():
+    # `_summary_of` builds them without `__init__`: they must be indistinguishable from constructed ones.
+    summary = _summary([_aggregate_row(('acme', 'gpt-4o'), 2, Decimal('0.5'), 7)], ('organization', 'model'))
+    expected = UsageTotals(events=2, cost_usd=Decimal('0.5'), input_tokens=7, output_tokens=7)
+    assert summary.rows == [SummaryRow({'organization': 'acme', 'model': 'gpt-4o'}, expected)]
+    assert summary.totals == expected
+    row = summary.rows[0]
+    assert hash(row.totals) == hash(expected)
+    assert repr(row.totals) == repr(expected)
+    with pytest.raises(FrozenInstanceError):
+        row.totals.events = 3  # type: ignore[misc]
+    assert (row.totals + row.totals).events == 4
+
+
+def test_unpriced_groups_cost_zero_and_empty_aggregates_are_dropped():
+    summary = _summary([_aggregate_row(('a',), 1, None, 1), _aggregate_row(('b',), 2, Decimal('0.25'), 1)], ('model',))
+    assert [r.totals.cost_usd for r in summary.rows] == [Decimal(0), Decimal('0.25')]
+    assert summary.totals.cost_usd == Decimal('0.25')
+    # An ungrouped aggregate over no rows returns one row of zero events and NULL sums.
+    empty = _summary([(0, None, 0, 0, None, None, None, None, None, None, None, None)], ())
+    assert empty.rows == [] and empty.totals == UsageTotals()
+
+
+def test_sums_in_python_never_round():
+    # More digits than the default decimal context's 28, well within what `numeric(38, 12)` sums can hold.
+    big = Decimal('12345678901234567890.123456789012')
+    rows = [_aggregate_row(('acme', 'gpt-4o'), 1, big, 1), _aggregate_row(('acme', 'gpt-4o'), 1, big, 1)]
+    merged = _summary(rows, ('organization', 'model'), merge_adjacent=True)
+    assert merged.totals.cost_usd == merged.rows[0].totals.cost_usd == Decimal('24691357802469135780.246913578024')
+    assert _summary(rows, ('organization', 'model')).totals.cost_usd == merged.totals.cost_usd
+
+
+def test_merge_adjacent_adds_up_consecutive_rows_of_a_group():
+    # A rollup level's rows ordered by the group: `gpt-4o` of `acme` under two providers, and a NULL organization.
+    rows = [
+        _aggregate_row(('acme', 'gpt-4o'), 1, Decimal('0.1'), 10),
+        _aggregate_row(('acme', 'gpt-4o'), 2, Decimal('0.2'), 20),
+        _aggregate_row(('acme', 'o3'), 3, Decimal('0.3'), 30),
+        _aggregate_row((None, 'o3'), 4, Decimal('0.4'), 40),
+        _aggregate_row((None, 'o3'), 5, Decimal('0.5'), 50),
+    ]
+    summary = _summary(rows, ('organization', 'model'), merge_adjacent=True)
+    assert [(r.group['organization'], r.group['model'], r.totals.events, r.totals.cost_usd) for r in summary.rows] == [
+        ('acme', 'gpt-4o', 3, Decimal('0.3')),
+        ('acme', 'o3', 3, Decimal('0.3')),
+        (None, 'o3', 9, Decimal('0.9')),
+    ]
+    assert (
+        summary.totals
+        == _summary([row[2:] for row in rows], ()).totals
+        == UsageTotals(events=15, cost_usd=Decimal('1.5'), input_tokens=150, output_tokens=150)
+    )
+
+
+@pytest.mark.parametrize('enabled', [True, False])
+def test_the_garbage_collector_is_left_as_found(populated: UsageTracker, enabled: bool):
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        assert populated.get_usage_summary(*EVERYTHING, group_by=('organization', 'model')).rows
+        assert gc.isenabled() is enabled
+        with pytest.raises(TypeError):
+            _summary([('gpt-4o', 1, Decimal(1), 0)], ('model',))  # too few sums: fails while the collector is paused
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+def test_the_fast_constructor_refuses_a_class_with_post_init():
+    @dataclass(frozen=True, slots=True)
+    class Checked:
+        value: int
+
+        def __post_init__(self) -> None:
+            assert self.value >= 0
+
+    with pytest.raises(TypeError, match='__post_init__'):
+        _slot_constructor(Checked)
