@@ -18,7 +18,8 @@ Wall and CPU time are noisy on a shared machine. For a stable figure, count inst
 prints its instructions per run (writer thread included) and its ratio to `untracked`'s, the overhead. Each
 variant runs `python -m benchmarks.agent_overhead --instructions VARIANT N`, which marks the start and end of
 its N measured runs with a call to `os.getppid()`; `--dump-before=os_getppid` makes callgrind count them
-apart from start-up and shutdown, so one process per variant is enough.
+apart from start-up and shutdown, so one process per variant is enough. The objects alive before the first
+mark are frozen out of the garbage collector and the hash seed is fixed, so that the count repeats.
 
     python -m benchmarks.agent_overhead [RUNS]
     python -m benchmarks.agent_overhead --callgrind [N] [VARIANT ...]
@@ -298,6 +299,10 @@ def instructions(variant: str, n: int) -> None:
             await _batch(agent, deps, 20)
             if tracker is not None:
                 assert tracker.flush(120)
+            # A full collection walks every object the imports made: millions of instructions, falling in or out
+            # of the window by chance. Frozen, they are left out, and the window counts what the runs cost.
+            gc.collect()
+            gc.freeze()
             os.getppid()  # callgrind mark: start
             await _batch(agent, deps, n)
             if tracker is not None:
@@ -321,7 +326,9 @@ def callgrind(n: int, variants: Sequence[str]) -> dict[str, float]:
             out = Path(tmp) / f'{variant}.out'
             command = [valgrind, '--tool=callgrind', '--dump-before=os_getppid', f'--callgrind-out-file={out}']
             command += [sys.executable, '-m', 'benchmarks.agent_overhead', '--instructions', variant, str(n)]
-            subprocess.run(command, check=True, capture_output=True)
+            # A fixed hash seed, so that set and dict layouts (and so the count) repeat from one run to the next.
+            env = {**os.environ, 'PYTHONHASHSEED': '0'}
+            subprocess.run(command, check=True, capture_output=True, env=env)
             # Part 2 is the span between the marks: part 1 is start-up and warm-up, the last part shutdown.
             part = Path(f'{out}.2').read_text()
             per_run[variant] = int(part.split('\ntotals: ', 1)[1].split()[0]) / n
