@@ -539,6 +539,7 @@ class TrackUsage(AbstractCapability[Any]):
     def _close(self, run: _Run) -> None:
         """Record what the run's responses did not show, and the failure marker; release shared state."""
         run.closed = True
+        run.wrapper = None  # it refers back to the run: let both go without waiting for the cycle collector
         error = run.error
         try:
             error_attempts = _error_attempts(error) if error is not None else []
