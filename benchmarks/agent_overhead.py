@@ -13,22 +13,30 @@
 3. Deterministic: `TrackUsage`'s hooks and model wrapper driven directly with a real run's context and
    response, without pydantic-ai around them, per recorded request; and the tracker's background cost per row.
 
-Wall and CPU time are noisy on a shared machine. For a stable figure, count instructions with callgrind: run
-`python -m benchmarks.agent_overhead --instructions VARIANT N` under
-`valgrind --tool=callgrind` for N = 0 and N = 60 and divide the difference by 60 (instructions per run);
-the ratio of a variant's figure to `untracked`'s is the overhead.
+Wall and CPU time are noisy on a shared machine. For a stable figure, count instructions with callgrind:
+`python -m benchmarks.agent_overhead --callgrind [N]` runs each variant under `valgrind --tool=callgrind` and
+prints its instructions per run (writer thread included) and its ratio to `untracked`'s, the overhead. Each
+variant runs `python -m benchmarks.agent_overhead --instructions VARIANT N`, which marks the start and end of
+its N measured runs with a call to `os.getppid()`; `--dump-before=os_getppid` makes callgrind count them
+apart from start-up and shutdown, so one process per variant is enough. The objects alive before the first
+mark are frozen out of the garbage collector and the hash seed is fixed, so that the count repeats.
 
     python -m benchmarks.agent_overhead [RUNS]
+    python -m benchmarks.agent_overhead --callgrind [N] [VARIANT ...]
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,7 +278,10 @@ VARIANTS = ('untracked', 'empty', 'same-hooks', 'null', 'sqlite')
 
 
 def instructions(variant: str, n: int) -> None:
-    """20 warm-up runs and `n` runs of one variant, to count instructions with callgrind (see the docstring)."""
+    """20 warm-up runs, then `n` runs of one variant between two `os.getppid()` calls (see the docstring).
+
+    The tracker is flushed before each mark, so the measured span holds the writer's work for its `n` runs.
+    """
     model = FunctionModel(_answer, model_name='gpt-4o')
     with tempfile.TemporaryDirectory() as tmp:
         tracker = UsageTracker(f'sqlite:///{Path(tmp) / "bench.db"}') if variant == 'sqlite' else None
@@ -283,16 +294,67 @@ def instructions(variant: str, n: int) -> None:
         }
         agent = Agent(model, deps_type=UsageDeps, name='bench', capabilities=capabilities[variant])
         deps = UsageDeps(user_id='u1', organization_id='org1')
-        asyncio.run(_batch(agent, deps, 20 + n))
+
+        async def body() -> None:
+            await _batch(agent, deps, 20)
+            if tracker is not None:
+                assert tracker.flush(120)
+            # A full collection walks every object the imports made: millions of instructions, falling in or out
+            # of the window by chance. Frozen, they are left out, and the window counts what the runs cost.
+            gc.collect()
+            gc.freeze()
+            os.getppid()  # callgrind mark: start
+            await _batch(agent, deps, n)
+            if tracker is not None:
+                assert tracker.flush(120)
+            os.getppid()  # callgrind mark: end
+
+        asyncio.run(body())
         if tracker is not None:
-            assert tracker.flush(120)
             tracker.close()
             tracker.engine.dispose()
+
+
+def callgrind(n: int, variants: Sequence[str]) -> dict[str, float]:
+    """Instructions per run of each variant, counted by callgrind over `n` runs (see the docstring)."""
+    valgrind = shutil.which('valgrind')
+    if valgrind is None:
+        raise SystemExit('agent_overhead --callgrind: valgrind is not installed')
+    per_run: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in variants:
+            out = Path(tmp) / f'{variant}.out'
+            command = [valgrind, '--tool=callgrind', '--dump-before=os_getppid', f'--callgrind-out-file={out}']
+            command += [sys.executable, '-m', 'benchmarks.agent_overhead', '--instructions', variant, str(n)]
+            # A fixed hash seed, so that set and dict layouts (and so the count) repeat from one run to the next.
+            env = {**os.environ, 'PYTHONHASHSEED': '0'}
+            subprocess.run(command, check=True, capture_output=True, env=env)
+            # Part 2 is the span between the marks: part 1 is start-up and warm-up, the last part shutdown.
+            part = Path(f'{out}.2').read_text()
+            per_run[variant] = int(part.split('\ntotals: ', 1)[1].split()[0]) / n
+            print(f'  {variant:12} {per_run[variant]:12,.0f} instructions per run', flush=True)
+    return per_run
+
+
+def _print_callgrind(per_run: dict[str, float]) -> None:
+    base = per_run.get('untracked')
+    if base is None:
+        return
+    print(f'agent_overhead (callgrind): instructions per run, ratio to untracked ({base:,.0f})')
+    for variant, count in per_run.items():
+        target = f'   target <= {TARGET_RATIO}' if variant == 'sqlite' else ''
+        print(f'  {variant:12} {count / base:.3f}  {count - base:+12,.0f}{target}')
 
 
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == '--instructions' and sys.argv[2] in VARIANTS:
         instructions(sys.argv[2], int(sys.argv[3]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == '--callgrind':
+        args = sys.argv[2:]
+        n = int(args.pop(0)) if args and args[0].isdigit() else 60
+        chosen = [v for v in VARIANTS if v in args] if args else list(VARIANTS)
+        _print_callgrind(callgrind(n, ['untracked', *(v for v in chosen if v != 'untracked')]))
         return
     runs = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else RUNS
     results, written = asyncio.run(measure(runs, min(BREAKDOWN_RUNS, runs)))

@@ -59,7 +59,8 @@ from pydantic_ai.usage import RequestUsage, RunUsage
 
 from ._log import RateLimitedLog, logger
 from ._warnings import MissingAttributionWarning, PaiUsageWarning, emit, first_for_type
-from .context import UsageContext, current_usage_context, usage_context
+from .context import UsageContext
+from .context import _current as _current_context  # pyright: ignore[reportPrivateUsage]
 from .tracker import UsageTracker, get_tracker
 from .usage import TokenCounts
 
@@ -181,6 +182,8 @@ class _Run:
     error: BaseException | None = None
     """What ended the run, if it failed."""
     closed: bool = False
+    wrapper: _TrackedModel | None = None
+    """The latest model wrapper, reused while the same model serves the run's attempts."""
     seen: set[int] = field(default_factory=set[int])
     """`id()`s of the usage objects and attempts recorded, so that each is recorded once."""
     keep: list[object] = field(default_factory=list[object])
@@ -228,13 +231,19 @@ class _TrackedModel(WrapperModel):
     ) -> ModelResponse:
         run = self._run
         owner = run.owner
-        request = owner._guard(owner._begin, run)  # pyright: ignore[reportPrivateUsage]
+        try:
+            request = owner._begin(run)  # pyright: ignore[reportPrivateUsage]
+        except Exception as exc:
+            request = _failed(exc)
         try:
             response = await self.wrapped.request(messages, model_settings, model_request_parameters)
         except BaseException as exc:
             owner._guard(owner._returned, run, request, None, exc)  # pyright: ignore[reportPrivateUsage]
             raise
-        owner._guard(owner._returned, run, request, response, None)  # pyright: ignore[reportPrivateUsage]
+        try:
+            owner._returned(run, request, response, None)  # pyright: ignore[reportPrivateUsage]
+        except Exception as exc:
+            _failed(exc)
         return response
 
     @asynccontextmanager
@@ -247,7 +256,10 @@ class _TrackedModel(WrapperModel):
     ) -> AsyncGenerator[StreamedResponse]:
         run = self._run
         owner = run.owner
-        request = owner._guard(owner._begin, run)  # pyright: ignore[reportPrivateUsage]
+        try:
+            request = owner._begin(run)  # pyright: ignore[reportPrivateUsage]
+        except Exception as exc:
+            request = _failed(exc)
         stream: StreamedResponse | None = None
         try:
             async with self.wrapped.request_stream(
@@ -289,19 +301,27 @@ class TrackUsage(AbstractCapability[Any]):
 
     async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
         """Open the run's books and make it the current `UsageContext`; close them once it ended and settled."""
-        run: _Run | None = self._guard(self._start, ctx)
+        try:
+            run = self._start(ctx)
+        except Exception as exc:
+            run = _failed(exc)
         if run is None:
             return await handler()
-        token = _current_run.set(run)
+        run_token = _current_run.set(run)
+        context_token = _current_context.set(run.context)
         try:
-            with usage_context(run.context):
-                result = await handler()
+            result = await handler()
         except BaseException as exc:
+            _current_context.reset(context_token)
             self._guard(self._end, run, exc)
             raise
         finally:
-            _current_run.reset(token)
-        self._guard(self._end, run, None)
+            _current_run.reset(run_token)
+        _current_context.reset(context_token)
+        try:
+            self._end(run, None)
+        except Exception as exc:
+            _failed(exc)
         return result
 
     def get_wrapper_model(self, model: Model) -> Model | None:
@@ -309,7 +329,11 @@ class TrackUsage(AbstractCapability[Any]):
         run = _current_run.get()
         if run is None or run.owner is not self or run.closed:
             return None
-        return _TrackedModel(model, run)
+        wrapper = run.wrapper
+        if wrapper is None or wrapper.wrapped is not model:
+            # The wrapper holds no per-attempt state (its scope is a no-op), so a run's attempts on one model share it.
+            wrapper = run.wrapper = _TrackedModel(model, run)
+        return wrapper
 
     async def after_model_request(
         self, ctx: RunContext[Any], *, request_context: ModelRequestContext, response: ModelResponse
@@ -325,21 +349,21 @@ class TrackUsage(AbstractCapability[Any]):
     def _guard(self, func: Any, *args: Any) -> Any:
         try:
             return func(*args)
-        except PaiUsageWarning:
-            raise  # a developer mistake, raised because strict mode or a warning filter asks for it
         except Exception as exc:
-            TrackUsage.errors += 1
-            _log.error('capability', 'pai-usage: TrackUsage failed, usage may be incomplete: %r', exc, exc_info=True)
-            return None
+            return _failed(exc)
 
     def _start(self, ctx: RunContext[Any]) -> _Run | None:
         if ctx.run_id in _active_runs:
             # Two `TrackUsage` on one run (the agent's and the run's): the outer one records it.
             return None
         deps = ctx.deps
-        outer = current_usage_context()
-        organization_id = _label(getattr(deps, 'organization_id', None))
-        user_id = _label(getattr(deps, 'user_id', None))
+        outer = _current_context.get()
+        organization_id = getattr(deps, 'organization_id', None)
+        if type(organization_id) is not str or not organization_id:
+            organization_id = _label(organization_id)
+        user_id = getattr(deps, 'user_id', None)
+        if type(user_id) is not str or not user_id:
+            user_id = _label(user_id)
         if outer is not None:
             organization_id = organization_id or outer.organization_id
             user_id = user_id or outer.user_id
@@ -362,15 +386,19 @@ class TrackUsage(AbstractCapability[Any]):
             {**(outer.metadata or {}), **(self.metadata or {})} if outer is not None else dict(self.metadata or {})
         )
         usage = ctx.usage
-        base = {
+        # Only fields with a value: the record's defaults stand for the rest, and each key costs `track()` and the
+        # writer's validation (an empty `metadata` would still go through `safe_metadata`).
+        base: dict[str, Any] = {
             'organization_id': organization_id,
             'user_id': user_id,
             'source': 'agent',
             'run_id': ctx.run_id,
-            'parent_run_id': parent_run_id,
             'agent_name': agent_name,
-            'metadata': metadata,
         }
+        if parent_run_id is not None:
+            base['parent_run_id'] = parent_run_id
+        if metadata:
+            base['metadata'] = metadata
         context = UsageContext(
             organization_id=organization_id,
             user_id=user_id,
@@ -382,7 +410,7 @@ class TrackUsage(AbstractCapability[Any]):
         with _shared_lock:
             shared = _shared.get(id(usage))
             if shared is None or shared.usage is not usage:
-                shared = _shared[id(usage)] = _Shared(usage, copy(usage))
+                shared = _shared[id(usage)] = _Shared(usage, cast(RunUsage, usage.__copy__()))
             shared.runs += 1
             _active_runs.add(ctx.run_id)
         return _Run(owner=self, tracker=tracker, base=base, context=context, shared=shared)
@@ -421,8 +449,9 @@ class TrackUsage(AbstractCapability[Any]):
                 return
             elapsed_ms = (perf_counter() - request.start) * 1000
             if response is not None:
-                # Attempts a `FallbackModel` moved on from are final: record them now, not when the response is.
-                elapsed_ms -= self._record_attempts(run, response.failed_attempts)
+                if response.failed_attempts:
+                    # Attempts a `FallbackModel` moved on from are final: record them now, not when the response is.
+                    elapsed_ms -= self._record_attempts(run, response.failed_attempts)
                 request.response = response
                 request.duration_ms = elapsed_ms
             else:
@@ -473,9 +502,10 @@ class TrackUsage(AbstractCapability[Any]):
             duration_ms = (
                 request.duration_ms if request.duration_ms is not None else (perf_counter() - request.start) * 1000
             )
-        # Attempts hooks or a `FallbackModel` moved on from before this response: most were recorded already, when
-        # the model returned or the next attempt began; their time is not in `duration_ms`.
-        self._record_attempts(run, response.failed_attempts)
+        if response.failed_attempts:
+            # Attempts hooks or a `FallbackModel` moved on from before this response: most were recorded already,
+            # when the model returned or the next attempt began; their time is not in `duration_ms`.
+            self._record_attempts(run, response.failed_attempts)
         self._record_response(run, response, 'ok', duration_ms)
 
     def _settled(self, run: _Run) -> None:
@@ -495,6 +525,7 @@ class TrackUsage(AbstractCapability[Any]):
     def _close(self, run: _Run) -> None:
         """Record what the run's responses did not show, and the failure marker; release shared state."""
         run.closed = True
+        run.wrapper = None  # it refers back to the run: let both go without waiting for the cycle collector
         error = run.error
         try:
             error_attempts = _error_attempts(error) if error is not None else []
@@ -505,7 +536,8 @@ class TrackUsage(AbstractCapability[Any]):
                     self._guard(self._record_rejected, run, response, request.duration_ms)
                 else:
                     self._guard(self._record_response, run, response, 'ok', request.duration_ms)
-            self._guard(self._record_attempts, run, error_attempts)
+            if error_attempts:
+                self._guard(self._record_attempts, run, error_attempts)
         finally:
             self._reconcile(run)
 
@@ -519,7 +551,7 @@ class TrackUsage(AbstractCapability[Any]):
             run.tracker.track(**self._row(run, 'agent_run_remainder', remainder, None, None, status))
         if error is not None:
             fields = self._row(run, 'agent_run', RequestUsage(), None, None, 'error')
-            fields['metadata'] = {**fields['metadata'], 'error_type': type(error).__name__}
+            fields['metadata'] = {**fields.get('metadata', {}), 'error_type': type(error).__name__}
             fields['cost_usd'] = Decimal(0)
             fields['pricing_status'] = 'priced'
             run.tracker.track(**fields)
@@ -558,7 +590,7 @@ class TrackUsage(AbstractCapability[Any]):
         if response.state != 'complete' and 'response_state' not in extra:
             extra['response_state'] = response.state  # e.g. `interrupted`: a stream stopped early
         if extra:
-            fields['metadata'] = {**fields['metadata'], **extra}
+            fields['metadata'] = {**fields.get('metadata', {}), **extra}
         run.tracker.track(**fields)
         _add(run.shared.recorded, usage)
 
@@ -571,7 +603,7 @@ class TrackUsage(AbstractCapability[Any]):
         fields = self._row(run, 'agent_request', usage, attempt.provider_name, attempt.model_name, 'error')
         fields['created_at'] = _aware(attempt.timestamp)
         fields['duration_ms'] = max(round(attempt.duration.total_seconds() * 1000), 0)
-        fields['metadata'] = {**fields['metadata'], **extra}
+        fields['metadata'] = {**fields.get('metadata', {}), **extra}
         run.tracker.track(**fields)
         if attempt.usage is not None:
             _add(run.shared.recorded, attempt.usage)
@@ -601,6 +633,17 @@ class TrackUsage(AbstractCapability[Any]):
             fields['pricing_status'] = 'priced'
             fields['price_source'] = PYDANTIC_AI_PRICE_SOURCE
         return fields
+
+
+def _failed(exc: Exception) -> None:
+    """Count and log a failure of the capability's own work; re-raise a `PaiUsageWarning`.
+
+    A `PaiUsageWarning` is a developer mistake, raised because strict mode or a warning filter asks for it.
+    """
+    if isinstance(exc, PaiUsageWarning):
+        raise exc
+    TrackUsage.errors += 1
+    _log.error('capability', 'pai-usage: TrackUsage failed, usage may be incomplete: %r', exc, exc_info=True)
 
 
 def _error_attempts(error: BaseException | None) -> list[ModelRequestAttempt]:
@@ -665,17 +708,15 @@ def _token_columns(usage: RequestUsage | RunUsage) -> dict[str, Any]:
         plain_input = usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens
         plain_output = usage.output_tokens - usage.output_reasoning_tokens
         if plain_input >= 0 and plain_output >= 0:
-            return {
-                'input_tokens': plain_input,
-                'cache_read_tokens': usage.cache_read_tokens,
-                'cache_write_tokens': usage.cache_write_tokens,
-                'input_audio_tokens': 0,
-                'output_tokens': plain_output,
-                'reasoning_tokens': usage.output_reasoning_tokens,
-                'output_audio_tokens': 0,
-                'output_image_tokens': 0,
-                'details': {},
-            }
+            # Zero buckets and empty details left out: they are the record's defaults.
+            columns: dict[str, Any] = {'input_tokens': plain_input, 'output_tokens': plain_output}
+            if usage.cache_read_tokens:
+                columns['cache_read_tokens'] = usage.cache_read_tokens
+            if usage.cache_write_tokens:
+                columns['cache_write_tokens'] = usage.cache_write_tokens
+            if usage.output_reasoning_tokens:
+                columns['reasoning_tokens'] = usage.output_reasoning_tokens
+            return columns
     extra: dict[str, int] = {
         k: v for k, v in usage.__dict__.items() if k not in _NOT_EXTRA and type(v) is int and v > 0
     }
