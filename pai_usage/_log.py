@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
-__all__ = ('RateLimitedLog', 'logger')
+__all__ = ('RateLimitedLog', 'logger', 'reset_rate_limits')
 
 logger = logging.getLogger('pai_usage')
 logger.addHandler(logging.NullHandler())
 
 
-@dataclass
+@dataclass(eq=False)
 class RateLimitedLog:
     """Logs each kind of message at most once per `interval` seconds, counting what it held back."""
 
@@ -22,6 +23,15 @@ class RateLimitedLog:
     _last: dict[str, float] = field(default_factory=dict[str, float], init=False, repr=False)
     _suppressed: dict[str, int] = field(default_factory=dict[str, int], init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _instances.add(self)
+
+    def reset(self) -> None:
+        """Forget what was logged, so that every kind of message is logged again."""
+        with self._lock:
+            self._last.clear()
+            self._suppressed.clear()
 
     def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool = False) -> bool:
         """Log `msg` unless a message with the same `key` was logged less than `interval` seconds ago.
@@ -48,3 +58,12 @@ class RateLimitedLog:
     def error(self, key: str, msg: str, *args: object, exc_info: bool = False) -> bool:
         """Log a rate-limited error."""
         return self.log(logging.ERROR, key, msg, *args, exc_info=exc_info)
+
+
+_instances: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()
+
+
+def reset_rate_limits() -> None:
+    """Reset every rate-limited log (used by `pai_usage.testing` per test, so a test sees its own messages)."""
+    for log in list(_instances):
+        log.reset()

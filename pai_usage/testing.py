@@ -34,6 +34,7 @@ import pytest
 from pydantic import ValidationError
 
 from . import tracker as _tracker
+from ._log import reset_rate_limits as _reset_rate_limits
 from ._warnings import emit_pending, has_pending
 from ._warnings import reset as _reset_warnings
 from .pricing import PriceTable, price_usage
@@ -230,8 +231,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Give pai-usage's once-per-process warnings again in each test."""
+    """Give pai-usage's once-per-process warnings and rate-limited log messages again in each test."""
     _reset_warnings()
+    _reset_rate_limits()
 
 
 _previous_factory = pytest.StashKey[Callable[[], UsageTracker] | None]()
