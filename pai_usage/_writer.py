@@ -239,7 +239,12 @@ def _copy_records(
     Returns how many rows were new.
     """
     raw: Any = conn.connection.driver_connection
+    from psycopg.adapt import PyFormat  # PostgreSQL is an optional extra
+
     with raw.cursor() as cur:
+        # The dumper `bytea` maps to is psycopg's Python one (for its `Binary` wrapper); the one for `bytes` is
+        # in C. This cursor's own map only: the connection's stays as it is.
+        cur.adapters.register_dumper(bytes, raw.adapters.get_dumper(bytes, PyFormat.BINARY))
         if staged:
             # Per-session temp table, emptied at each commit; `IF NOT EXISTS` makes reused connections cheap.
             cur.execute(
