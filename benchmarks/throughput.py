@@ -1,21 +1,27 @@
 """Sustained write throughput into PostgreSQL: 200k records through `UsageTracker`, against a raw psycopg COPY.
 
 Both write the same rows into the same `token_usage` table (migrated: primary key, indexes and the rollup
-trigger), emptied between runs. Ours is timed end to end, from the first `track()` to `flush()` returning,
-with a producer that keeps up with the writer (the queue stays small): validation, batching, COPY and one
-commit per batch, with the product thread and the writer thread sharing the GIL. The baseline is the lower
-bound of any Python writer: pre-built tuples, one binary COPY, one commit. The harness's pre-built events
-are moved out of the garbage collector's sight (`gc.freeze()`) for both sides, so that neither pays for
-rescanning the harness's own 200k dicts. Records carry `cost_usd`, as the PydanticAI capability's do
-(pydantic-ai prices them); records left for the writer to price with genai-prices cost more (see the
-`unpriced` line).
+triggers of migrations 0002 and 0006), emptied between runs: both pay the same triggers, and the output says
+which ones fired. Ours is timed end to end, from the first `track()` to `flush()` returning, with a producer
+that keeps up with the writer (the queue stays small): validation, pricing, batching, COPY and one commit per
+batch, with the product thread and the writer thread sharing the GIL, the write-ahead journal on (the default).
+The baseline is the lower bound of any Python writer: pre-built tuples, one binary COPY, one commit (one run of
+each statement-level trigger). A second baseline commits every `batch_size` rows, as the writer does: the
+like-with-like figure for what batching itself costs the server (one trigger run and one commit per batch).
 
-    python -m benchmarks.throughput [RECORDS]
+Two workloads: records that carry `cost_usd` (as the PydanticAI capability's do: pydantic-ai prices them) and
+self-priced records, which the writer prices with genai-prices' compiled prices. Each round runs every side
+once, in turn; the ratios are taken within a round and the median over rounds is reported (the machine's load
+drifts, and hits a round's sides alike). The harness's pre-built events are moved out of the garbage
+collector's sight (`gc.freeze()`) for both sides, so that neither pays for rescanning the harness's own dicts.
+
+    python -m benchmarks.throughput [RECORDS] [ROUNDS]
 """
 
 from __future__ import annotations
 
 import gc
+import statistics
 import sys
 import tempfile
 import time
@@ -32,22 +38,24 @@ from pai_usage._writer import _COLUMN_LIST, _PG_TYPES, _copy_row  # pyright: ign
 from pai_usage.migrate import migrate
 
 RECORDS = 200_000
-ROUNDS = 2
-UNPRICED = 5_000
+ROUNDS = 3
 TARGET = 0.7
+BATCH = 2000
+"""`UsageTracker`'s default `batch_size`: the batched baseline commits as often as the writer does."""
 
 
 def make_events(n: int, *, priced: bool = True) -> list[dict[str, Any]]:
     start = datetime.now(UTC) - timedelta(days=1)
-    models = ('gpt-4o', 'claude-sonnet-4', 'gemini-2.5-pro')
+    # Each model under the provider genai-prices prices it for: the writer prices all of them (none unpriced).
+    models = (('openai', 'gpt-4o'), ('anthropic', 'claude-sonnet-4'), ('google-gla', 'gemini-2.5-pro'))
     return [
         {
             'id': uuid.uuid4(),
             'created_at': start + timedelta(milliseconds=i),
             'organization_id': f'org-{i % 50}',
             'user_id': f'user-{i % 1000}',
-            'provider': 'openai',
-            'model': models[i % 3],
+            'provider': models[i % 3][0],
+            'model': models[i % 3][1],
             'operation': 'request',
             'source': 'agent',
             'run_id': f'run-{i // 3}',
@@ -63,19 +71,34 @@ def make_events(n: int, *, priced: bool = True) -> list[dict[str, Any]]:
     ]
 
 
-def raw_copy(url: str, events: list[dict[str, Any]], *, binary: bool = True) -> float:
-    # Rows exactly as ours would store them, built before the clock starts.
-    rows = [_copy_row(UsageRecord.model_validate({**e, 'pricing_status': 'priced'})) for e in events]
-    conninfo = sa.make_url(url).set(drivername='postgresql').render_as_string(hide_password=False)
-    with psycopg.connect(conninfo) as conn:
+def copy_rows(events: list[dict[str, Any]]) -> list[list[Any]]:
+    """The rows exactly as ours stores them (priced: the baseline never prices), built before the clock starts."""
+    rows: list[list[Any]] = []
+    for e in events:
+        record = UsageRecord.model_validate({**e, 'pricing_status': 'priced', 'cost_usd': e.get('cost_usd', '0.0031')})
+        rows.append(_copy_row(record))
+    return rows
+
+
+def _conninfo(url: str) -> str:
+    return sa.make_url(url).set(drivername='postgresql').render_as_string(hide_password=False)
+
+
+def raw_copy(url: str, rows: list[list[Any]], *, batch: int | None = None) -> float:
+    """One binary COPY and one commit (or one per `batch` rows), of pre-built rows."""
+    step = batch or len(rows)
+    with psycopg.connect(_conninfo(url)) as conn:
         gc.collect()
         started = time.perf_counter()
-        fmt = ' (FORMAT BINARY)' if binary else ''
-        with conn.cursor() as cur, cur.copy(f'COPY token_usage ({_COLUMN_LIST}) FROM STDIN{fmt}') as copy:
-            copy.set_types(_PG_TYPES)
-            for row in rows:
-                copy.write_row(row)
-        conn.commit()
+        for start in range(0, len(rows), step):
+            with (
+                conn.cursor() as cur,
+                cur.copy(f'COPY token_usage ({_COLUMN_LIST}) FROM STDIN (FORMAT BINARY)') as copy,
+            ):
+                copy.set_types(_PG_TYPES)
+                for row in rows[start : start + step]:
+                    copy.write_row(row)
+            conn.commit()
         elapsed = time.perf_counter() - started
         conn.execute('TRUNCATE token_usage')
         conn.commit()
@@ -111,36 +134,57 @@ def ours(url: str, events: list[dict[str, Any]]) -> tuple[float, int]:
     return elapsed, written
 
 
+def triggers(url: str) -> list[str]:
+    """The user triggers on `token_usage`, which every side pays alike."""
+    with psycopg.connect(_conninfo(url)) as conn:
+        names = conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'token_usage'::regclass AND NOT tgisinternal ORDER BY 1"
+        ).fetchall()
+    return [name for (name,) in names]
+
+
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else RECORDS
+    args = [int(a) for a in sys.argv[1:] if a.isdigit()]
+    n = args[0] if args else RECORDS
+    rounds = args[1] if len(args) > 1 else ROUNDS
     with pg_schema() as url:
         engine = sa.create_engine(url)
         migrate(engine)
         engine.dispose()
-        events = make_events(n)
+        fired = triggers(url)
+        priced, unpriced = make_events(n), make_events(n, priced=False)
+        rows = copy_rows(priced)
         gc.collect()
         gc.freeze()
-        # Alternate the two and keep the best of each: the machine's load drifts, and hits both alike.
-        raw_times: list[float] = []
-        text_times: list[float] = []
-        ours_times: list[float] = []
-        written = 0
-        for _ in range(ROUNDS):
-            raw_times.append(raw_copy(url, events))
-            text_times.append(raw_copy(url, events, binary=False))
-            elapsed, written = ours(url, events)
-            ours_times.append(elapsed)
-        unpriced_s, _ = ours(url, make_events(UNPRICED, priced=False))
+        times: dict[str, list[float]] = {'raw': [], 'batched': [], 'priced': [], 'self-priced': []}
+        written: dict[str, int] = {}
+        for _ in range(rounds):
+            times['raw'].append(raw_copy(url, rows))
+            times['batched'].append(raw_copy(url, rows, batch=BATCH))
+            for name, events in (('priced', priced), ('self-priced', unpriced)):
+                elapsed, written[name] = ours(url, events)
+                times[name].append(elapsed)
         gc.unfreeze()
-    raw_s, text_s, ours_s = min(raw_times), min(text_times), min(ours_times)
-    raw_rate, text_rate, ours_rate = n / raw_s, n / text_s, n / ours_s
-    print(f'throughput: {n} records into PostgreSQL token_usage (PK, 4 indexes, rollup trigger), best of {ROUNDS}')
-    print(f'  raw psycopg binary COPY, 1 commit: {raw_rate:9,.0f} rows/s  ({raw_s:.2f} s)')
-    print(f'  raw psycopg text COPY, 1 commit:   {text_rate:9,.0f} rows/s  ({text_s:.2f} s)')
-    print(f'  UsageTracker track() -> written:   {ours_rate:9,.0f} rows/s  ({ours_s:.2f} s, {written} rows)')
-    print(f'  ratio ours / raw binary COPY:      {ours_rate / raw_rate:9.2f}  (target >= {TARGET})')
-    print(f'  ratio ours / raw text COPY:        {ours_rate / text_rate:9.2f}')
-    print(f'  unpriced (genai-prices in writer): {UNPRICED / unpriced_s:9,.0f} rows/s  ({UNPRICED} records)')
+
+    def rate(name: str) -> str:
+        return f'{n / statistics.median(times[name]):9,.0f} rows/s  (median {statistics.median(times[name]):.2f} s)'
+
+    def ratio(name: str, base: str) -> str:
+        ratios = [b / o for o, b in zip(times[name], times[base], strict=True)]
+        each = ' '.join(f'{r:.2f}' for r in ratios)
+        return f'{statistics.median(ratios):5.2f}  (rounds: {each})'
+
+    print(f'throughput: {n} records into PostgreSQL token_usage, {rounds} rounds, ratios per round, median')
+    print(f'  every side pays the same triggers: {", ".join(fired) or "none"} (statement-level: once per COPY)')
+    print(f'  raw binary COPY, 1 commit:             {rate("raw")}')
+    print(f'  raw binary COPY, commit per {BATCH}:     {rate("batched")}')
+    print(f'  ours, priced (cost_usd given):         {rate("priced")}, {written["priced"]} rows')
+    print(f'  ours, self-priced (genai-prices):      {rate("self-priced")}, {written["self-priced"]} rows')
+    print(f'  ratio priced / raw COPY:               {ratio("priced", "raw")}  target >= {TARGET}')
+    print(f'  ratio self-priced / raw COPY:          {ratio("self-priced", "raw")}  target >= {TARGET}')
+    print(f'  ratio priced / batched raw COPY:       {ratio("priced", "batched")}  (like with like: same commits)')
+    print(f'  ratio self-priced / batched raw COPY:  {ratio("self-priced", "batched")}')
+    print(f'  batched / 1-commit raw COPY:           {ratio("batched", "raw")}  (what a commit per batch costs)')
 
 
 if __name__ == '__main__':

@@ -47,9 +47,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from ._journal import Journal, Segment
 from ._log import RateLimitedLog
 from ._spill import SpillDir, encode, encode_rejected
+from ._validate import fields_many, record_from_fields
 from .migrate import migrate
-from .pricing import PriceTable, price_fields
-from .record import UsageRecord
+from .pricing import PriceTable, price_fields, price_fields_many
+from .record import UsageRecord, json_text
 from .table import COST_SCALE, UNITS_SCALE
 from .table import TOKEN_USAGE as _table
 
@@ -121,12 +122,15 @@ _RECORDS = TypeAdapter(list[UsageRecord])
 _COLUMNS: tuple[str, ...] = tuple(c.name for c in _table.columns)
 _COST_QUANTUM = Decimal(1).scaleb(-COST_SCALE)
 _UNITS_QUANTUM = Decimal(1).scaleb(-UNITS_SCALE)
+# Binary COPY carries no types, only each column's bytes: the id (`uuid`) and the JSON columns (`jsonb`) are
+# encoded by `_copy_row` itself, in their binary forms, and written as they are, like `bytea`. psycopg's own
+# dumpers for those types are Python calls, one per value.
 _PG_TYPES: tuple[str, ...] = tuple(
     {
-        'id': 'uuid',
+        'id': 'bytea',
         'created_at': 'timestamptz',
-        'details': 'jsonb',
-        'metadata': 'jsonb',
+        'details': 'bytea',
+        'metadata': 'bytea',
         'units': 'numeric',
         'cost_usd': 'numeric',
         'duration_ms': 'int4',
@@ -136,19 +140,32 @@ _PG_TYPES: tuple[str, ...] = tuple(
 _COLUMN_LIST = ', '.join(f'"{name}"' for name in _COLUMNS)
 _STAGE = 'pai_usage_stage'
 _get_columns = cast('Callable[[Any], tuple[Any, ...]]', operator.itemgetter(*_COLUMNS))
+_ID_INDEX = _COLUMNS.index('id')
+_DETAILS_INDEX = _COLUMNS.index('details')
+_METADATA_INDEX = _COLUMNS.index('metadata')
 _COST_INDEX = _COLUMNS.index('cost_usd')
 _UNITS_INDEX = _COLUMNS.index('units')
+_EMPTY_JSONB = b'\x01{}'
 
 
-def _copy_row(record: UsageRecord) -> tuple[Any, ...]:
+def _jsonb(value: dict[str, Any]) -> bytes:
+    # jsonb's binary form: a version byte, then the JSON text. `json_text` refuses what is not JSON (a data error).
+    return b'\x01' + json_text(value).encode() if value else _EMPTY_JSONB
+
+
+def _copy_row(record: UsageRecord) -> list[Any]:
+    """The record as one binary COPY row, in `_COLUMNS` order, with the types `_PG_TYPES` names."""
     values = record.__dict__
     row = list(_get_columns(values))  # `metadata` is named the same on the model as in the table
+    row[_ID_INDEX] = values['id'].bytes
+    row[_DETAILS_INDEX] = _jsonb(values['details'])
+    row[_METADATA_INDEX] = _jsonb(values['metadata'])
     # Round like `ExactDecimal` does for the Core path, not like PostgreSQL would (half away from zero).
     if (cost := values['cost_usd']) is not None:
         row[_COST_INDEX] = cost.quantize(_COST_QUANTUM, rounding=ROUND_HALF_EVEN)
     if (units := values['units']) is not None:
         row[_UNITS_INDEX] = units.quantize(_UNITS_QUANTUM, rounding=ROUND_HALF_EVEN)
-    return tuple(row)
+    return row
 
 
 def _priced(record: UsageRecord, table: PriceTable | None) -> UsageRecord:
@@ -222,14 +239,12 @@ def _copy_records(
     Returns how many rows were new.
     """
     raw: Any = conn.connection.driver_connection
-    info = conn.connection.info
-    if not info.get('pai_usage_json'):
-        from psycopg.types.json import set_json_dumps  # PostgreSQL is an optional extra
+    from psycopg.adapt import PyFormat  # PostgreSQL is an optional extra
 
-        # Most `details` are empty: skip the encoder for them (once per connection).
-        set_json_dumps(_json_dumps, raw)
-        info['pai_usage_json'] = True
     with raw.cursor() as cur:
+        # The dumper `bytea` maps to is psycopg's Python one (for its `Binary` wrapper); the one for `bytes` is
+        # in C. This cursor's own map only: the connection's stays as it is.
+        cur.adapters.register_dumper(bytes, raw.adapters.get_dumper(bytes, PyFormat.BINARY))
         if staged:
             # Per-session temp table, emptied at each commit; `IF NOT EXISTS` makes reused connections cheap.
             cur.execute(
@@ -252,10 +267,6 @@ def _copy_records(
             )
             return max(cur.rowcount, 0)
     return len(records)
-
-
-def _json_dumps(value: Any) -> str:
-    return json.dumps(value) if value else '{}'  # default arguments: `json`'s cached, fastest encoder
 
 
 _Entry = tuple[Any, Segment | None]
@@ -807,17 +818,44 @@ class Writer:
                     # Validation holds the GIL in C for the whole call: between chunks, let the product's
                     # threads run, so that `track()` never waits long behind the writer.
                     time.sleep(0)
-                chunk = items[start : start + _CHUNK]
-                # One call per chunk (cheaper than one per record); on any error, record by record, so that
-                # each bad record gets its own message and the good ones around it are kept.
-                try:
-                    valid = [_priced(r, table) for r in _RECORDS.validate_python([self._prepared(i) for i in chunk])]
-                except Exception:
-                    valid = [r for item in chunk if (r := self._validate(item, replay=replay)) is not None]
+                chunk = [self._prepared(i) for i in items[start : start + _CHUNK]]
+                valid = self._validate_chunk(chunk, table, replay=replay)
                 self._unvalidated = items[start + _CHUNK :]
                 yield valid
         finally:
             self._unvalidated = []
+
+    def _validate_chunk(self, chunk: list[object], table: PriceTable | None, *, replay: bool) -> list[UsageRecord]:
+        """Validate and price one chunk, keeping its order; the invalid records are rejected and left out."""
+        try:
+            plain = fields_many(chunk)
+            # Priced before the record is built: a record is made once, never copied to add its price.
+            fast = [values for values in plain if values is not None]
+            for values, priced in zip(fast, price_fields_many(fast, table), strict=True):
+                values['cost_usd'] = priced.cost_usd
+                values['pricing_status'] = priced.pricing_status
+                values['price_source'] = priced.price_source
+        except Exception:  # a bug in the shortcut must not cost a record: the model sees them all
+            plain = [None] * len(chunk)
+        slow = [item for item, values in zip(chunk, plain, strict=True) if values is None]
+        checked = iter(self._validate_slow(slow, table, replay=replay) if slow else ())
+        out: list[UsageRecord] = []
+        for item, values in zip(chunk, plain, strict=True):
+            if values is not None:
+                out.append(record_from_fields(values, set(cast('dict[str, Any]', item))))
+            elif (record := next(checked)) is not None:
+                out.append(record)
+        return out
+
+    def _validate_slow(
+        self, items: list[object], table: PriceTable | None, *, replay: bool
+    ) -> list[UsageRecord | None]:
+        # One call for all of them (cheaper than one per record); on any error, record by record, so that each
+        # bad record gets its own message and the good ones around it are kept.
+        try:
+            return [_priced(r, table) for r in _RECORDS.validate_python(items)]
+        except Exception:
+            return [self._validate(item, replay=replay) for item in items]
 
     def _prepared(self, item: object) -> object:
         if not isinstance(item, dict):

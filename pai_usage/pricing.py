@@ -15,9 +15,10 @@ whose result is the reference the tests compare against. Nothing here touches th
 from __future__ import annotations
 
 import json
+import operator
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -34,7 +35,7 @@ from genai_prices.units import UnitDef, UnitRegistry
 from ._log import RateLimitedLog
 from ._warnings import UnpricedModelWarning, warn_later
 from .record import MAX_COST_USD, PricingStatus
-from .usage import DETAIL_ALIASES, USAGE_KEYS, TokenCounts, price_values
+from .usage import DETAIL_ALIASES, TOKEN_BUCKETS, USAGE_KEYS, TokenCounts, price_values
 
 __all__ = (
     'CONFIG_SOURCE',
@@ -53,6 +54,7 @@ __all__ = (
     'get_price_table',
     'price_context',
     'price_fields',
+    'price_fields_many',
     'price_usage',
     'set_price_table',
 )
@@ -634,21 +636,21 @@ def _fast_total(compiled: _Compiled, values: Mapping[str, Any]) -> Decimal | Non
     Decimal operations in the same order as `ModelPrice.calc_price`, so the result is identical, rounding included.
     """
     leaves: dict[str, Any] = {}
+    get = values.get
     for usage_key, descendants in compiled.leaves:
-        value = values.get(usage_key)
+        value = get(usage_key)
         if value is None:
-            if any(values.get(d) for d in descendants) or any(
-                values.get(a) and values.get(b) for a, b in _joins_of(usage_key)
-            ):
+            if any(map(get, descendants)) or any(get(a) and get(b) for a, b in _joins_of(usage_key)):
                 return None  # genai-prices infers or refuses a missing total: let it say which
             value = 0
-        leaf = value - sum(leaves[d] for d in descendants) if descendants else value
-        if leaf < 0:
+        if descendants:
+            value = value - sum(map(leaves.__getitem__, descendants))
+        if value < 0:
             return None
-        leaves[usage_key] = leaf
+        leaves[usage_key] = value
     total_input = 0
     if compiled.tiered:
-        total_input = values.get('input_tokens')
+        total_input = get('input_tokens')
         if total_input is None:
             return None
     total = Decimal(0)
@@ -742,6 +744,126 @@ def price_fields(fields: Mapping[str, Any], table: PriceTable | None = None) -> 
         service_tier=fields.get('service_tier'),
         table=resolved,
     )
+
+
+def price_fields_many(rows: Sequence[Mapping[str, Any]], table: PriceTable | None = None) -> list[Priced]:
+    """`price_fields` for each of `rows`, in order, with what rows share (table, model, price) looked up once.
+
+    The writer prices a whole chunk in one call. Rows of one model and day share the decision (caller's cost
+    kept or not, override or genai-prices) and the compiled price; each row only adds up its own counts. A row
+    that is anything but plain (units, `details`, an override, an unknown model, counts the compiled price
+    cannot split) goes through `price_fields` itself, which logs and warns as it always does.
+    """
+    try:
+        resolved = table if table is not None else get_price_table()
+    except ValueError:
+        return [price_fields(fields, table) for fields in rows]
+    snapshot = _check_snapshot()
+    kept: dict[tuple[Any, Any], bool] = {}
+    plans: dict[tuple[Any, ...], _Compiled | None] = {}
+    out: list[Priced] = []
+    for fields in rows:
+        provider = fields.get('provider')
+        model = fields.get('model')
+        cost = fields.get('cost_usd')
+        status = fields.get('pricing_status')
+        if cost is not None or status is not None:
+            key = (provider, model)
+            ours = kept.get(key)
+            if ours is None:
+                ours = kept[key] = resolved.token_price(resolved.resolve_provider(provider), model) is not None or (
+                    provider is not None and provider in resolved.provider_aliases
+                )
+            if not ours and not (status == 'priced' and _missed_by_caller(fields)):
+                out.append(Priced(cost, status if status is not None else 'priced', fields.get('price_source')))
+                continue
+            out.append(price_fields(fields, resolved))
+            continue
+        created = fields.get('created_at')
+        priced = None
+        if (
+            model
+            and type(created) is datetime
+            and created.tzinfo is not None
+            and fields.get('units') is None
+            and not fields.get('details')
+        ):
+            tier = fields.get('service_tier')
+            plan_key = (provider, model, tier, created.astimezone(UTC).date())
+            try:
+                compiled = plans[plan_key]
+            except KeyError:
+                compiled = plans[plan_key] = _plain_plan(resolved, snapshot, provider, model, created, tier)
+            if compiled is not None:
+                priced = _plain_price(compiled, fields, resolved.resolve_provider(provider), model)
+        out.append(priced if priced is not None else price_fields(fields, resolved))
+    return out
+
+
+def _plain_plan(
+    table: PriceTable, snapshot: DataSnapshot, provider: str | None, model: str, when: datetime, tier: str | None
+) -> _Compiled | None:
+    """The compiled genai-prices price every plain row of this model, day and tier is priced with, if exact."""
+    resolved = table.resolve_provider(provider)
+    if table.token_price(resolved, model) is not None:
+        return None
+    found = _find_model(resolved, model)
+    if found is None:
+        return None
+    compiled = _compiled(found, when, price_context(tier))
+    return compiled if compiled.exact else None
+
+
+_get_buckets = cast('Callable[[Mapping[str, Any]], tuple[Any, ...]]', operator.itemgetter(*TOKEN_BUCKETS))
+_INT = frozenset({int})
+
+
+def _plain_values(fields: Mapping[str, Any]) -> dict[str, int] | None:
+    """`price_values(TokenCounts.from_columns(fields))` for a validated row with no `details`, or None.
+
+    The same keys in the same order, without building the `TokenCounts` (`tests/test_pricing.py` compares).
+    """
+    try:
+        buckets = _get_buckets(fields)
+    except KeyError:
+        return None
+    if not _INT.issuperset(map(type, buckets)):
+        return None
+    inp, cache_read, cache_write, inp_audio, out, reasoning, out_audio, out_image = buckets
+    values: dict[str, int] = {}
+    if total_input := inp + cache_read + cache_write + inp_audio:
+        values['input_tokens'] = total_input
+    if cache_read:
+        values['cache_read_tokens'] = cache_read
+    if cache_write:
+        values['cache_write_tokens'] = cache_write
+    if inp_audio:
+        values['input_audio_tokens'] = inp_audio
+    if total_output := out + reasoning + out_audio + out_image:
+        values['output_tokens'] = total_output
+    if reasoning:
+        values['output_reasoning_tokens'] = reasoning
+    if out_audio:
+        values['output_audio_tokens'] = out_audio
+    if out_image:
+        values['output_image_tokens'] = out_image
+    if inp_audio and cache_read:
+        values['cache_audio_read_tokens'] = 0
+    return values
+
+
+def _plain_price(compiled: _Compiled, fields: Mapping[str, Any], provider: str | None, model: str) -> Priced | None:
+    """`price_usage`'s result for a row of plain token counts priced by `compiled`, or None to let it decide."""
+    values = _plain_values(fields)
+    if values is None:
+        return None
+    for key, value in values.items():
+        if value and not compiled.covers(key):
+            return None
+    total = _fast_total(compiled, values)
+    if total is None:
+        return None
+    return _checked(total, 'priced', GENAI_PRICES_SOURCE, provider, model)
 
 
 def _missed_by_caller(fields: Mapping[str, Any]) -> bool:

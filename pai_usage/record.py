@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal, cast
@@ -114,14 +114,14 @@ def safe_metadata(value: object) -> dict[str, Any]:
         return mapping
     try:
         # The common case, in C: already JSON-safe and small (keys of other types would be converted silently).
-        encoded = _ENCODER.encode(mapping)
+        encoded = json_text(mapping)
         if '\\u0000' not in encoded and len(encoded) <= MAX_METADATA_BYTES and _str_keys(mapping):
             return mapping
     except Exception:
         pass
     try:
         cleaned = _clean(mapping, 0, set())
-        encoded = _ENCODER.encode(cleaned)
+        encoded = json_text(cleaned)
     except Exception as exc:  # pragma: no cover - `_clean` leaves only JSON types
         return {_METADATA_MARKER: f'metadata dropped: {type(exc).__name__}'}
     if len(encoded) > MAX_METADATA_BYTES:
@@ -303,3 +303,22 @@ def _reject(value: object) -> object:
 
 # Built once: `json.dumps` with non-default arguments builds an encoder on every call.
 _ENCODER = json.JSONEncoder(allow_nan=False, default=_reject)
+
+
+def json_text(value: object) -> str:
+    """`value` as strict JSON (no NaN, nothing `json` cannot encode): what `_ENCODER.encode` gives, in less time.
+
+    `JSONEncoder.encode` makes a new C encoder for every call, which costs more than encoding a small dict;
+    only the dict that detects cycles must be new for each call (the writer and the callers of `track()`
+    encode from different threads).
+    """
+    if _c_make_encoder is None or isinstance(value, str):  # pragma: no cover - CPython has the C encoder
+        return _ENCODER.encode(value)
+    encode = _c_make_encoder({}, _reject, _encode_ascii, None, ': ', ', ', False, False, False)
+    return ''.join(encode(value, 0))
+
+
+_c_make_encoder: Callable[..., Callable[[object, int], Iterable[str]]] | None = getattr(
+    json.encoder, 'c_make_encoder', None
+)
+_encode_ascii = json.encoder.encode_basestring_ascii
