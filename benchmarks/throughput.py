@@ -16,11 +16,13 @@ drifts, and hits a round's sides alike). The harness's pre-built events are move
 collector's sight (`gc.freeze()`) for both sides, so that neither pays for rescanning the harness's own dicts.
 
     python -m benchmarks.throughput [RECORDS] [ROUNDS]
+    PAI_USAGE_BENCH_DURABILITY=memory python -m benchmarks.throughput   # the tracker without its journal
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -36,6 +38,10 @@ from benchmarks._pg import pg_schema
 from pai_usage import UsageRecord, UsageTracker
 from pai_usage._writer import _COLUMN_LIST, _PG_TYPES, _copy_row  # pyright: ignore[reportPrivateUsage]
 from pai_usage.migrate import migrate
+from pai_usage.tracker import Durability
+
+DURABILITY: Durability = 'memory' if os.environ.get('PAI_USAGE_BENCH_DURABILITY') == 'memory' else 'journal'
+"""The tracker's durability: the default journal, or `memory` to see what the journal costs the producer."""
 
 RECORDS = 200_000
 ROUNDS = 3
@@ -107,7 +113,7 @@ def raw_copy(url: str, rows: list[list[Any]], *, batch: int | None = None) -> fl
 
 def ours(url: str, events: list[dict[str, Any]]) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as spill:
-        tracker = UsageTracker(url, spill_dir=spill, handle_sigterm=False)
+        tracker = UsageTracker(url, spill_dir=spill, handle_sigterm=False, durability=DURABILITY)
         tracker.track(make_events(1)[0])
         tracker.flush(60)  # migration and connection out of the way
         engine = tracker.engine
@@ -174,7 +180,10 @@ def main() -> None:
         each = ' '.join(f'{r:.2f}' for r in ratios)
         return f'{statistics.median(ratios):5.2f}  (rounds: {each})'
 
-    print(f'throughput: {n} records into PostgreSQL token_usage, {rounds} rounds, ratios per round, median')
+    print(
+        f'throughput: {n} records into PostgreSQL token_usage, {rounds} rounds, ratios per round, median;'
+        f' durability={DURABILITY}'
+    )
     print(f'  every side pays the same triggers: {", ".join(fired) or "none"} (statement-level: once per COPY)')
     print(f'  raw binary COPY, 1 commit:             {rate("raw")}')
     print(f'  raw binary COPY, commit per {BATCH}:     {rate("batched")}')
