@@ -25,7 +25,16 @@ from uuid import UUID
 from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
-from .record import MAX_COST_USD, MAX_LABEL_LENGTH, MAX_METADATA_BYTES, MAX_TOKENS, MAX_UNITS, UsageRecord, json_text
+from .record import (
+    MAX_COST_USD,
+    MAX_CREATED_AT,
+    MAX_LABEL_LENGTH,
+    MAX_TOKENS,
+    MAX_UNITS,
+    MIN_CREATED_AT,
+    UsageRecord,
+    metadata_kept_as_is,
+)
 
 __all__ = ('fields_many', 'record_from_fields')
 
@@ -90,8 +99,6 @@ _DEFAULTS: dict[str, Any] = {
     for name, field in UsageRecord.model_fields.items()
 }
 _UTC = frozenset({UTC})
-_MIN_CREATED_AT = datetime(1900, 1, 1, tzinfo=UTC)
-_MAX_CREATED_AT = datetime(3000, 1, 1, tzinfo=UTC)
 _tzinfo = cast('Callable[[datetime], object]', operator.attrgetter('tzinfo'))
 _created_at = cast('Callable[[dict[str, Any]], datetime]', operator.itemgetter('created_at'))
 
@@ -123,14 +130,14 @@ def fields_many(items: Sequence[object]) -> list[dict[str, Any] | None]:
     # One check for the chunk; only when it fails, one per record.
     each_time = not (
         _UTC.issuperset(map(_tzinfo, created))
-        and min(created, default=_MIN_CREATED_AT) >= _MIN_CREATED_AT
-        and max(created, default=_MIN_CREATED_AT) < _MAX_CREATED_AT
+        and min(created, default=MIN_CREATED_AT) >= MIN_CREATED_AT
+        and max(created, default=MIN_CREATED_AT) < MAX_CREATED_AT
     )
     for i, fields, at in zip(index, rows, created, strict=True):
-        if each_time and (at.tzinfo is not UTC or not _MIN_CREATED_AT <= at < _MAX_CREATED_AT):
+        if each_time and (at.tzinfo is not UTC or not MIN_CREATED_AT <= at < MAX_CREATED_AT):
             continue  # the model converts it to UTC, or refuses it
         metadata = fields.get('metadata')
-        if metadata and not _plain_metadata(metadata):
+        if metadata and not metadata_kept_as_is(metadata):
             continue
         values = {**_DEFAULTS, **fields}
         if 'details' not in fields:
@@ -139,15 +146,6 @@ def fields_many(items: Sequence[object]) -> list[dict[str, Any] | None]:
             values['metadata'] = {}
         out[i] = values
     return out
-
-
-def _plain_metadata(metadata: dict[str, Any]) -> bool:
-    """Whether `safe_metadata` keeps `metadata` as it is: JSON-safe, no NUL, small enough."""
-    try:
-        encoded = json_text(metadata)
-    except Exception:  # a cycle, a value JSON cannot hold, an integer too long to print: `safe_metadata` decides
-        return False
-    return '\\u0000' not in encoded and len(encoded) <= MAX_METADATA_BYTES
 
 
 _new = object.__new__

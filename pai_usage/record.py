@@ -92,8 +92,10 @@ def _price_source(value: object) -> str | None:
     return text[:100] if text is not None else None
 
 
-_MIN_CREATED_AT = datetime(1900, 1, 1, tzinfo=UTC)
-_MAX_CREATED_AT = datetime(3000, 1, 1, tzinfo=UTC)
+MIN_CREATED_AT = datetime(1900, 1, 1, tzinfo=UTC)
+"""The earliest `created_at` a record may have."""
+MAX_CREATED_AT = datetime(3000, 1, 1, tzinfo=UTC)
+"""`created_at` must be before this (later ones would overflow other systems' date types)."""
 _MAX_METADATA_DEPTH = 20
 _METADATA_MARKER = '_pai_usage_metadata'
 """The key of the marker that replaces metadata that could not be kept, saying why."""
@@ -112,13 +114,8 @@ def safe_metadata(value: object) -> dict[str, Any]:
     mapping = cast('dict[Any, Any]', value)
     if not mapping:
         return mapping
-    try:
-        # The common case, in C: already JSON-safe and small (keys of other types would be converted silently).
-        encoded = json_text(mapping)
-        if '\\u0000' not in encoded and len(encoded) <= MAX_METADATA_BYTES and _str_keys(mapping):
-            return mapping
-    except Exception:
-        pass
+    if metadata_kept_as_is(mapping):
+        return mapping
     try:
         cleaned = _clean(mapping, 0, set())
         encoded = json_text(cleaned)
@@ -130,8 +127,14 @@ def safe_metadata(value: object) -> dict[str, Any]:
     return cast('dict[str, Any]', cleaned)
 
 
-def _str_keys(value: dict[Any, Any]) -> bool:
-    return all(type(k) is str for k in value)
+def metadata_kept_as_is(mapping: dict[Any, Any]) -> bool:
+    """Whether `safe_metadata` returns `mapping` itself: JSON-safe, string keys, no NUL, small enough."""
+    try:
+        # The common case, in C (keys of other types would be converted silently, hence the check of the keys).
+        encoded = json_text(mapping)
+    except Exception:  # a cycle, a value JSON cannot hold, an integer too long to print
+        return False
+    return '\\u0000' not in encoded and len(encoded) <= MAX_METADATA_BYTES and all(type(k) is str for k in mapping)
 
 
 def _clean(value: object, depth: int, path: set[int]) -> object:
@@ -276,7 +279,7 @@ class UsageRecord(BaseModel):
             value = value.astimezone(UTC)
         except (OverflowError, ValueError):
             raise ValueError('is out of range: cannot be converted to UTC') from None
-        if not _MIN_CREATED_AT <= value < _MAX_CREATED_AT:
+        if not MIN_CREATED_AT <= value < MAX_CREATED_AT:
             raise ValueError(f'is out of range: {value.isoformat()} is not between 1900 and 3000')
         return value
 
@@ -308,9 +311,9 @@ _ENCODER = json.JSONEncoder(allow_nan=False, default=_reject)
 def json_text(value: object) -> str:
     """`value` as strict JSON (no NaN, nothing `json` cannot encode): what `_ENCODER.encode` gives, in less time.
 
-    `JSONEncoder.encode` makes a new C encoder for every call, which costs more than encoding a small dict;
-    only the dict that detects cycles must be new for each call (the writer and the callers of `track()`
-    encode from different threads).
+    `JSONEncoder.encode` goes through Python (`iterencode` and its closures) before it reaches the C encoder;
+    this makes the C encoder directly. A new one per call, because it holds the dict that detects cycles, and
+    the writer and the callers of `track()` encode from different threads.
     """
     if _c_make_encoder is None or isinstance(value, str):  # pragma: no cover - CPython has the C encoder
         return _ENCODER.encode(value)
