@@ -718,16 +718,11 @@ def price_fields(fields: Mapping[str, Any], table: PriceTable | None = None) -> 
     model = fields.get('model')
     cost = fields.get('cost_usd')
     status = fields.get('pricing_status')
-    if cost is not None or status is not None:
-        ours = (
-            resolved.token_price(resolved.resolve_provider(provider), model) is not None
-            or (provider is not None and provider in resolved.provider_aliases)
-            or (status == 'priced' and _missed_by_caller(fields))
-        )
-        if not ours:
-            if status is not None:
-                return Priced(cost, status, fields.get('price_source'))
-            return Priced(cost, 'priced', fields.get('price_source'))
+    caller_priced = cost is not None or status is not None
+    if caller_priced and not (
+        _table_prices(resolved, provider, model) or (status == 'priced' and _missed_by_caller(fields))
+    ):
+        return _callers_cost(fields, cost, status)
     created = fields.get('created_at')
     try:
         tokens = TokenCounts.from_columns(fields)
@@ -744,6 +739,18 @@ def price_fields(fields: Mapping[str, Any], table: PriceTable | None = None) -> 
         service_tier=fields.get('service_tier'),
         table=resolved,
     )
+
+
+def _table_prices(table: PriceTable, provider: str | None, model: str | None) -> bool:
+    """Whether our table prices this model over a caller's cost: a token override, or a gateway provider."""
+    return table.token_price(table.resolve_provider(provider), model) is not None or (
+        provider is not None and provider in table.provider_aliases
+    )
+
+
+def _callers_cost(fields: Mapping[str, Any], cost: Any, status: Any) -> Priced:
+    """The cost the caller gave, kept as it is (`priced` unless the caller said otherwise)."""
+    return Priced(cost, status if status is not None else 'priced', fields.get('price_source'))
 
 
 def price_fields_many(rows: Sequence[Mapping[str, Any]], table: PriceTable | None = None) -> list[Priced]:
@@ -771,11 +778,9 @@ def price_fields_many(rows: Sequence[Mapping[str, Any]], table: PriceTable | Non
             key = (provider, model)
             ours = kept.get(key)
             if ours is None:
-                ours = kept[key] = resolved.token_price(resolved.resolve_provider(provider), model) is not None or (
-                    provider is not None and provider in resolved.provider_aliases
-                )
+                ours = kept[key] = _table_prices(resolved, provider, model)
             if not ours and not (status == 'priced' and _missed_by_caller(fields)):
-                out.append(Priced(cost, status if status is not None else 'priced', fields.get('price_source')))
+                out.append(_callers_cost(fields, cost, status))
                 continue
             out.append(price_fields(fields, resolved))
             continue
