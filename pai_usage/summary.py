@@ -196,13 +196,13 @@ def _summary_of(
 
     Kept lean: a month of all organizations by organization and model is ~10k groups, and building their objects
     was most of that summary's time. Hence it works on columns, with `map` calling positional constructors that set
-    slots directly (`_slot_constructor`), no Python loop over rows, and the cyclic garbage collector paused
-    meanwhile (`_gc_paused`).
+    slots directly (`_slot_constructor`), and no Python loop over rows. The callers pause the cyclic garbage
+    collector around the fetch and this (`_gc_paused`).
     """
     k = len(group_by)
     rows: list[SummaryRow] = []
     totals = UsageTotals()
-    with _gc_paused(), localcontext(_EXACT):
+    with localcontext(_EXACT):
         # An ungrouped aggregate over no rows still returns one row, of zero events.
         kept = [result for result in results if result[k]]
         columns, keys = _columns(kept, k)
