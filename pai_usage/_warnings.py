@@ -74,9 +74,7 @@ def warn_once(key: str, message: str, category: type[PaiUsageWarning], *, stackl
         if key in _emitted:
             return
         _emitted.add(key)
-    if is_strict():
-        raise category(message)
-    warnings.warn(message, category, stacklevel=stacklevel + 1)
+    emit(message, category, stacklevel=stacklevel + 1)
 
 
 def first_for_type(kind: str, owner: type) -> bool:
@@ -118,9 +116,7 @@ def emit_pending(*, stacklevel: int = 2) -> None:
         held = list(_pending)
         _pending.clear()
     for message, category in held:
-        if is_strict():
-            raise category(message)
-        warnings.warn(message, category, stacklevel=stacklevel + 1)
+        emit(message, category, stacklevel=stacklevel + 1)
 
 
 def reset() -> None:

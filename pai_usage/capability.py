@@ -59,8 +59,7 @@ from pydantic_ai.usage import RequestUsage, RunUsage
 
 from ._log import RateLimitedLog, logger
 from ._warnings import MissingAttributionWarning, PaiUsageWarning, emit, first_for_type
-from .context import UsageContext
-from .context import _current as _current_context  # pyright: ignore[reportPrivateUsage]
+from .context import UsageContext, current_usage_context, usage_context
 from .tracker import UsageTracker, get_tracker
 from .usage import TokenCounts
 
@@ -100,15 +99,13 @@ def _warn_unattributed(deps_type: type) -> None:
     """Log and warn once per deps type that carries no attribution."""
     if not first_for_type('attribution', deps_type):
         return
-    kind = deps_type.__qualname__
-    logger.warning(
-        'pai-usage: deps of type `%s` have no `user_id` / `organization_id`; usage of runs with them is '
-        'recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.',
-        kind,
+    message = (
+        f'pai-usage: deps of type `{deps_type.__qualname__}` have no `user_id` / `organization_id`; usage of runs '
+        'with them is recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.'
     )
+    logger.warning('%s', message)
     emit(
-        f'pai-usage: deps of type `{kind}` have no `user_id` / `organization_id`; usage of runs with them '
-        'is recorded with NULL attribution. Use `pai_usage.UsageDeps` or add those attributes.',
+        message,
         MissingAttributionWarning,
         stacklevel=5,
     )
@@ -231,19 +228,13 @@ class _TrackedModel(WrapperModel):
     ) -> ModelResponse:
         run = self._run
         owner = run.owner
-        try:
-            request = owner._begin(run)  # pyright: ignore[reportPrivateUsage]
-        except Exception as exc:
-            request = _failed(exc)
+        request = owner._guard(owner._begin, run)  # pyright: ignore[reportPrivateUsage]
         try:
             response = await self.wrapped.request(messages, model_settings, model_request_parameters)
         except BaseException as exc:
             owner._guard(owner._returned, run, request, None, exc)  # pyright: ignore[reportPrivateUsage]
             raise
-        try:
-            owner._returned(run, request, response, None)  # pyright: ignore[reportPrivateUsage]
-        except Exception as exc:
-            _failed(exc)
+        owner._guard(owner._returned, run, request, response, None)  # pyright: ignore[reportPrivateUsage]
         return response
 
     @asynccontextmanager
@@ -256,10 +247,7 @@ class _TrackedModel(WrapperModel):
     ) -> AsyncGenerator[StreamedResponse]:
         run = self._run
         owner = run.owner
-        try:
-            request = owner._begin(run)  # pyright: ignore[reportPrivateUsage]
-        except Exception as exc:
-            request = _failed(exc)
+        request = owner._guard(owner._begin, run)  # pyright: ignore[reportPrivateUsage]
         stream: StreamedResponse | None = None
         try:
             async with self.wrapped.request_stream(
@@ -301,27 +289,19 @@ class TrackUsage(AbstractCapability[Any]):
 
     async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
         """Open the run's books and make it the current `UsageContext`; close them once it ended and settled."""
-        try:
-            run = self._start(ctx)
-        except Exception as exc:
-            run = _failed(exc)
+        run: _Run | None = self._guard(self._start, ctx)
         if run is None:
             return await handler()
-        run_token = _current_run.set(run)
-        context_token = _current_context.set(run.context)
+        token = _current_run.set(run)
         try:
-            result = await handler()
+            with usage_context(run.context):
+                result = await handler()
         except BaseException as exc:
-            _current_context.reset(context_token)
             self._guard(self._end, run, exc)
             raise
         finally:
-            _current_run.reset(run_token)
-        _current_context.reset(context_token)
-        try:
-            self._end(run, None)
-        except Exception as exc:
-            _failed(exc)
+            _current_run.reset(token)
+        self._guard(self._end, run, None)
         return result
 
     def get_wrapper_model(self, model: Model) -> Model | None:
@@ -349,21 +329,21 @@ class TrackUsage(AbstractCapability[Any]):
     def _guard(self, func: Any, *args: Any) -> Any:
         try:
             return func(*args)
+        except PaiUsageWarning:
+            raise  # a developer mistake, raised because strict mode or a warning filter asks for it
         except Exception as exc:
-            return _failed(exc)
+            TrackUsage.errors += 1
+            _log.error('capability', 'pai-usage: TrackUsage failed, usage may be incomplete: %r', exc, exc_info=True)
+            return None
 
     def _start(self, ctx: RunContext[Any]) -> _Run | None:
         if ctx.run_id in _active_runs:
             # Two `TrackUsage` on one run (the agent's and the run's): the outer one records it.
             return None
         deps = ctx.deps
-        outer = _current_context.get()
-        organization_id = getattr(deps, 'organization_id', None)
-        if type(organization_id) is not str or not organization_id:
-            organization_id = _label(organization_id)
-        user_id = getattr(deps, 'user_id', None)
-        if type(user_id) is not str or not user_id:
-            user_id = _label(user_id)
+        outer = current_usage_context()
+        organization_id = _label(getattr(deps, 'organization_id', None))
+        user_id = _label(getattr(deps, 'user_id', None))
         if outer is not None:
             organization_id = organization_id or outer.organization_id
             user_id = user_id or outer.user_id
@@ -633,17 +613,6 @@ class TrackUsage(AbstractCapability[Any]):
             fields['pricing_status'] = 'priced'
             fields['price_source'] = PYDANTIC_AI_PRICE_SOURCE
         return fields
-
-
-def _failed(exc: Exception) -> None:
-    """Count and log a failure of the capability's own work; re-raise a `PaiUsageWarning`.
-
-    A `PaiUsageWarning` is a developer mistake, raised because strict mode or a warning filter asks for it.
-    """
-    if isinstance(exc, PaiUsageWarning):
-        raise exc
-    TrackUsage.errors += 1
-    _log.error('capability', 'pai-usage: TrackUsage failed, usage may be incomplete: %r', exc, exc_info=True)
 
 
 def _error_attempts(error: BaseException | None) -> list[ModelRequestAttempt]:
