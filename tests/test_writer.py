@@ -28,7 +28,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 import pai_usage._writer as writer_module
 from pai_usage import UnknownFieldWarning, UsageRecord, UsageTracker
 from pai_usage._journal import read_segment
-from pai_usage._log import RateLimitedLog
 from pai_usage.migrate import migrate
 from pai_usage.table import TOKEN_USAGE
 from pai_usage.tracker import create_engine
@@ -87,12 +86,6 @@ def ids_in_table(url: str) -> set[str]:
 def proxy() -> Iterator[PgProxy]:
     with pg_proxy(PG_SERVER_URL) as p:
         yield p
-
-
-@pytest.fixture
-def fresh_log(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The rate limiter is per module and per process: start from a clean slate so messages are emitted.
-    monkeypatch.setattr(writer_module, '_log', RateLimitedLog())
 
 
 def run_script(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -345,7 +338,6 @@ def test_sigterm_default_action(sqlite_url: str, tmp_path: Path, handle: str, ex
         assert count < 2000
 
 
-@pytest.mark.usefixtures('fresh_log')
 def test_bad_input_mixed_with_good(database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Bad records are counted, logged with the reason and kept aside; the good ones around them are written."""
     bad: list[dict[str, Any]] = [
@@ -411,7 +403,6 @@ def test_concurrent_threads_lose_nothing(database_url: str, tmp_path: Path) -> N
     assert stats.written + stats.spilled == 80_000
 
 
-@pytest.mark.usefixtures('fresh_log')
 def test_spill_failure_is_counted_and_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Database down and the spill directory unusable (like a full disk): `dropped` counts the loss, logged once."""
     blocker = tmp_path / 'not-a-dir'
@@ -464,7 +455,6 @@ def test_duplicate_ids_are_stored_once(database_url: str, tmp_path: Path) -> Non
 
 @pytest.mark.postgres
 @pytest.mark.parametrize('replay', [False, True], ids=['queue', 'replay'])
-@pytest.mark.usefixtures('fresh_log')
 def test_a_row_the_database_refuses_costs_only_itself(
     pg_schema_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, replay: bool
 ) -> None:
