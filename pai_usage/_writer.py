@@ -85,6 +85,8 @@ class WriterStats:
     """Batch writes that failed (and were retried or spilled)."""
     dropped: int = 0
     """Records lost: not written, and the spill failed too."""
+    journal_only: int = 0
+    """Records not written whose spill failed too, but which the journal still holds (the next start replays them)."""
     unpriced: int = 0
     """Records written with no known price."""
     errors: int = 0
@@ -112,7 +114,7 @@ class _Flush:
     ok: bool = False
     """Set before `done`: whether everything put before the marker is in the database."""
     dropped: int = 0
-    """`stats.dropped` when the marker was made."""
+    """The records neither written nor spilled (`Writer._not_kept()`) when the marker was made."""
 
 
 _STOP = object()
@@ -307,6 +309,10 @@ def _drain(more: Iterator[list[UsageRecord]] | None, records: list[UsageRecord])
             records.extend(chunk)
 
 
+def _all_journalled(entries: Sequence[_Entry]) -> bool:
+    return all(seg is not None for _, seg in entries)
+
+
 def _is_marker(item: object) -> bool:
     return item is _STOP or type(item) is _Flush
 
@@ -387,6 +393,10 @@ class Writer:
     _inflight: list[UsageRecord] = field(default_factory=list[UsageRecord], init=False)
     _unvalidated: list[object] = field(default_factory=list[object], init=False)
     _entries: list[_Entry] = field(default_factory=list[_Entry], init=False)
+    # Whether the batch being delivered is all in the journal, and whether any of it was neither written nor
+    # spilled: then its journal entries stay unsettled, so that the next start replays them.
+    _batch_journalled: bool = field(default=False, init=False)
+    _batch_lost: bool = field(default=False, init=False)
     _siblings: list[SpillDir] = field(default_factory=list[SpillDir], init=False)
     _warned_dirs: set[str] = field(default_factory=set[str], init=False)
     _pid: int = field(default_factory=os.getpid, init=False)
@@ -455,11 +465,11 @@ class Writer:
         self._check_pid()
         thread = self._thread
         if thread is None:
-            return self._settled_ok(self.stats.dropped)
+            return self._settled_ok(self._not_kept())
         if not thread.is_alive():
             return False  # the writer died: what is queued will never be written by it
         with self._count_lock:
-            marker = _Flush(dropped=self.stats.dropped)
+            marker = _Flush(dropped=self._not_kept())
         self._queue.put(marker)
         self._batch_ready.set()
         self._wake.set()
@@ -497,9 +507,13 @@ class Writer:
 
     def _settled_ok(self, dropped_before: int) -> bool:
         with self._count_lock:
-            dropped = self.stats.dropped
+            dropped = self._not_kept()
         own = self.spill is not None and self.spill.own_pending()
         return dropped == dropped_before and not own
+
+    def _not_kept(self) -> int:
+        """Records neither written nor spilled so far (lost, or only in the journal)."""
+        return self.stats.dropped + self.stats.journal_only
 
     def _close_files(self) -> bool:
         clean = True
@@ -583,8 +597,8 @@ class Writer:
         """
         with self._count_lock:
             self.stats.overflowed += 1
-        self._spill_raw([item], sync=False)
-        if seg is not None and self.journal is not None:
+        kept = self._spill_raw([item], sync=False, journalled=seg is not None)
+        if kept and seg is not None and self.journal is not None:
             self.journal.settle({seg: 1})
 
     def sync_late(self) -> None:
@@ -620,8 +634,8 @@ class Writer:
                 entries.append(cast('_Entry', item))
         with self._count_lock:
             self.stats.taken += len(entries)
-        self._spill_raw([item for item, _ in entries], sync=True)
-        if self.journal is not None:
+        kept = self._spill_raw([item for item, _ in entries], sync=True, journalled=_all_journalled(entries))
+        if kept and self.journal is not None:
             self.journal.settle(_settle_counts(entries))
         if self.spill is not None:
             try:
@@ -631,15 +645,15 @@ class Writer:
         for marker in markers:
             marker.done.set()
 
-    def _spill_raw(self, items: Sequence[object], *, sync: bool) -> None:
-        """Spill unvalidated items (validated on replay); used off the writer thread."""
+    def _spill_raw(self, items: Sequence[object], *, sync: bool, journalled: bool = False) -> bool:
+        """Spill unvalidated items (validated on replay); used off the writer thread. Returns whether all were kept."""
         lines: list[bytes] = []
         for item in items:
             try:
                 lines.append(encode(_raw(item)))
             except Exception as exc:
                 self._reject(item, f'cannot be encoded as JSON: {exc!r}')
-        self._spill_lines(lines, sync=sync)
+        return self._spill_lines(lines, sync=sync, journalled=journalled)
 
     # --- the writer thread ---
 
@@ -669,10 +683,11 @@ class Writer:
         entries, self._entries = self._entries, []
         self._inflight, self._unvalidated = [], []
         if entries:
+            kept = False
             try:
-                self._spill_raw([item for item, _ in entries], sync=True)
+                kept = self._spill_raw([item for item, _ in entries], sync=True, journalled=_all_journalled(entries))
             finally:
-                if self.journal is not None:
+                if kept and self.journal is not None:
                     self.journal.settle(_settle_counts(entries))
         time.sleep(0.01)  # never a busy loop, even if every cycle fails
 
@@ -724,10 +739,11 @@ class Writer:
         records: list[UsageRecord] = []
         # Validated chunk by chunk while the batch is written (see `_copy_records`).
         self._inflight, self._unvalidated = records, fresh
+        self._batch_journalled, self._batch_lost = _all_journalled(entries), False
         self._deliver(records, self._validated(fresh))
         self._inflight, self._unvalidated = [], []
-        self._entries = []
-        if self.journal is not None:
+        self._entries, self._batch_journalled = [], False
+        if self.journal is not None and not self._batch_lost:
             self.journal.settle(_settle_counts(entries))
 
     def _answer(self, marker: _Flush) -> None:
@@ -918,7 +934,7 @@ class Writer:
                     return
                 _log.error('write', 'pai-usage: writing %d usage records failed, retrying: %r', len(records), exc)
                 if self._stopping and now >= self._deadline:  # no spill: nothing else to do with them
-                    self._count_lost(len(records), exc)
+                    self._count_lost(len(records), exc, journalled=self._batch_journalled)
                     return
                 self._sleep(self._backoff(attempt))
                 continue
@@ -1074,10 +1090,25 @@ class Writer:
             self.stats.errors += errors
         self._notify(records)
 
-    def _count_lost(self, n: int, exc: BaseException) -> None:
+    def _count_lost(self, n: int, exc: BaseException, *, journalled: bool) -> None:
+        """`n` records could be neither written nor spilled: lost, unless the journal holds them."""
+        if threading.current_thread() is self._thread:
+            self._batch_lost = True
         with self._count_lock:
-            self.stats.dropped += n
-        _log.error('dropped', 'pai-usage: %d usage records LOST (not written, not spilled): %r', n, exc)
+            if journalled:
+                self.stats.journal_only += n
+            else:
+                self.stats.dropped += n
+        if journalled:
+            _log.error(
+                'journal-only',
+                'pai-usage: %d usage records neither written nor spilled; kept in the journal, replayed by the next'
+                ' start: %r',
+                n,
+                exc,
+            )
+        else:
+            _log.error('dropped', 'pai-usage: %d usage records LOST (not written, not spilled): %r', n, exc)
 
     def _spill_records(self, records: Sequence[UsageRecord]) -> None:
         lines: list[bytes] = []
@@ -1087,21 +1118,23 @@ class Writer:
             except Exception as exc:
                 self._count_invalid(1, replay=False)
                 self._reject(r, f'cannot be encoded as JSON: {exc!r}')
-        self._spill_lines(lines, sync=True)
+        self._spill_lines(lines, sync=True, journalled=self._batch_journalled)
 
-    def _spill_lines(self, lines: list[bytes], *, sync: bool) -> None:
+    def _spill_lines(self, lines: list[bytes], *, sync: bool, journalled: bool) -> bool:
+        """Append `lines` to the spill file; returns whether they were kept (else they are counted as lost)."""
         if not lines:
-            return
+            return True
         if self.spill is None:
-            self._count_lost(len(lines), RuntimeError('spilling is disabled'))
-            return
+            self._count_lost(len(lines), RuntimeError('spilling is disabled'), journalled=journalled)
+            return False
         try:
             self.spill.append(lines, sync=sync)
         except Exception as exc:
-            self._count_lost(len(lines), exc)
-            return
+            self._count_lost(len(lines), exc, journalled=journalled)
+            return False
         with self._count_lock:
             self.stats.spilled += len(lines)
+        return True
 
     def _enter_spilling(self) -> None:
         if not self._spilling:

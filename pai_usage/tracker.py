@@ -97,6 +97,9 @@ class TrackerStats:
     """Accepted, but their id was already in the table (stored once, not counted in `written`)."""
     writer_alive: bool = True
     """Whether the writer thread runs (or is not needed yet); when False, `flush()` and `close()` return False."""
+    journal_only: int = 0
+    """Neither written nor spilled (e.g. the database down and the disk full), but held by the write-ahead journal:
+    the next tracker on this spill directory replays them. `flush()` and `close()` return False meanwhile."""
     loop_errors: int = 0
     """Writer cycles that failed on an unexpected error: logged, and the writer went on."""
     quarantined: int = 0
@@ -474,7 +477,7 @@ class UsageTracker:
         """Counters of what happened to tracked records (in this process, since it started or forked)."""
         s = self._stats
         enqueued = self._writer.enqueued()
-        settled = s.written + s.duplicates + (s.invalid - s.replay_invalid) + s.spilled + s.dropped
+        settled = s.written + s.duplicates + (s.invalid - s.replay_invalid) + s.spilled + s.dropped + s.journal_only
         return TrackerStats(
             enqueued=enqueued,
             written=s.written,
@@ -491,6 +494,7 @@ class UsageTracker:
             writer_alive=self._writer.alive(),
             loop_errors=s.loop_errors,
             quarantined=s.quarantined,
+            journal_only=s.journal_only,
         )
 
     def get_usage_summary(

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 import pai_usage._spill as spill_module
 from pai_usage import UsageTracker
 from pai_usage._spill import SpillDir, default_spill_dir, encode
+from pai_usage.tracker import Durability
 from tests._faults import wait_until
 from tests.test_writer import FAST, event, rows
 
@@ -74,33 +75,50 @@ def test_failed_append_leaves_no_torn_line(tmp_path: Path, monkeypatch: pytest.M
     claimed.done()
 
 
-def test_disk_full_counts_dropped_then_recovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The database is unreachable and the disk is full: records are counted as dropped, never silently lost."""
+@pytest.mark.parametrize(
+    ('durability', 'lost'),
+    [
+        pytest.param('journal', 0, id='journal-keeps-them'),
+        pytest.param('memory', 50, id='memory-loses-them'),
+    ],
+)
+@pytest.mark.parametrize('max_queue', [10_000, 5], ids=['queued', 'overflowing'])
+def test_disk_full_counts_what_is_lost_then_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: Durability, lost: int, max_queue: int
+) -> None:
+    """The database is unreachable and the disk refuses the spill: never silently lost, and kept where the journal is.
+
+    The journal's segments hold blocks reserved when they were made: what the spill cannot take stays there,
+    unsettled, and the next start replays it. Without the journal the records are lost, and counted. Both for
+    batches the writer fails to spill and for records `track()` itself spills when the queue is full.
+    """
     db_dir = tmp_path / 'db'  # does not exist yet: SQLite cannot open the database
 
     def disk_full(fd: int, data: bytes) -> None:
         raise OSError(errno.ENOSPC, 'No space left on device')
 
     monkeypatch.setattr(spill_module, '_write_all', disk_full)
-    tracker = UsageTracker(f'sqlite:///{db_dir}/usage.db', spill_dir=tmp_path / 'spill', **FAST)
+    url = f'sqlite:///{db_dir}/usage.db'
+    tracker = UsageTracker(url, spill_dir=tmp_path / 'spill', durability=durability, max_queue=max_queue, **FAST)
     for i in range(50):
         tracker.track(event(i))
-    assert tracker.flush(30) is False, 'records were lost: flush() says so'
-    assert tracker.stats().dropped == 50
+    assert tracker.flush(30) is False, 'records are neither written nor spilled: flush() says so'
+    stats = tracker.stats()
+    assert (stats.dropped, stats.journal_only, stats.pending) == (lost, 50 - lost, 0)
     monkeypatch.undo()  # space is freed
-    for i in range(20):
+    for i in range(50, 70):
         tracker.track(event(i))
     assert tracker.flush(30) is False, 'the database is still down: the records are only on disk'
 
     stats = tracker.stats()
-    assert (stats.dropped, stats.spilled, stats.pending) == (50, 20, 0)
+    assert (stats.dropped, stats.journal_only, stats.spilled, stats.pending) == (lost, 50 - lost, 20, 0)
     db_dir.mkdir()  # the database is back
-    tracker.close(10)
+    assert tracker.close(10) is False, 'the journal still holds records only the next start writes'
     tracker.engine.dispose()
-    with UsageTracker(f'sqlite:///{db_dir}/usage.db', spill_dir=tmp_path / 'spill') as again:
+    with UsageTracker(url, spill_dir=tmp_path / 'spill') as again:
         assert again.flush(30)
     again.engine.dispose()
-    assert rows(f'sqlite:///{db_dir}/usage.db') == (20, 20)
+    assert rows(url) == (70 - lost, 70 - lost)
 
 
 def test_torn_line_and_duplicates_on_replay(database_url: str, tmp_path: Path) -> None:

@@ -31,14 +31,11 @@ from pai_usage._journal import read_segment
 from pai_usage.migrate import migrate
 from pai_usage.table import TOKEN_USAGE
 from pai_usage.tracker import create_engine
-from tests._faults import wait_until
+from tests._faults import FAST, wait_until
 from tests._pgproxy import PgProxy, pg_proxy, via_proxy
 from tests.conftest import PG_SERVER_URL
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# Fast retries, so that outages are detected and spilled in tenths of a second.
-FAST = {'flush_interval': 0.01, 'spill_after': 0.1, 'retry_interval': 0.02, 'max_retry_interval': 0.2}
 
 
 def event(i: int = 0, **fields: Any) -> dict[str, Any]:
