@@ -4,10 +4,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import pickle
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +35,11 @@ from pydantic_ai.usage import RequestUsage, UsageLimits
 from pai_usage import PriceTable, TokenPrice, TrackUsage, UsageTracker, usage_context
 from pai_usage.budgets import (
     BUDGET_COUNTERS,
+    BUDGET_HOLDS,
     WARNING_EVENT,
     Budget,
     BudgetExceeded,
+    BudgetHold,
     BudgetStatus,
     BudgetWarning,
     EnforceBudgets,
@@ -49,6 +53,7 @@ from pai_usage.deps import UsageDeps
 from pai_usage.gemini import GeminiService
 from pai_usage.migrate import migrate
 from tests._budget_worker import INPUT_TOKENS, OUTPUT_TOKENS, looping_agent
+from tests._faults import wait_until
 from tests._helpers import token_usage_rows
 from tests.fake_gemini import FakeGemini, fake_gemini, gemini_client  # noqa: F401 - fixtures
 
@@ -631,6 +636,64 @@ def test_bound_across_processes_in_hard_mode(pg_schema_url: str, tmp_path: Path)
     tracker.engine.dispose()
 
 
+HOLDER = """
+import sys, time
+from decimal import Decimal
+from pai_usage import UsageTracker
+from pai_usage.budgets import Budget, EnforceBudgets
+tracker = UsageTracker(sys.argv[1], handle_sigterm=False)
+enforcer = EnforceBudgets(
+    tracker, budgets=[Budget(organization_id='acme', limit_usd=Decimal(1))], hard=True, hold_ttl=float(sys.argv[2])
+)
+hold = enforcer.reserve(organization_id='acme', estimate=Decimal('0.8'))
+print('held', flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_process_gives_its_reservations_back(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Hard mode: a live process's hold stands past `hold_ttl` (heartbeats); once SIGKILLed, it is given back."""
+    ttl = 2.0
+    caplog.set_level(logging.WARNING, logger='pai_usage')
+    child = subprocess.Popen(
+        [sys.executable, '-c', HOLDER, database_url, str(ttl)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b'held\n', child.stderr.read() if child.stderr else None
+        with UsageTracker(database_url) as tracker:
+            enforcer = EnforceBudgets(
+                tracker, budgets=[Budget(organization_id='acme', limit_usd=Decimal(1))], hard=True, hold_ttl=ttl
+            )
+            time.sleep(2.5 * ttl)
+            with pytest.raises(BudgetExceeded) as exc_info:  # 0.8 held by a live process + 0.5 > 1
+                enforcer.reserve(organization_id='acme', estimate=Decimal('0.5'))
+            assert exc_info.value.reserved_usd == Decimal('0.8')
+            child.kill()  # SIGKILL: no release, no exit hook
+            child.communicate(timeout=10)
+            holds: list[BudgetHold] = []
+
+            def admitted() -> bool:
+                try:
+                    holds.append(enforcer.reserve(organization_id='acme', estimate=Decimal('0.5')))
+                except BudgetExceeded:
+                    return False
+                return True
+
+            wait_until(admitted, timeout=10 * ttl, what="the killed process's hold to be given back")
+            [status] = enforcer.statuses(organization_id='acme')
+            assert status.reserved_usd == Decimal('0.5'), 'exactly the dead hold was given back, ours stands'
+            holds[0].release()
+            [status] = enforcer.statuses(organization_id='acme')
+            assert status.reserved_usd == 0
+            enforcer.close()
+        tracker.engine.dispose()
+    finally:
+        child.kill()
+        child.communicate(timeout=10)
+    assert any('gave back $0.8' in r.getMessage() for r in caplog.records)
+
+
 async def stream_forever(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[DeltaToolCalls]:
     yield {0: DeltaToolCall(name='again', json_args='{}')}
 
@@ -920,13 +983,13 @@ def test_unknown_time_zone() -> None:
         Budget(limit_usd=Decimal(1), timezone='Mars/Olympus')
 
 
-def test_counters_table_matches_its_migration(database_url: str) -> None:
+def test_counter_tables_match_their_migrations(database_url: str) -> None:
     engine = sa.create_engine(database_url)
     migrate(engine)
 
     def ours(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
         table = obj if type_ == 'table' else getattr(obj, 'table', None)
-        return getattr(table, 'name', None) == BUDGET_COUNTERS.name
+        return getattr(table, 'name', None) in (BUDGET_COUNTERS.name, BUDGET_HOLDS.name)
 
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={'compare_type': True, 'include_object': ours})

@@ -32,6 +32,7 @@ NOT_MODELED = {
     'token_usage_daily',  # PostgreSQL's derived daily rollup (0002), deliberately not a SQLModel table
     'token_usage_monthly',  # and its monthly level (0006)
     'pai_usage_budget_counters',  # hard-mode budget counters (0004), a Core table checked in test_budgets.py
+    'pai_usage_budget_holds',  # and what each process holds on them (0007), likewise
 }
 """Tables the migrations create that `pai_usage.metadata` does not describe, on purpose."""
 

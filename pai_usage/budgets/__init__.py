@@ -24,7 +24,7 @@ from ._enforce import (
     format_budgets,
     reserve_direct,
 )
-from ._hard import BUDGET_COUNTERS
+from ._hard import BUDGET_COUNTERS, BUDGET_HOLDS
 from ._model import (
     Budget,
     BudgetExceeded,
@@ -38,6 +38,7 @@ from ._periods import CalendarPeriod, Period, period_bounds
 
 __all__ = (
     'BUDGET_COUNTERS',
+    'BUDGET_HOLDS',
     'REFUSED_SOURCE',
     'WARNING_EVENT',
     'Budget',

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import os
+import socket
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -13,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import genai_prices
 import sqlalchemy as sa
@@ -220,6 +223,9 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
     in a period (once per threshold, period and key), on the thread that settled the request."""
     record_refusals: bool = True
     """Record each refused request as a zero-cost `status='refused'` row."""
+    hold_ttl: float = 120.0
+    """Hard mode: seconds after which the reservations of a process that stopped heartbeating (killed
+    mid-request) are given back to the counters. A live process heartbeats every `hold_ttl / 4` seconds."""
 
     _cache: dict[_Key, _Counter] = field(default_factory=dict[_Key, _Counter], init=False, repr=False)
     _by_target: dict[tuple[Dimension, str | None], list[_Counter]] = field(
@@ -239,12 +245,18 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
     _sync_thread: threading.Thread | None = field(default=None, init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
     _hard_ready: bool = field(default=False, init=False, repr=False)
+    _holder_pid: int = field(default=0, init=False, repr=False)
+    _holder_name: str = field(default='', init=False, repr=False)
+    _next_heartbeat: float = field(default=0.0, init=False, repr=False)
+    _next_reclaim: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ('raise', 'warn'):
             raise ValueError(f"`mode` must be 'raise' or 'warn', not {self.mode!r}")
         if not (self.estimate in ('previous', 'max_tokens') or isinstance(self.estimate, Decimal)):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"`estimate` must be 'previous', 'max_tokens' or a Decimal, not {self.estimate!r}")
+        if not self.hold_ttl > 0:
+            raise ValueError(f'`hold_ttl` must be a positive number of seconds, not {self.hold_ttl!r}')
         if self.hard and any(b.rolling for b in self.budgets):
             raise ValueError('hard mode keeps counters per calendar period: rolling windows are in-process only')
         # Weak references: the tracker outlives enforcers, and must not keep discarded ones (and caches) alive.
@@ -382,7 +394,9 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         """Hard mode: send settled spend and released reservations to the counter rows now (blocking)."""
         deltas = self._take_deltas()
         try:
-            _hard.apply_deltas(self.tracker.engine, [(c.hard_key, s, r) for c, s, r in deltas if c.hard_key])
+            _hard.apply_deltas(
+                self.tracker.engine, [(c.hard_key, s, r) for c, s, r in deltas if c.hard_key], self._holder()
+            )
         except SQLAlchemyError:
             self._put_back(deltas)
             raise
@@ -580,7 +594,9 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         refusal: tuple[Budget, _Counter] | None = None
         with self._lock:
             for (budget, _, _), counter in zip(targets, counters, strict=True):
-                spent, held = counter.spent, counter.held
+                # Only this process's reservations: in hard mode the counter row, asked next, has everyone's. What
+                # the row said at the last statement may be stale (released since), and would refuse forever.
+                spent, held = counter.spent, counter.reserved
                 limit = budget.limit_usd
                 if spent + held >= limit or spent + held + estimate > limit:
                     refusal = (budget, counter)
@@ -633,19 +649,29 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
             if not self._hard_ready:
                 _hard.ensure_table(self.tracker.engine)
                 self._hard_ready = True
-            refused, seen = _hard.reserve(self.tracker.engine, ops)
+            refused, seen = _hard.reserve(self.tracker.engine, ops, self._holder())
         except SQLAlchemyError as exc:
             self._put_back(taken)
             if self.fail_open:
                 _log.error('budget-hard', 'pai-usage: budget counters unavailable, enforcing in-process: %r', exc)
                 return False
             raise  # the caller gives the local hold back
+        if refused is not None:
+            try:
+                if self._reclaim_stale(on_refusal=True):
+                    # A dead process's reservations were in the way. The deltas are sent: ask again without them.
+                    for op in ops:
+                        op.spent_delta = op.released = Decimal(0)
+                    refused, seen = _hard.reserve(self.tracker.engine, ops, self._holder())
+            except SQLAlchemyError as exc:  # the first answer stands
+                _log.error('budget-reclaim', 'pai-usage: could not reclaim stale budget reservations: %r', exc)
         with self._lock:
             for counter, row in zip(order, seen, strict=True):
                 counter.hard_seen = row
             crossed = [w for counter in order for w in self._crossed(counter)]
         self._fire(crossed)
         if refused is None:
+            self._start_sync()  # heartbeats this process's holds while its requests run
             return True
         counter = order[refused]
         budget = next(
@@ -775,6 +801,11 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
                     self._dirty.add(counter)
 
     def _wake_sync(self) -> None:
+        self._start_sync()
+        self._sync_wake.set()
+
+    def _start_sync(self) -> None:
+        self._holder()  # a forked child starts its own thread
         if self._sync_thread is None and not self._closed:
             with self._lock:
                 if self._sync_thread is None:
@@ -782,7 +813,41 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
                         target=_sync_loop, args=(weakref.ref(self),), name='pai-usage-budgets', daemon=True
                     )
                     self._sync_thread.start()
-        self._sync_wake.set()
+
+    def _holder(self) -> str:
+        """This process's name on the hold rows: one per enforcer and process (a forked child gets its own)."""
+        pid = os.getpid()
+        if self._holder_pid != pid:
+            if self._holder_pid:
+                self._sync_thread = None  # the parent's thread did not survive the fork
+            self._holder_pid = pid
+            self._holder_name = f'{socket.gethostname()[:100]}-{pid}-{uuid4().hex[:12]}'
+        return self._holder_name
+
+    def _keep_holds(self) -> None:
+        """From the sync thread: heartbeat this process's holds, and now and then reclaim dead processes' holds."""
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.hold_ttl / 4
+            _hard.heartbeat(self.tracker.engine, self._holder())
+        if now >= self._next_reclaim:
+            self._reclaim_stale(on_refusal=False)
+
+    def _reclaim_stale(self, *, on_refusal: bool) -> bool:
+        """Give back the holds of processes silent for `hold_ttl` (at most every `hold_ttl / 4` s on refusals)."""
+        now = time.monotonic()
+        if on_refusal and now < self._next_reclaim - self.hold_ttl / 4:
+            return False
+        self._next_reclaim = now + self.hold_ttl / 2
+        freed = _hard.reclaim(self.tracker.engine, datetime.now(UTC) - timedelta(seconds=self.hold_ttl))
+        if freed:
+            _log.warning(
+                'budget-reclaim',
+                'pai-usage: gave back $%s of budget reservations held by processes silent for %gs (killed?)',
+                usd(freed),
+                self.hold_ttl,
+            )
+        return freed > 0
 
     def _record_refusal(self, exc: BudgetExceeded, **fields: Any) -> None:
         if not self.record_refusals:
@@ -812,16 +877,18 @@ def _sync_loop(ref: weakref.ref[EnforceBudgets[Any]]) -> None:
             return
         wake = enforcer._sync_wake  # pyright: ignore[reportPrivateUsage]
         closed = enforcer._closed  # pyright: ignore[reportPrivateUsage]
+        interval = enforcer.hold_ttl / 4  # the heartbeat's: never sleep past it
         del enforcer  # never hold the enforcer while waiting
         if closed:
             return
-        wake.wait(max(backoff, 1.0))
+        wake.wait(max(backoff, min(1.0, interval)))
         wake.clear()
         enforcer = ref()
         if enforcer is None:
             return
         try:
             enforcer.sync()
+            enforcer._keep_holds()  # pyright: ignore[reportPrivateUsage]
             backoff = 0.0
         except SQLAlchemyError as exc:
             _log.error('budget-sync', 'pai-usage: could not send budget counters, retrying: %r', exc)

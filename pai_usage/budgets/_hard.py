@@ -5,6 +5,10 @@ is one conditional `UPDATE ... SET reserved = reserved + :estimate WHERE spent +
 :limit RETURNING ...` in its own short transaction: the row lock makes concurrent reservations from any
 number of processes serialize on it, so together they keep the bound one process keeps alone. Settled spend
 and released reservations are sent as deltas, with the next reservation or from a background thread.
+
+Each process also keeps, in `pai_usage_budget_holds` (migration `0007`), what it holds on each counter, in
+the same transactions, and a heartbeat. A process that dies mid-request (SIGKILL, OOM) stops heartbeating:
+`reclaim` gives its reservations back to the counters once its heartbeat is older than the enforcer's TTL.
 """
 
 from __future__ import annotations
@@ -21,7 +25,19 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..table import COST_SCALE, UTCDateTime
 
-__all__ = ('BUDGET_COUNTERS', 'CounterKey', 'HardOp', 'apply_deltas', 'ensure_table', 'raise_to', 'read', 'reserve')
+__all__ = (
+    'BUDGET_COUNTERS',
+    'BUDGET_HOLDS',
+    'CounterKey',
+    'HardOp',
+    'apply_deltas',
+    'ensure_table',
+    'heartbeat',
+    'raise_to',
+    'read',
+    'reclaim',
+    'reserve',
+)
 
 _metadata = sa.MetaData()
 
@@ -67,10 +83,23 @@ BUDGET_COUNTERS = sa.Table(
 )
 """The hard-mode counters table (migration `0004_budget_counters.sql`)."""
 
+BUDGET_HOLDS = sa.Table(
+    'pai_usage_budget_holds',
+    _metadata,
+    sa.Column('scope', sa.String(300), primary_key=True),
+    sa.Column('period', sa.String(100), primary_key=True),
+    sa.Column('period_start', UTCDateTime, primary_key=True),
+    sa.Column('holder', sa.String(200), primary_key=True),
+    sa.Column('reserved_usd', _MONEY, nullable=False),
+    sa.Column('heartbeat_at', UTCDateTime, nullable=False, index=True),
+)
+"""What each process holds on each counter, and its last heartbeat (migration `0007_budget_holds.sql`)."""
+
 CounterKey = tuple[str, str, datetime]
 """(scope, period, period start) of one counter row."""
 
 _C = BUDGET_COUNTERS.c
+_H = BUDGET_HOLDS.c
 
 
 @dataclass(kw_only=True)
@@ -105,24 +134,45 @@ def _floor0(expr: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
 
 
 def ensure_table(engine: sa.Engine) -> None:
-    """Apply migrations if the counters table is missing (the tracker's writer may not have run yet)."""
+    """Apply migrations if a hard-mode table is missing (the tracker's writer may not have run yet)."""
     with engine.connect() as conn:
-        if sa.inspect(conn).has_table(BUDGET_COUNTERS.name):
+        inspector = sa.inspect(conn)
+        if inspector.has_table(BUDGET_COUNTERS.name) and inspector.has_table(BUDGET_HOLDS.name):
             return
     from ..migrate import migrate
 
     migrate(engine)
 
 
-def _insert(engine: sa.Engine) -> Any:
-    return (postgresql.insert if engine.dialect.name == 'postgresql' else sqlite.insert)(BUDGET_COUNTERS)
+def _insert(engine: sa.Engine, table: sa.Table = BUDGET_COUNTERS) -> Any:
+    return (postgresql.insert if engine.dialect.name == 'postgresql' else sqlite.insert)(table)
 
 
-def reserve(engine: sa.Engine, ops: Sequence[HardOp]) -> tuple[int | None, list[tuple[Decimal, Decimal]]]:
+def _hold(conn: sa.Connection, key: CounterKey, holder: str, change: Decimal, now: datetime) -> None:
+    """Add `change` (reserved minus released) to what `holder` holds on the counter `key`, and heartbeat."""
+    scope, period, start = key
+    insert = _insert(conn.engine, BUDGET_HOLDS).values(
+        scope=scope,
+        period=period,
+        period_start=start,
+        holder=holder,
+        reserved_usd=max(change, Decimal(0)),
+        heartbeat_at=now,
+    )
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=[_H.scope, _H.period, _H.period_start, _H.holder],
+            set_={'reserved_usd': _floor0(_H.reserved_usd + _money(change)), 'heartbeat_at': now},
+        )
+    )
+
+
+def reserve(engine: sa.Engine, ops: Sequence[HardOp], holder: str) -> tuple[int | None, list[tuple[Decimal, Decimal]]]:
     """Send each counter's deltas and reserve its estimate, all or nothing, in one transaction.
 
     Returns the index of the first counter that refused (None: all reserved) and each counter's spent and
-    reserved after the statement. Deltas are applied either way.
+    reserved after the statement. Deltas are applied either way. `holder`'s hold rows change by the same
+    amounts, in the same transaction.
     """
     now = datetime.now(UTC)
     refused: int | None = None
@@ -182,10 +232,14 @@ def reserve(engine: sa.Engine, ops: Sequence[HardOp]) -> tuple[int | None, list[
                     .where(_where(op.key))
                     .values(reserved_usd=_floor0(_C.reserved_usd - _money(op.estimate)), updated_at=now)
                 )
+        for op in ops:
+            change = (op.estimate if refused is None else Decimal(0)) - op.released
+            if change:
+                _hold(conn, op.key, holder, change, now)
     return refused, seen
 
 
-def apply_deltas(engine: sa.Engine, deltas: Sequence[tuple[CounterKey, Decimal, Decimal]]) -> None:
+def apply_deltas(engine: sa.Engine, deltas: Sequence[tuple[CounterKey, Decimal, Decimal]], holder: str) -> None:
     """Add settled spend and release reservations: `(key, spent_delta, released)` per counter, one transaction."""
     if not deltas:
         return
@@ -201,6 +255,43 @@ def apply_deltas(engine: sa.Engine, deltas: Sequence[tuple[CounterKey, Decimal, 
                     updated_at=now,
                 )
             )
+            if released:
+                _hold(conn, key, holder, -released, now)
+
+
+def heartbeat(engine: sa.Engine, holder: str) -> None:
+    """Say that `holder` is alive: its reservations are not reclaimed while it keeps saying so."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(BUDGET_HOLDS)
+            .where(_H.holder == holder, _H.reserved_usd > _money(Decimal(0)))
+            .values(heartbeat_at=datetime.now(UTC))
+        )
+
+
+def reclaim(engine: sa.Engine, stale_before: datetime) -> Decimal:
+    """Give back to the counters what holders silent since `stale_before` hold (dead processes). Returns the sum.
+
+    The holds are deleted and the counters lowered in one transaction; a hold deleted by a concurrent
+    reclaim is not returned to this one, so nothing is given back twice.
+    """
+    with engine.begin() as conn:
+        gone = conn.execute(
+            sa.delete(BUDGET_HOLDS)
+            .where(_H.heartbeat_at < stale_before)
+            .returning(_H.scope, _H.period, _H.period_start, _H.reserved_usd)
+        ).all()
+        held: dict[CounterKey, Decimal] = {}
+        for scope, period, start, reserved in gone:
+            held[(scope, period, start)] = held.get((scope, period, start), Decimal(0)) + Decimal(reserved)
+        now = datetime.now(UTC)
+        for key in sorted(k for k, amount in held.items() if amount > 0):
+            conn.execute(
+                sa.update(BUDGET_COUNTERS)
+                .where(_where(key))
+                .values(reserved_usd=_floor0(_C.reserved_usd - _money(held[key])), updated_at=now)
+            )
+    return sum(held.values(), Decimal(0))
 
 
 def raise_to(engine: sa.Engine, key: CounterKey, ledger_usd: Decimal) -> None:

@@ -1,0 +1,15 @@
+-- Hard-mode reservations per holder (pai_usage/budgets/_hard.py, docs/budgets.md): what each process holds on
+-- each counter of pai_usage_budget_counters, and when it last said it is alive. A process killed mid-request
+-- stops heartbeating; once its heartbeat is older than the enforcer's hold_ttl, any other process gives its
+-- reservations back to the counter, so that a crash never blocks a budget until the period ends.
+-- holder: <host>-<pid>-<random>, one per enforcer and process.
+CREATE TABLE IF NOT EXISTS pai_usage_budget_holds (
+    scope VARCHAR(300) NOT NULL,
+    period VARCHAR(100) NOT NULL,
+    period_start TIMESTAMP WITH TIME ZONE NOT NULL,
+    holder VARCHAR(200) NOT NULL,
+    reserved_usd NUMERIC(24, 12) NOT NULL,
+    heartbeat_at TIMESTAMP WITH TIME ZONE NOT NULL,
+    PRIMARY KEY (scope, period, period_start, holder)
+);
+CREATE INDEX IF NOT EXISTS ix_pai_usage_budget_holds_heartbeat_at ON pai_usage_budget_holds (heartbeat_at);
