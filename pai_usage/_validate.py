@@ -36,7 +36,7 @@ from .record import (
     metadata_kept_as_is,
 )
 
-__all__ = ('fields_many', 'record_from_fields')
+__all__ = ('fields_many', 'record_from_fields', 'stored_fields')
 
 
 def _plain_text(longest: int) -> StringConstraints:
@@ -146,6 +146,20 @@ def fields_many(items: Sequence[object]) -> list[dict[str, Any] | None]:
             values['metadata'] = {}
         out[i] = values
     return out
+
+
+def stored_fields(item: dict[str, Any]) -> dict[str, Any] | None:
+    """The field values the writer validates `item` into (before pricing), or None when it would reject it.
+
+    For counting a record before the writer has it (budgets): a record the ledger will not hold counts nothing.
+    """
+    values = fields_many([item])[0]
+    if values is not None:
+        return values
+    try:
+        return dict(UsageRecord.model_validate(item).__dict__)
+    except Exception:  # invalid: the writer rejects it too
+        return None
 
 
 _new = object.__new__

@@ -589,6 +589,31 @@ async def test_bound_in_one_process(slow_writer: UsageTracker, runs: int, delay:
         assert spent(ledger(slow_writer)) <= limit
 
 
+@pytest.mark.parametrize(
+    'poison',
+    [
+        pytest.param({'cost_usd': float('nan')}, id='nan-cost'),
+        pytest.param({'cost_usd': Decimal('-5')}, id='negative-cost'),
+        pytest.param({'cost_usd': float('inf')}, id='infinite-cost'),
+        pytest.param({'input_tokens': -(10**9)}, id='negative-tokens'),
+    ],
+)
+async def test_a_record_the_ledger_rejects_counts_nothing(fast_tracker: UsageTracker, poison: dict[str, Any]) -> None:
+    """Spend counts what the ledger stores: a record the writer rejects neither raises, lowers nor blocks a budget."""
+    limit = 3 * LARGEST
+    enforcer = EnforceBudgets(fast_tracker, budgets=[Budget(organization_id='acme', limit_usd=limit)])
+    fast_tracker.track(
+        **{'provider': 'openai', 'model': 'gpt-4o', 'organization_id': 'acme', 'input_tokens': 100, **poison}
+    )
+    [status] = enforcer.statuses(organization_id='acme')
+    assert status.spend_usd == 0
+    outcomes = await asyncio.gather(
+        looping_agent(0, [TrackUsage(fast_tracker), enforcer]).run('go', deps=ACME), return_exceptions=True
+    )
+    assert_bounded(fast_tracker, outcomes, limit, 1)
+    assert fast_tracker.stats().invalid == 1
+
+
 @pytest.mark.parametrize('delay', [0, 0.1], ids=['0ms', '100ms'])
 async def test_bound_in_hard_mode(database_url: str, delay: float) -> None:
     runs = 20

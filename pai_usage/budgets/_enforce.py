@@ -28,6 +28,7 @@ from pydantic_ai.tools import AgentDepsT, RunContext
 from sqlalchemy.exc import SQLAlchemyError
 
 from .._log import RateLimitedLog
+from .._validate import stored_fields
 from ..context import current_usage_context
 from ..pricing import price_fields
 from ..record import UsageRecord, normalize_label
@@ -418,13 +419,19 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
 
     def _observe(self, record: UsageRecord | dict[str, Any]) -> None:
         """Tracker observer, inside `track()`: count a settled record's cost at once."""
-        fields: Mapping[str, Any] = record if isinstance(record, dict) else record.__dict__
+        if isinstance(record, dict):
+            # Validated as the writer validates it: a record the ledger will reject (a NaN or negative cost,
+            # negative tokens) counts nothing, instead of poisoning or lowering the spend.
+            stored = stored_fields(record)
+            if stored is None:
+                return
+            fields: Mapping[str, Any] = stored
+        else:
+            fields = record.__dict__
         get = fields.get
         # The cost the ledger will store: the writer prices with the same function and the same table.
         cost = price_fields(fields, self.tracker.price_table).cost_usd
-        if isinstance(cost, (int, float)):
-            cost = Decimal(str(cost))
-        if not isinstance(cost, Decimal):
+        if not isinstance(cost, Decimal) or not cost.is_finite() or cost < 0:
             return
         run_id = get('run_id')
         record_id = get('id')
