@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from copy import copy
@@ -564,6 +564,12 @@ class TrackUsage(AbstractCapability[Any]):
             return
         fields = self._row(run, 'agent_request', usage, response.provider_name, response.model_name, status)
         fields['request_id'] = response.provider_response_id
+        if (tier := _service_tier(response.provider_details)) is not None:
+            fields['service_tier'] = tier  # what pydantic-ai priced it at: a reprice must price the same tier
+        if usage.unmeasured_requests and usage.cost is None:
+            # The response omitted its usage: its zero counts say nothing, so no priced zero either.
+            fields['pricing_status'] = 'unpriced'
+            extra['usage_missing'] = True
         fields['created_at'] = _aware(response.timestamp)
         if duration_ms is not None:
             fields['duration_ms'] = max(round(duration_ms), 0)
@@ -613,6 +619,16 @@ class TrackUsage(AbstractCapability[Any]):
             fields['pricing_status'] = 'priced'
             fields['price_source'] = PYDANTIC_AI_PRICE_SOURCE
         return fields
+
+
+def _service_tier(details: Mapping[str, Any] | None) -> str | None:
+    """The tier a response's `provider_details` name (pydantic-ai passes them to genai-prices as its price context)."""
+    if not details:
+        return None
+    if details.get('processing') == 'batch':
+        return 'batch'
+    tier = details.get('service_tier')
+    return tier if isinstance(tier, str) and tier else None
 
 
 def _error_attempts(error: BaseException | None) -> list[ModelRequestAttempt]:

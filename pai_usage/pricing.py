@@ -370,6 +370,8 @@ def price_usage(
             return _unpriced('bad price file')
     if not model:
         return _unpriced('no model')
+    if units and unit_type is None:
+        return _unpriced('units without a unit_type')
     provider = table.resolve_provider(provider)
     values = price_values(tokens)
     unit_key: str | None = None

@@ -191,12 +191,14 @@ def price_values(tokens: TokenCounts) -> dict[str, Any]:
     values: dict[str, Any] = {}
     details = tokens.details
     cache_audio = details.get('cache_audio_read_tokens', 0)
+    # A whole `from_inclusive` raised to the sum of its parts goes back to what the provider reported: genai-prices
+    # then prices the counts as reported, or refuses them (unpriced), exactly as it does for the caller.
     for key, value in (
-        ('input_tokens', tokens.total_input_tokens),
+        ('input_tokens', tokens.total_input_tokens - details.get('adjusted_input_tokens', 0)),
         ('cache_read_tokens', tokens.cache_read_tokens),
         ('cache_write_tokens', tokens.cache_write_tokens),
         ('input_audio_tokens', tokens.input_audio_tokens + cache_audio),
-        ('output_tokens', tokens.total_output_tokens),
+        ('output_tokens', tokens.total_output_tokens - details.get('adjusted_output_tokens', 0)),
         ('output_reasoning_tokens', tokens.reasoning_tokens),
         ('output_audio_tokens', tokens.output_audio_tokens),
         ('output_image_tokens', tokens.output_image_tokens),

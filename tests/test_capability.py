@@ -25,6 +25,7 @@ from pydantic_ai.usage import RequestUsage, RunUsage, UsageLimits
 
 from pai_usage import UsageContext, UsageDeps, UsageTracker, current_usage_context, usage_context
 from pai_usage.capability import PYDANTIC_AI_PRICE_SOURCE, TrackUsage
+from pai_usage.pricing import price_fields
 from pai_usage.table import TOKEN_USAGE
 
 pytestmark = pytest.mark.anyio
@@ -186,6 +187,38 @@ async def test_unknown_model_is_priced_by_the_tracker_or_unpriced(tracker: Usage
     got = rows(tracker)
     assert {(r['cost_usd'], r['pricing_status']) for r in got} == {(None, 'unpriced')}
     assert_adds_up(got, result.usage)
+
+
+def answering(usage: RequestUsage, details: dict[str, Any] | None = None, model: str = 'o3') -> Agent[UsageDeps, str]:
+    def fn(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart('ok')], provider_name='openai', usage=usage, provider_details=details)
+
+    return Agent(FunctionModel(fn, model_name=model), deps_type=UsageDeps)
+
+
+@pytest.mark.parametrize(
+    ('details', 'tier'),
+    [({'service_tier': 'priority'}, 'priority'), ({'service_tier': 'flex'}, 'flex'), (None, None)],
+    ids=['priority', 'flex', 'standard'],
+)
+async def test_the_tier_pydantic_ai_priced_is_stored(
+    tracker: UsageTracker, details: dict[str, Any] | None, tier: str | None
+) -> None:
+    """The row names the tier its cost is for, so that repricing it from its columns gives the same cost."""
+    agent = answering(RequestUsage(input_tokens=100_000, output_tokens=2_000), details)
+    result = await agent.run('q', deps=DEPS, capabilities=[TrackUsage(tracker)])
+    [row] = rows(tracker)
+    assert (row['service_tier'], row['cost_usd']) == (tier, result.usage.cost)
+    unpriced = {**row, 'cost_usd': None, 'pricing_status': None, 'price_source': None}
+    assert price_fields(unpriced).cost_usd == row['cost_usd']
+
+
+async def test_a_response_without_usage_is_unpriced_not_a_priced_zero(tracker: UsageTracker) -> None:
+    await answering(RequestUsage(unmeasured_requests=1), model='gpt-4o').run(
+        'q', deps=DEPS, capabilities=[TrackUsage(tracker)]
+    )
+    [row] = rows(tracker)
+    assert (row['cost_usd'], row['pricing_status'], row['metadata']['usage_missing']) == (None, 'unpriced', True)
 
 
 async def test_reasoning_audio_and_image_tokens_land_in_their_buckets(tracker: UsageTracker) -> None:

@@ -280,17 +280,29 @@ async def test_stream_abandoned_early_records_what_was_seen(
     assert row['input_tokens'] > 0 and row['cost_usd'] is not None
 
 
-async def test_missing_usage_metadata(service: GeminiService, fake_gemini: FakeGemini, ledger: UsageTracker):
+@pytest.mark.parametrize('sent', [None, {}], ids=['absent', 'empty'])
+async def test_missing_usage_metadata(
+    service: GeminiService, fake_gemini: FakeGemini, ledger: UsageTracker, sent: dict[str, Any] | None
+):
+    """No usage, or `usageMetadata: {}` (no count at all): the call is kept, its cost unknown, never a priced 0."""
     before = gemini_stats()
-    fake_gemini.reply(usage=None)
+    fake_gemini.reply(usage=sent)
     response = service.generate_content('Hi')
-    assert response.usage_metadata is None
+    assert (response.usage_metadata is None) == (sent is None)
 
     row = only_row(ledger)
     assert buckets(row) == {}
     assert (row['cost_usd'], row['pricing_status'], row['status']) == (None, 'unpriced', 'ok')
     assert row['metadata'] == {'usage_missing': True}
     assert gemini_stats().missing_usage == before.missing_usage + 1
+
+
+async def test_negative_counts_are_unpriced(service: GeminiService, fake_gemini: FakeGemini, ledger: UsageTracker):
+    fake_gemini.reply(usage=usage(promptTokenCount=-1000, candidatesTokenCount=50))
+    service.generate_content('Hi')
+    row = only_row(ledger)
+    assert (row['cost_usd'], row['pricing_status']) == (None, 'unpriced')
+    assert row['price_source'].startswith('unpriced: genai-prices: Invalid usage value for input_tokens')
 
 
 # --- units -------------------------------------------------------------------------------------------------------

@@ -322,9 +322,44 @@ def test_models_without_an_entry_are_unpriced(tracker: UsageTracker, provider: s
     assert row['price_source'] == f'unpriced: no price for {unit_type} of {provider}/{model}'
 
 
-def test_units_without_a_price_are_unpriced(tracker: UsageTracker):
-    row = _track_and_read(tracker, model='dall-e-3', provider='openai', units=2, unit_type='image')
+@pytest.mark.parametrize(
+    ('units', 'unit_type', 'why'),
+    [
+        pytest.param(2, 'image', None, id='no-price-for-the-unit'),
+        pytest.param(5, None, 'unpriced: units without a unit_type', id='units-of-nothing'),
+    ],
+)
+def test_units_without_a_price_are_unpriced(tracker: UsageTracker, units: int, unit_type: str | None, why: str | None):
+    row = _track_and_read(tracker, model='dall-e-3', provider='openai', units=units, unit_type=unit_type)
     assert (row['cost_usd'], row['pricing_status']) == (None, 'unpriced')
+    if why is not None:
+        assert row['price_source'] == why
+
+
+@pytest.mark.parametrize(
+    'usage',
+    [
+        pytest.param({'input_tokens': 100, 'cache_read_tokens': 200, 'output_tokens': 10}, id='cache-over-input'),
+        pytest.param(
+            {'input_tokens': 100, 'output_tokens': 10, 'output_reasoning_tokens': 50}, id='reasoning-over-output'
+        ),
+        pytest.param(
+            {'input_tokens': 3_000, 'input_audio_tokens': 2_000, 'cache_read_tokens': 2_000}, id='cached-audio'
+        ),
+        pytest.param({'input_tokens': 10, 'cache_write_tokens': 40, 'output_tokens': 5}, id='cache-write-over-input'),
+    ],
+)
+@pytest.mark.parametrize('model', ['gpt-4o', 'claude-sonnet-4', 'gemini-2.5-pro'])
+def test_inconsistent_counts_are_priced_as_genai_prices_prices_them(usage: dict[str, int], model: str):
+    """A part larger than its whole: the same price genai-prices gives the counts as reported, or unpriced."""
+    try:
+        expected: Decimal | None = genai_prices.calc_price(genai_prices.Usage(**usage), model).total_price
+    except ValueError:
+        expected = None
+    tokens = TokenCounts.from_price_values(usage)
+    priced = price_usage(provider=None, model=model, tokens=tokens)
+    assert priced.cost_usd == expected
+    assert priced.pricing_status == ('unpriced' if expected is None else 'priced')
 
 
 def test_token_override_beats_genai_prices():

@@ -66,7 +66,7 @@ def price_values(usage: types.GenerateContentResponseUsageMetadata) -> dict[str,
 
 
 def token_counts(usage: types.GenerateContentResponseUsageMetadata | None) -> TokenCounts | None:
-    """Split one response's usage into buckets, or None when the response carried no usage.
+    """Split one response's usage into buckets, or None when the response carried no usage (or no count in it).
 
     - input: `prompt_token_count` (which includes cached tokens) plus `tool_use_prompt_token_count`,
       minus the cached tokens, which go to `cache_read_tokens`; audio input goes to `input_audio_tokens`.
@@ -77,8 +77,10 @@ def token_counts(usage: types.GenerateContentResponseUsageMetadata | None) -> To
       `details` under genai-prices' names (`input_image_tokens`, `cache_video_read_tokens`, `output_video_tokens`,
       ...), so that a model pricing a modality separately is priced right.
     """
-    if usage is None:
-        return None
+    if usage is None or not any(
+        getattr(usage, name) is not None for name in type(usage).model_fields if name.endswith(('_count', '_details'))
+    ):
+        return None  # `usageMetadata: {}` says no more than a missing one: not a priced zero
     return TokenCounts.from_price_values(price_values(usage))
 
 
