@@ -104,7 +104,12 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
     fields = cast('dict[str, Any]', value)
     created = fields.get('created_at')
     if type(created) is float:
-        fields['created_at'] = datetime.fromtimestamp(created, UTC)
+        try:
+            fields['created_at'] = datetime.fromtimestamp(created, UTC)
+        except (OverflowError, OSError, ValueError):
+            # Beyond `datetime` in UTC (year 1 east of UTC): not a number, which validation would take for
+            # milliseconds, but a text it rejects, for this record alone.
+            fields['created_at'] = f'out of range: {created!r} s since 1970'
     return fields
 
 
@@ -157,7 +162,11 @@ def _populate(mm: mmap.mmap) -> None:
 
 
 def read_segment(path: Path) -> Iterator[dict[str, Any] | ValueError]:
-    """The records of a segment file, in order; a corrupt record is yielded as its `ValueError`, then reading stops."""
+    """The records of a segment file, in order.
+
+    A record whose payload cannot be decoded is yielded as its `ValueError` and reading goes on (its length is
+    intact); a torn or missing length ends the segment.
+    """
     with open(path, 'rb') as f:
         data = f.read()
     if data[: len(_MAGIC)] != _MAGIC:
@@ -176,7 +185,6 @@ def read_segment(path: Path) -> Iterator[dict[str, Any] | ValueError]:
             yield decode_payload(data[start : start + length])
         except ValueError as exc:
             yield exc
-            return
         pos = start + length
 
 
@@ -252,7 +260,16 @@ class Journal:
             return {s.path.name for s in (*self._sealed, *([self._current] if self._current is not None else []))}
 
     def after_fork(self) -> None:
-        """In a forked child: forget the parent's segments without touching them (the parent still owns them)."""
+        """In a forked child: let go of the parent's segments without touching their files (the parent owns them).
+
+        The child's copies of their descriptors are closed: while open they would share the parent's `flock`, and
+        a SIGKILLed parent's segments could not be replayed until every child had exited.
+        """
+        for seg in (*self._sealed, *([self._current] if self._current is not None else [])):
+            try:
+                seg.close(delete=False)
+            except OSError:  # pragma: no cover - already closed
+                pass
         self.lock = threading.Lock()
         self._current = None
         self._sealed = []

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from pai_usage import UsageRecord, UsageTracker
 from pai_usage._journal import Journal, decode_payload, encode_payload, read_segment
@@ -91,21 +97,80 @@ def test_a_torn_record_ends_the_segment(tmp_path: Path) -> None:
     assert [type(r) for r in read_segment(not_ours)] == [ValueError]
 
 
-def test_journal_left_by_a_dead_tracker_is_replayed(sqlite_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    'poison',
+    [
+        pytest.param(None, id='clean'),
+        # Times whose UTC date is beyond `datetime`: the journal stores them as timestamps, which must not end
+        # the segment when read back (every record after them would be lost).
+        pytest.param(datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5))), id='year-1-east-of-utc'),
+        pytest.param(datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-14))), id='year-9999-west-of-utc'),
+    ],
+)
+def test_journal_left_by_a_dead_tracker_is_replayed(database_url: str, tmp_path: Path, poison: datetime | None) -> None:
     """Records journalled but never written (the process died) reach the table at the next start, once."""
-    probe = UsageTracker(sqlite_url, spill_dir=tmp_path, handle_sigterm=False)
+    probe = UsageTracker(database_url, spill_dir=tmp_path, handle_sigterm=False)
     assert probe.durability == 'journal'
     spill_dir = probe.spill_dir
     assert spill_dir is not None and probe.close()
+    probe.engine.dispose()
     journal = Journal(spill_dir)
     for i in range(20):
         journal.append(event(i))
+        if i == 5 and poison is not None:
+            journal.append({**event(99), 'created_at': poison})
     journal.close()  # as the kernel does for a killed process: the lock goes, the file stays
-    with UsageTracker(sqlite_url, spill_dir=tmp_path) as again:
+    with UsageTracker(database_url, spill_dir=tmp_path) as again:
         again.track(event())
         assert again.flush()
         stats = again.stats()
     again.engine.dispose()
-    assert (stats.replayed, stats.written) == (20, 1)
-    assert rows(sqlite_url) == (21, 21)
+    assert (stats.replayed, stats.written, stats.invalid) == (20, 1, 0 if poison is None else 1)
+    assert rows(database_url) == (21, 21)
     assert not list(spill_dir.glob('*.bin'))
+
+
+FORKING_PARENT = """
+import os, sys, time, uuid
+from pai_usage import UsageTracker
+tracker = UsageTracker(sys.argv[1], spill_dir=sys.argv[2], handle_sigterm=False)
+for i in range(100):
+    tracker.track(id=uuid.uuid4(), provider='openai', model='gpt-4o', input_tokens=i, cost_usd='0.01')
+child = os.fork()
+if child == 0:  # a long-lived worker that never tracks anything
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_forked_child_does_not_hold_its_parents_journal(tmp_path: Path) -> None:
+    """The parent is SIGKILLed while its records are only in its journal: they are replayed while the child lives."""
+    db_dir = tmp_path / 'db'  # missing: the parent cannot write, so its records stay in its journal
+    url = f'sqlite:///{db_dir}/usage.db'
+    parent = subprocess.Popen(
+        [sys.executable, '-c', FORKING_PARENT, url, str(tmp_path / 'spill')], stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        parent.kill()
+        parent.wait(10)  # not `communicate()`: the child holds the pipe open
+        parent.stdout.close()
+        db_dir.mkdir()
+        with UsageTracker(url, spill_dir=tmp_path / 'spill') as again:
+            assert again.flush(30)
+        again.engine.dispose()
+        assert _alive(child), 'the child still runs'
+        assert rows(url) == (100, 100)
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
