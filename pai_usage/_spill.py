@@ -42,6 +42,7 @@ __all__ = (
     'SpillDir',
     'default_spill_dir',
     'encode',
+    'encode_lenient',
     'encode_rejected',
 )
 
@@ -81,6 +82,21 @@ def _json_default(value: object) -> object:
 def encode(item: dict[str, Any]) -> bytes:
     """One JSON line for a record's fields (UUIDs, datetimes and Decimals as strings)."""
     return json.dumps(item, default=_json_default, separators=(',', ':')).encode() + b'\n'
+
+
+def encode_lenient(item: dict[str, Any]) -> bytes:
+    """`encode` for fields not validated yet whose values JSON cannot hold (cyclic or odd metadata, an object).
+
+    Metadata and details are made JSON-safe as validation would make them; any other odd value becomes its
+    `repr`, which validation then rejects, for this record alone. Raises when even that cannot be encoded.
+    """
+    from .record import safe_metadata  # imports pydantic: only on this rare path
+
+    fields = dict(item)
+    for name in ('metadata', 'details'):
+        if name in fields:
+            fields[name] = safe_metadata(fields[name])
+    return json.dumps(fields, default=_safe_default, skipkeys=True, separators=(',', ':')).encode() + b'\n'
 
 
 def _safe_default(value: object) -> object:

@@ -46,7 +46,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ._journal import Journal, Segment
 from ._log import RateLimitedLog
-from ._spill import SpillDir, encode, encode_rejected
+from ._spill import SpillDir, encode, encode_lenient, encode_rejected
 from ._validate import fields_many, record_from_fields
 from .migrate import migrate
 from .pricing import PriceTable, price_fields, price_fields_many
@@ -113,8 +113,6 @@ class _Flush:
     done: threading.Event = field(default_factory=threading.Event)
     ok: bool = False
     """Set before `done`: whether everything put before the marker is in the database."""
-    dropped: int = 0
-    """The records neither written nor spilled (`Writer._not_kept()`) when the marker was made."""
 
 
 _STOP = object()
@@ -465,11 +463,10 @@ class Writer:
         self._check_pid()
         thread = self._thread
         if thread is None:
-            return self._settled_ok(self._not_kept())
+            return self._settled_ok()
         if not thread.is_alive():
             return False  # the writer died: what is queued will never be written by it
-        with self._count_lock:
-            marker = _Flush(dropped=self._not_kept())
+        marker = _Flush()
         self._queue.put(marker)
         self._batch_ready.set()
         self._wake.set()
@@ -486,7 +483,7 @@ class Writer:
         thread = self._thread
         if thread is None:
             clean = self._close_files()
-            return clean and self._settled_ok(0)
+            return clean and self._settled_ok()
         self._deadline = time.monotonic() + (timeout if timeout is not None else float('inf'))
         self._stopping = True
         self._queue.put(_STOP)
@@ -503,13 +500,15 @@ class Writer:
             return False
         clean = self._stopped_clean
         clean = self._close_files() and clean
-        return clean and self._settled_ok(0)
+        return clean and self._settled_ok()
 
-    def _settled_ok(self, dropped_before: int) -> bool:
+    def _settled_ok(self) -> bool:
+        # A record lost once stays lost (or only in the journal, for the next start): every later answer says so,
+        # as `close()` does. A loss before the call counts too: those records were tracked before it.
         with self._count_lock:
-            dropped = self._not_kept()
+            lost = self._not_kept()
         own = self.spill is not None and self.spill.own_pending()
-        return dropped == dropped_before and not own
+        return not lost and not own
 
     def _not_kept(self) -> int:
         """Records neither written nor spilled so far (lost, or only in the journal)."""
@@ -651,8 +650,12 @@ class Writer:
         for item in items:
             try:
                 lines.append(encode(_raw(item)))
-            except Exception as exc:
-                self._reject(item, f'cannot be encoded as JSON: {exc!r}')
+            except Exception:
+                try:  # e.g. cyclic metadata: made JSON-safe now, as validation would on replay
+                    lines.append(encode_lenient(_raw(item)))
+                except Exception as exc:
+                    self._count_invalid(1, replay=False)
+                    self._reject(item, f'cannot be encoded as JSON: {exc!r}')
         return self._spill_lines(lines, sync=sync, journalled=journalled)
 
     # --- the writer thread ---
@@ -751,7 +754,7 @@ class Writer:
         spill = self.spill
         if spill is not None and spill.own_pending():
             self._probe_now()
-        marker.ok = self._settled_ok(marker.dropped)
+        marker.ok = self._settled_ok()
         marker.done.set()
 
     def _probe_now(self) -> None:

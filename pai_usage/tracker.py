@@ -404,7 +404,9 @@ class UsageTracker:
 
         Probes the database at once and replays what this tracker spilled. Returns True only when every record
         tracked before the call is in the database (or was rejected as invalid); False if `timeout` ran out,
-        while records are only on disk (the database is down), if any was lost, or if the writer died.
+        while records are only on disk (the database is down), if any record of this process was ever lost (or
+        is only in the journal, for the next start: `stats().dropped`, `stats().journal_only`), or if the writer
+        died.
         """
         done = self._writer.flush(timeout)
         if has_pending():

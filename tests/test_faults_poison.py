@@ -158,12 +158,14 @@ def proxy() -> Iterator[PgProxy]:
         yield p
 
 
-@pytest.mark.parametrize('phase', ['healthy', 'spilling'])
+@pytest.mark.parametrize('phase', ['healthy', 'spilling', 'overflowing', 'late'])
 def test_poison_never_costs_a_good_record(pg_schema_url: str, proxy: PgProxy, tmp_path: Path, phase: str) -> None:
     """Two batches of good and poison records, then a later outage of good records only, replayed after a restart.
 
     The poison is tracked while the database answers (`healthy`) or while it is cut (`spilling`, then replayed
-    by a new tracker). Either way the later outage's records must replay: poison never blocks later files.
+    by a new tracker), into a queue so small that `track()` spills it itself (`overflowing`), or after `close()`
+    (`late`, into the late spill file). Either way the later outage's records must replay: poison never blocks
+    later files.
     """
     rng = random.Random(phase)
     url = via_proxy(pg_schema_url, proxy)
@@ -173,11 +175,14 @@ def test_poison_never_costs_a_good_record(pg_schema_url: str, proxy: PgProxy, tm
     later = [billing(i) for i in range(500)]
     kinds = {k: kinds1[k] + kinds2[k] for k in kinds1}
 
-    with open_tracker(url, spill_dir=spill, **FAST) as tracker:
+    small = {'max_queue': 20} if phase == 'overflowing' else {}
+    with open_tracker(url, spill_dir=spill, **FAST, **small) as tracker:
         raised = track_all(tracker, warmup)
         assert tracker.flush(timeout=30)
-        if phase == 'spilling':
+        if phase in ('spilling', 'overflowing'):
             proxy.cut()
+        elif phase == 'late':
+            assert tracker.close(timeout=30)
         raised += track_all(tracker, batch1 + batch2)
         if phase == 'healthy':
             assert tracker.flush(timeout=30), 'flush() returned False with the database up'
@@ -188,8 +193,9 @@ def test_poison_never_costs_a_good_record(pg_schema_url: str, proxy: PgProxy, tm
             assert tracker.stats().spilled == 0, 'records went to disk while the database answered'
             assert tracker.close(timeout=30)
         else:
-            assert not tracker.flush(timeout=1), 'flush() returned True while the database was down'
-            assert not tracker.close(timeout=2), 'close() returned True while the database was down'
+            if phase != 'late':
+                assert not tracker.flush(timeout=1), 'flush() returned True while the database was down'
+            assert not tracker.close(timeout=2), 'close() returned True while records were only on disk'
             proxy.restore()
             with open_tracker(url, spill_dir=spill, **FAST) as replayer:
                 poisoned = [r['id'] for r in kinds['good'] + kinds['kept']]

@@ -410,7 +410,9 @@ def test_spill_failure_is_counted_and_logged_once(tmp_path: Path, caplog: pytest
     )
     for i in range(1000):
         tracker.track(event(i))
-    assert tracker.flush(30) is False, 'records were lost'
+    wait_until(lambda: tracker.stats().dropped == 1000, what='the loss, before any flush')
+    for _ in range(3):  # lost before the call, and still lost at every later call
+        assert tracker.flush(30) is False, 'records were lost'
     assert tracker.close(1) is False
     stats = tracker.stats()
     assert stats.dropped == 1000
