@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -48,19 +49,34 @@ MAX_LABEL_LENGTH = 255
 _HASH_CHARS = 16
 
 
+def storable_text(text: str) -> str:
+    r"""`text` without NUL bytes and with lone surrogates replaced by U+FFFD: PostgreSQL refuses both.
+
+    Lone surrogates come from bytes decoded with `surrogateescape` or from JSON such as `"\udcff"`.
+    """
+    if '\x00' in text:
+        text = text.replace('\x00', '')
+    if not text.isascii():
+        try:
+            text.encode('utf-8')
+        except UnicodeEncodeError:
+            # Through UTF-16, valid pairs become the character they encode; lone halves become U+FFFD.
+            text = text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
+    return text
+
+
 def normalize_label(value: object) -> str | None:
     """The form in which the ledger stores a label (user id, organization id, model, ...).
 
-    Surrounding whitespace and NUL bytes (which PostgreSQL refuses) are removed; an empty result is None.
+    Surrounding whitespace and NUL bytes (which PostgreSQL refuses) are removed, lone surrogates replaced (see
+    `storable_text`); an empty result is None.
     A label longer than `MAX_LABEL_LENGTH` keeps its start and ends in `~` and a hash of the whole, so that
     distinct long labels stay distinct and the same label always maps to the same stored value.
     Budgets and summaries use it too, so that a lookup by the raw id finds what the ledger stored.
     """
     if value is None:
         return None
-    text = value if isinstance(value, str) else str(value)
-    if '\x00' in text:
-        text = text.replace('\x00', '')
+    text = storable_text(value if isinstance(value, str) else str(value))
     text = text.strip()
     if not text:
         return None
@@ -134,7 +150,16 @@ def metadata_kept_as_is(mapping: dict[Any, Any]) -> bool:
         encoded = json_text(mapping)
     except Exception:  # a cycle, a value JSON cannot hold, an integer too long to print
         return False
-    return '\\u0000' not in encoded and len(encoded) <= MAX_METADATA_BYTES and all(type(k) is str for k in mapping)
+    return (
+        '\\u0000' not in encoded
+        and len(encoded) <= MAX_METADATA_BYTES
+        and all(type(k) is str for k in mapping)
+        and ('\\ud' not in encoded or not _LONE_SURROGATE.search(encoded))
+    )
+
+
+_LONE_SURROGATE = re.compile(r'\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2}')
+"""A surrogate escape in ASCII JSON that is not half of a pair: PostgreSQL's `json` refuses it."""
 
 
 def _clean(value: object, depth: int, path: set[int]) -> object:
@@ -142,7 +167,7 @@ def _clean(value: object, depth: int, path: set[int]) -> object:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str):
-        return value.replace('\x00', '') if '\x00' in value else value
+        return storable_text(value)
     if isinstance(value, int):
         # Beyond 64 bits a JSON integer is not portable (and huge ints cannot even be printed).
         return int(value) if -(1 << 63) <= value < (1 << 63) else f'<int of {value.bit_length()} bits>'
@@ -167,8 +192,7 @@ def _clean(value: object, depth: int, path: set[int]) -> object:
 
 
 def _key(key: object) -> str:
-    text = key if isinstance(key, str) else _text(key)
-    return text.replace('\x00', '') if '\x00' in text else text
+    return storable_text(key if isinstance(key, str) else _text(key))
 
 
 def _text(value: object) -> str:
@@ -176,6 +200,17 @@ def _text(value: object) -> str:
         return str(value)
     except Exception:
         return f'<unprintable {type(value).__name__}>'
+
+
+def _storable_keys(value: object) -> object:
+    # Token details are few: a key PostgreSQL's jsonb would refuse (NUL, a lone surrogate) is cleaned, never
+    # the reason the billing row is rejected.
+    if not isinstance(value, dict):
+        return value
+    mapping = cast('dict[object, object]', value)
+    if all(type(k) is str and storable_text(k) == k for k in mapping):
+        return mapping
+    return {_key(k): v for k, v in mapping.items()}
 
 
 def _utcnow() -> datetime:
@@ -248,7 +283,7 @@ class UsageRecord(BaseModel):
     """Audio output tokens."""
     output_image_tokens: _Tokens = 0
     """Image output tokens."""
-    details: dict[str, _Tokens] = Field(default_factory=dict[str, int])
+    details: Annotated[dict[str, _Tokens], BeforeValidator(_storable_keys)] = Field(default_factory=dict[str, int])
     """Rare counts that refine a bucket without adding to it (e.g. `cache_write_1h_tokens`)."""
 
     units: _Units | None = None

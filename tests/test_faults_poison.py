@@ -84,12 +84,17 @@ KEPT: list[tuple[str, dict[str, Any]]] = [
     ('organization_id of 1000 characters', {'organization_id': 'o' * 999 + '\x00!'}),
     ('model of 256 characters', {'model': 'm' * 256}),
     ('whitespace-only user_id', {'user_id': ' \t '}),
+    # Lone surrogates (bytes decoded with `surrogateescape`, JSON such as "\udcff"): PostgreSQL refuses them.
+    ('lone surrogate in user_id', {'user_id': 'us\udcffer'}),
+    ('lone surrogates in metadata', {'metadata': {'k\udcff': 'v\ud800', 'ok': '\U0001f600'}}),
+    ('NUL and a lone surrogate in details keys', {'details': {'k\x00': 1, 'x\udcff': 2}}),
 ]
 """Bad labels or metadata on a good billing row: the row is stored with its tokens and cost."""
 
 CLEANED: dict[str, dict[str, Any]] = {
     'NUL in a metadata key': {'key': 'v'},
     'NUL in metadata values': {'key': 'val', 'nested': ['a', {'b': 'c'}]},
+    'lone surrogates in metadata': {'k\ufffd': 'v\ufffd', 'ok': '\U0001f600'},
 }
 """Metadata whose only fault is NUL bytes: stored as given, without them."""
 
