@@ -29,6 +29,7 @@ from pydantic_ai import Agent, RunContext
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.exceptions import UsageLimitExceeded
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.models.fallback import FallbackModel
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 from pydantic_ai.usage import RequestUsage, UsageLimits
 
@@ -612,6 +613,49 @@ async def test_a_record_the_ledger_rejects_counts_nothing(fast_tracker: UsageTra
     )
     assert_bounded(fast_tracker, outcomes, limit, 1)
     assert fast_tracker.stats().invalid == 1
+
+
+async def test_unpriced_usage_is_not_counted_and_says_so(
+    fast_tracker: UsageTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger='pai_usage')
+    enforcer = EnforceBudgets(fast_tracker, budgets=[Budget(organization_id='acme', limit_usd=Decimal('0.01'))])
+    unknown = Agent(
+        FunctionModel(reply, model_name='gpt-4o-2099'),
+        deps_type=UsageDeps,
+        capabilities=[TrackUsage(fast_tracker), enforcer],
+    )
+    for _ in range(3):
+        await unknown.run('q', deps=ACME)
+    [status] = enforcer.statuses(ACME)
+    assert status.spend_usd == 0
+    warned = [r for r in caplog.records if 'no price is known' in r.getMessage()]
+    assert len(warned) == 1 and 'openai/gpt-4o-2099' in warned[0].getMessage()
+
+
+async def test_a_fallback_chain_is_estimated_whole(fast_tracker: UsageTracker) -> None:
+    """Each attempt of a `FallbackModel` bills: the next request reserves what all of them cost."""
+
+    def rejected(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        usage = RequestUsage(input_tokens=INPUT_TOKENS, output_tokens=400)
+        return ModelResponse(parts=[TextPart('bad')], provider_name='openai', usage=usage)
+
+    def is_bad(response: ModelResponse) -> bool:  # annotated: FallbackModel tells response checks by the type
+        return response.text == 'bad'
+
+    looping = looping_agent(0, [])
+    fallback = FallbackModel(
+        FunctionModel(rejected, model_name='gpt-4o'),
+        looping.model,  # pyright: ignore[reportArgumentType]
+        fallback_on=is_bad,
+    )
+    chain = request_cost(400) + request_cost(OUTPUT_TOKENS[0])
+    enforcer = EnforceBudgets(fast_tracker, budgets=[Budget(organization_id='acme', limit_usd=chain * 3 / 2)])
+    agent = looping_agent(0, [TrackUsage(fast_tracker), enforcer])
+    with pytest.raises(BudgetExceeded) as exc_info:
+        await agent.run('go', deps=ACME, model=fallback)
+    assert exc_info.value.estimate_usd == chain, 'the second request reserves the whole first chain'
+    assert spent(ledger(fast_tracker)) == chain
 
 
 @pytest.mark.parametrize('delay', [0, 0.1], ids=['0ms', '100ms'])

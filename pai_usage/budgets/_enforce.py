@@ -236,6 +236,9 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
     _runs: dict[str | None, Decimal | None] = field(
         default_factory=dict[str | None, Decimal | None], init=False, repr=False
     )
+    _spent_in_request: dict[str | None, Decimal] = field(
+        default_factory=dict[str | None, Decimal], init=False, repr=False
+    )
     _last_direct: dict[str | None, Decimal] = field(default_factory=dict[str | None, Decimal], init=False, repr=False)
     _price_cache: dict[tuple[str | None, str, int], Decimal | None] = field(
         default_factory=dict[tuple[str | None, str, int], Decimal | None], init=False, repr=False
@@ -290,11 +293,13 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         run_id = ctx.run_id
         with self._lock:
             self._runs[run_id] = None
+            self._spent_in_request[run_id] = Decimal(0)
         try:
             return await handler()
         finally:
             with self._lock:
                 self._runs.pop(run_id, None)
+                self._spent_in_request.pop(run_id, None)
 
     async def wrap_model_request(
         self,
@@ -310,6 +315,9 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
             return await handler(request_context)
         model = request_context.model
         estimate = self._estimate_request(ctx.run_id, model.system, model.model_name, request_context)
+        with self._lock:
+            if ctx.run_id in self._spent_in_request:
+                self._spent_in_request[ctx.run_id] = Decimal(0)  # what settles from now on is this request's
         now = self.clock()
         counters = self._counters(targets, now)
         stale = [c for c in counters if self._is_stale(c, now)]
@@ -431,7 +439,10 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         get = fields.get
         # The cost the ledger will store: the writer prices with the same function and the same table.
         cost = price_fields(fields, self.tracker.price_table).cost_usd
-        if not isinstance(cost, Decimal) or not cost.is_finite() or cost < 0:
+        if cost is None:
+            self._warn_unpriced(fields)
+            return
+        if not cost.is_finite() or cost < 0:
             return
         run_id = get('run_id')
         record_id = get('id')
@@ -450,7 +461,10 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         wake = False
         with self._lock:
             if run_id in self._runs:
-                self._runs[run_id] = cost
+                # Every attempt of one request (a fallback chain bills each): the next request's estimate.
+                spent = self._spent_in_request.get(run_id, Decimal(0)) + cost
+                self._spent_in_request[run_id] = spent
+                self._runs[run_id] = spent
             elif get('source') == 'direct':
                 self._last_direct[get('model')] = cost
             if not cost:
@@ -471,6 +485,20 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         if wake:
             self._wake_sync()
         self._fire(crossed)
+
+    def _warn_unpriced(self, fields: Mapping[str, Any]) -> None:
+        """Say (rate-limited) that a budget cannot count usage no price is known for: it is not counted."""
+        get = fields.get
+        targets = _record_targets(normalize_label(get('organization_id')), normalize_label(get('user_id')))
+        if any(self._by_target.get(target) for target in targets):
+            provider, model = get('provider'), get('model')
+            _log.warning(
+                f'budget-unpriced:{provider}:{model}',
+                'pai-usage: a budget applies to usage of %s/%s but no price is known for it: not counted (add a'
+                ' TokenPrice or UnitPrice to the price table to count it)',
+                provider,
+                model,
+            )
 
     def _written(self, record: UsageRecord) -> None:
         """Tracker listener: the writer wrote this record, so ledger reads from now on include it."""
