@@ -442,6 +442,12 @@ class Writer:
         with self._count_lock:
             return self.stats.queued + self.stats.overflowed
 
+    def count_invalid_input(self) -> None:
+        """Count something `track()` got that is not a usage record at all (rejected, like an invalid record)."""
+        with self._count_lock:
+            self.stats.overflowed += 1
+            self.stats.invalid += 1
+
     def count_dropped(self, n: int = 1) -> None:
         """Count records `track()` could not even hand over."""
         with self._count_lock:

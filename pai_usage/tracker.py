@@ -368,6 +368,11 @@ class UsageTracker:
             elif isinstance(record, UsageRecord):
                 # `model_copy(update=...)` would skip validation: overrides are validated with the rest.
                 item = {**dict(record), **fields} if fields else record
+            elif not isinstance(record, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
+                # Not a record at all: invalid input (like a record validation rejects), not a lost record.
+                self._writer.count_invalid_input()
+                _log.error('track-input', 'pai-usage: track() got a %s, not a usage record', type(record).__name__)
+                return
             else:
                 item = {**record, **fields}
             if isinstance(item, dict):

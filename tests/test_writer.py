@@ -457,13 +457,17 @@ def test_duplicate_ids_are_stored_once(database_url: str, tmp_path: Path) -> Non
 def test_a_row_the_database_refuses_costs_only_itself(
     pg_schema_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, replay: bool
 ) -> None:
-    """A data error (PostgreSQL refuses a NUL in a jsonb key) splits the batch: only the refused row is rejected."""
+    """A data error (here, the application's own CHECK constraint) splits the batch: only that row is rejected."""
     good = [event(i) for i in range(200)]
-    poison = event(details={'cache\x00write': 1})  # valid for pydantic, refused by jsonb
+    poison = event(user_id='refused-by-a-check')  # valid for pydantic, refused by the table
     caplog.set_level(logging.ERROR, logger='pai_usage')
     with UsageTracker(pg_schema_url, spill_dir=tmp_path, flush_interval=0.01) as tracker:
         tracker.track(event())
         assert tracker.flush(30)
+        with tracker.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "ALTER TABLE token_usage ADD CONSTRAINT app_check CHECK (user_id <> 'refused-by-a-check')"
+            )
         spill_dir = tracker.spill_dir
         assert spill_dir is not None
         if replay:
