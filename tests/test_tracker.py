@@ -159,6 +159,7 @@ def test_queue_full_goes_to_disk_and_back(sqlite_url: str, tmp_path: Path) -> No
     with UsageTracker(sqlite_url, spill_dir=tmp_path, max_queue=100, flush_interval=0.01) as tracker:
         for i in range(5000):
             tracker.track(event(i))
+        assert tracker.flush(60)  # the writer has created the table and put the spilled burst in
         wait_until(lambda: rows(sqlite_url)[0] >= 5000, what='5000 rows')
     stats = tracker.stats()
     tracker.engine.dispose()
