@@ -602,9 +602,7 @@ class Writer:
         """
         with self._count_lock:
             self.stats.overflowed += 1
-        kept = self._spill_raw([item], sync=False, journalled=seg is not None)
-        if kept and seg is not None and self.journal is not None:
-            self.journal.settle({seg: 1})
+        self._spill_entries([(item, seg)], sync=False)
 
     def sync_late(self) -> None:
         """Fsync and close the file of records tracked after `close()` (at exit, or on the next `close()`)."""
@@ -639,9 +637,7 @@ class Writer:
                 entries.append(cast('_Entry', item))
         with self._count_lock:
             self.stats.taken += len(entries)
-        kept = self._spill_raw([item for item, _ in entries], sync=True, journalled=_all_journalled(entries))
-        if kept and self.journal is not None:
-            self.journal.settle(_settle_counts(entries))
+        self._spill_entries(entries, sync=True)
         if self.spill is not None:
             try:
                 self.spill.sync()
@@ -650,10 +646,13 @@ class Writer:
         for marker in markers:
             marker.done.set()
 
-    def _spill_raw(self, items: Sequence[object], *, sync: bool, journalled: bool = False) -> bool:
-        """Spill unvalidated items (validated on replay); used off the writer thread. Returns whether all were kept."""
+    def _spill_entries(self, entries: Sequence[_Entry], *, sync: bool) -> None:
+        """Spill unvalidated entries (validated on replay), off the writer's batch path.
+
+        Their journal entries are settled only once the spill file holds them.
+        """
         lines: list[bytes] = []
-        for item in items:
+        for item, _ in entries:
             try:
                 lines.append(encode(_raw(item)))
             except Exception:
@@ -662,7 +661,8 @@ class Writer:
                 except Exception as exc:
                     self._count_invalid(1, replay=False)
                     self._reject(item, f'cannot be encoded as JSON: {exc!r}')
-        return self._spill_lines(lines, sync=sync, journalled=journalled)
+        if self._spill_lines(lines, sync=sync, journalled=_all_journalled(entries)) and self.journal is not None:
+            self.journal.settle(_settle_counts(entries))
 
     # --- the writer thread ---
 
@@ -692,12 +692,7 @@ class Writer:
         entries, self._entries = self._entries, []
         self._inflight, self._unvalidated = [], []
         if entries:
-            kept = False
-            try:
-                kept = self._spill_raw([item for item, _ in entries], sync=True, journalled=_all_journalled(entries))
-            finally:
-                if kept and self.journal is not None:
-                    self.journal.settle(_settle_counts(entries))
+            self._spill_entries(entries, sync=True)
         time.sleep(0.01)  # never a busy loop, even if every cycle fails
 
     def _startup(self) -> None:

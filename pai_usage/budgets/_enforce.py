@@ -252,7 +252,7 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
     _holder_pid: int = field(default=0, init=False, repr=False)
     _holder_name: str = field(default='', init=False, repr=False)
     _next_heartbeat: float = field(default=0.0, init=False, repr=False)
-    _next_reclaim: float = field(default=0.0, init=False, repr=False)
+    _last_reclaim: float = field(default=float('-inf'), init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ('raise', 'warn'):
@@ -865,15 +865,15 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.hold_ttl / 4
             _hard.heartbeat(self.tracker.engine, self._holder())
-        if now >= self._next_reclaim:
+        if now >= self._last_reclaim + self.hold_ttl / 2:
             self._reclaim_stale(on_refusal=False)
 
     def _reclaim_stale(self, *, on_refusal: bool) -> bool:
         """Give back the holds of processes silent for `hold_ttl` (at most every `hold_ttl / 4` s on refusals)."""
         now = time.monotonic()
-        if on_refusal and now < self._next_reclaim - self.hold_ttl / 4:
+        if on_refusal and now < self._last_reclaim + self.hold_ttl / 4:
             return False
-        self._next_reclaim = now + self.hold_ttl / 2
+        self._last_reclaim = now
         freed = _hard.reclaim(self.tracker.engine, datetime.now(UTC) - timedelta(seconds=self.hold_ttl))
         if freed:
             _log.warning(

@@ -71,12 +71,20 @@ class _CounterMoney(sa.types.TypeDecorator[Decimal]):
 
 _MONEY = _CounterMoney()
 
+
+def _counter_key() -> tuple[sa.Column[Any], ...]:
+    """The columns of a `CounterKey`, which key the counters and, with the holder, the holds."""
+    return (
+        sa.Column('scope', sa.String(300), primary_key=True),
+        sa.Column('period', sa.String(100), primary_key=True),
+        sa.Column('period_start', UTCDateTime, primary_key=True),
+    )
+
+
 BUDGET_COUNTERS = sa.Table(
     'pai_usage_budget_counters',
     _metadata,
-    sa.Column('scope', sa.String(300), primary_key=True),
-    sa.Column('period', sa.String(100), primary_key=True),
-    sa.Column('period_start', UTCDateTime, primary_key=True),
+    *_counter_key(),
     sa.Column('spent_usd', _MONEY, nullable=False),
     sa.Column('reserved_usd', _MONEY, nullable=False),
     sa.Column('updated_at', UTCDateTime, nullable=False),
@@ -86,9 +94,7 @@ BUDGET_COUNTERS = sa.Table(
 BUDGET_HOLDS = sa.Table(
     'pai_usage_budget_holds',
     _metadata,
-    sa.Column('scope', sa.String(300), primary_key=True),
-    sa.Column('period', sa.String(100), primary_key=True),
-    sa.Column('period_start', UTCDateTime, primary_key=True),
+    *_counter_key(),
     sa.Column('holder', sa.String(200), primary_key=True),
     sa.Column('reserved_usd', _MONEY, nullable=False),
     sa.Column('heartbeat_at', UTCDateTime, nullable=False, index=True),
