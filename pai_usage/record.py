@@ -347,16 +347,22 @@ def json_text(value: object) -> str:
     """`value` as strict JSON (no NaN, nothing `json` cannot encode): what `_ENCODER.encode` gives, in less time.
 
     `JSONEncoder.encode` goes through Python (`iterencode` and its closures) before it reaches the C encoder;
-    this makes the C encoder directly. A new one per call, because it holds the dict that detects cycles, and
-    the writer and the callers of `track()` encode from different threads.
+    this calls one C encoder directly. It keeps no state between calls (no dict of seen containers), so one
+    serves every thread; a cycle then ends at the recursion limit, raised as the `ValueError` `json` gives.
     """
-    if _c_make_encoder is None or isinstance(value, str):  # pragma: no cover - CPython has the C encoder
+    if _encode is None or isinstance(value, str):  # pragma: no cover - CPython has the C encoder
         return _ENCODER.encode(value)
-    encode = _c_make_encoder({}, _reject, _encode_ascii, None, ': ', ', ', False, False, False)
-    return ''.join(encode(value, 0))
+    try:
+        return ''.join(_encode(value, 0))
+    except RecursionError as exc:
+        raise ValueError('circular reference, or nesting too deep for JSON') from exc
 
 
 _c_make_encoder: Callable[..., Callable[[object, int], Iterable[str]]] | None = getattr(
     json.encoder, 'c_make_encoder', None
 )
-_encode_ascii = json.encoder.encode_basestring_ascii
+_encode: Callable[[object, int], Iterable[str]] | None = (
+    None
+    if _c_make_encoder is None
+    else _c_make_encoder(None, _reject, json.encoder.encode_basestring_ascii, None, ': ', ', ', False, False, False)
+)
