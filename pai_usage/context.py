@@ -53,14 +53,37 @@ def current_usage_context() -> UsageContext | None:
     return _current.get()
 
 
+def attribution_fields(deps: object, *, strict: bool = True) -> dict[str, Any]:
+    """The `UsageContext` fields a deps object names: its `organization_id` and `user_id` (and `tracker`).
+
+    With `strict`, raises `TypeError` for an object with neither attribute: a mistake to report where it is
+    made, not in the middle of a later API call.
+    """
+    if strict and not (hasattr(deps, 'organization_id') or hasattr(deps, 'user_id')):
+        raise TypeError(
+            f'expected a UsageContext or deps with `organization_id` / `user_id` (e.g. UsageDeps), got {deps!r}'
+        )
+    fields: dict[str, Any] = {
+        'organization_id': getattr(deps, 'organization_id', None) or None,
+        'user_id': getattr(deps, 'user_id', None) or None,
+    }
+    if (tracker := getattr(deps, 'tracker', None)) is not None:
+        fields['tracker'] = tracker
+    return fields
+
+
 @contextmanager
-def usage_context(context: UsageContext | None = None, /, **fields: Any) -> Generator[UsageContext]:
+def usage_context(context: object | None = None, /, **fields: Any) -> Generator[UsageContext]:
     """Make a usage context current for the duration of the block.
 
-    Fields not given are inherited from the enclosing context, so a nested block can add a user to an
-    organization set further out.
+    `context` is a `UsageContext`, or deps with `organization_id` / `user_id` (e.g. `UsageDeps`), which set
+    those fields. Fields not given are inherited from the enclosing context, so a nested block can add a user
+    to an organization set further out, and a block inside an agent run stays linked to the run.
     """
     outer = _current.get()
+    if context is not None and not isinstance(context, UsageContext):
+        fields = {**attribution_fields(context), **fields}
+        context = None
     if context is None:
         context = replace(outer, **fields) if outer is not None else UsageContext(**fields)
     elif fields:

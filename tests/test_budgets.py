@@ -877,6 +877,43 @@ async def test_bound_for_direct_gemini_calls(
     }
 
 
+async def test_parallel_direct_calls_in_a_run_reserve_the_previous_call(
+    gemini_client: genai.Client, fake_gemini: FakeGemini, slow_writer: UsageTracker
+) -> None:
+    """A tool that makes parallel Gemini calls: each call reserves the last call's cost, so only the first wave
+    (nothing known yet) can pass the limit, however many waves follow."""
+    wave = 8
+    service = GeminiService(gemini_client, tracker=slow_writer)
+    with usage_context(UsageDeps(organization_id='acme')):
+        service.tracked_generate_content(model='gemini-2.0-flash', contents='how much?')
+    one = ledger(slow_writer)[0]['cost_usd']
+    limit = one * (3 * wave + wave // 2)  # waves straddle the limit: an estimate of 0 would let one through whole
+    enforcer = EnforceBudgets(
+        slow_writer, budgets=[Budget(organization_id='acme', limit_usd=limit)], refresh_interval=3600
+    )
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        # A request far cheaper than a call (FunctionModel would estimate an empty usage).
+        usage = RequestUsage(input_tokens=1, output_tokens=1)
+        return ModelResponse(parts=[ToolCallPart('draw', {})], provider_name='google-gla', usage=usage)
+
+    capabilities = [TrackUsage(slow_writer), enforcer]
+    drawing = Agent(FunctionModel(model, model_name='gemini-2.0-flash'), deps_type=UsageDeps, capabilities=capabilities)
+
+    @drawing.tool_plain
+    async def draw() -> str:  # pyright: ignore[reportUnusedFunction]
+        calls = (service.atracked_generate_content(model='gemini-2.0-flash', contents='how much?') for _ in range(wave))
+        await asyncio.gather(*calls)
+        return 'again'
+
+    for _ in range(3):  # the budget stops each run; a new run starts knowing the last call's cost
+        with pytest.raises(BudgetExceeded):
+            await drawing.run('go', deps=UsageDeps(organization_id='acme'))
+    rows = ledger(slow_writer)
+    assert spent(rows) <= limit
+    assert spent(rows) > limit - wave * one  # stopped by the limit, not before it
+
+
 # --- periods, identities, refusals, soft limits ----------------------------------------------------------
 
 

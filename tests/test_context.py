@@ -79,3 +79,30 @@ def test_run_in_thread_binds_arguments():
         call = run_in_thread(add, 1, 2, c=3)
     with ThreadPoolExecutor(1) as pool:
         assert pool.submit(call).result() == (6, 'acme')
+
+
+async def test_deps_as_the_context_inside_a_run(gemini_client: Any, usage_ledger: UsageLedger):
+    """`usage_context(deps)` (or `usage_context=deps` on a service) attributes like the deps; in a run it stays
+    linked to the run."""
+    service = GeminiService(gemini_client)
+    agent = Agent(FunctionModel(_call_tool_once, model_name='gpt-4o'), deps_type=UsageDeps, capabilities=[TrackUsage()])
+    other = UsageDeps(user_id='u2', organization_id='globex')
+
+    @agent.tool_plain
+    async def describe() -> str:  # pyright: ignore[reportUnusedFunction]
+        with usage_context(other):
+            await service.aanalyze_text('a text', 'summarize')
+        return await GeminiService(gemini_client, usage_context=other).aanalyze_text('a text', 'summarize')
+
+    result = await agent.run('go', deps=ACME)
+    rows = usage_ledger.rows(source='direct')
+    assert [(r.organization_id, r.user_id) for r in rows] == [('globex', 'u2')] * 2
+    assert rows[0].run_id == result.run_id  # the block inherits the run; the service's own context names none
+
+
+@pytest.mark.parametrize('bad', [object(), 'acme', 42])
+def test_a_context_that_names_nobody_is_refused_where_it_is_given(bad: object):
+    with pytest.raises(TypeError, match='UsageDeps'), usage_context(bad):
+        pass
+    with pytest.raises(TypeError, match='UsageDeps'):
+        GeminiService(None, usage_context=bad)  # type: ignore[arg-type]

@@ -460,13 +460,16 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         crossed: list[tuple[BudgetStatus, float]] = []
         wake = False
         with self._lock:
-            if run_id in self._runs:
+            if get('source') == 'direct':
+                # The next direct call's estimate, inside a run too: a tool's parallel calls each reserve it. A
+                # refused or failed call is no guide to what the next one costs.
+                if get('status', 'ok') == 'ok':
+                    self._last_direct[get('model')] = cost
+            elif run_id in self._runs:
                 # Every attempt of one request (a fallback chain bills each): the next request's estimate.
                 spent = self._spent_in_request.get(run_id, Decimal(0)) + cost
                 self._spent_in_request[run_id] = spent
                 self._runs[run_id] = spent
-            elif get('source') == 'direct':
-                self._last_direct[get('model')] = cost
             if not cost:
                 return
             if len(self._recent) >= _RECENT_CAP:

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from enum import Enum
 from types import TracebackType
@@ -18,7 +18,7 @@ from google import genai
 from google.genai import errors, types
 
 from .._log import RateLimitedLog
-from ..context import UsageContext, current_usage_context
+from ..context import UsageContext, attribution_fields, current_usage_context
 from ..tracker import UsageTracker, get_tracker
 from ..usage import TokenCounts
 from ._usage import merge_usage_metadata, token_counts
@@ -175,7 +175,7 @@ class GeminiUsageMixin:
         self,
         *,
         deps: _HasAttribution | None = None,
-        usage_context: UsageContext | None = None,
+        usage_context: UsageContext | _HasAttribution | None = None,
         tracker: UsageTracker | None = None,
         **kwargs: Any,
     ) -> None:
@@ -183,22 +183,18 @@ class GeminiUsageMixin:
 
         Args:
             deps: An object with `user_id` and `organization_id` (and optionally `tracker`), e.g. `UsageDeps`.
-            usage_context: A `UsageContext`; combined with `deps`, the deps' user and organization win.
+            usage_context: A `UsageContext` (or deps, as for `usage_context()`); combined with `deps`, the deps'
+                user and organization win.
             tracker: Tracker to record to. Defaults to the deps', the context's, the ambient context's, then
                 `get_tracker()`.
             **kwargs: Passed on to the next class in the MRO.
         """
         super().__init__(**kwargs)
         explicit = usage_context
+        if explicit is not None and not isinstance(explicit, UsageContext):  # deps given as the context
+            explicit = UsageContext(**attribution_fields(explicit))
         if deps is not None:
-            explicit = UsageContext(
-                organization_id=getattr(deps, 'organization_id', None) or None,
-                user_id=getattr(deps, 'user_id', None) or None,
-                run_id=usage_context.run_id if usage_context else None,
-                agent_name=usage_context.agent_name if usage_context else None,
-                tracker=getattr(deps, 'tracker', None) or (usage_context.tracker if usage_context else None),
-                metadata=usage_context.metadata if usage_context else None,
-            )
+            explicit = replace(explicit or UsageContext(), **attribution_fields(deps, strict=False))
         self.usage_context = explicit
         """Explicit attribution given at construction, or None to follow the current `UsageContext`."""
         self.usage_tracker = tracker
@@ -242,7 +238,12 @@ class GeminiUsageMixin:
         budgets = sys.modules.get('pai_usage.budgets')
         if budgets is None:
             return []  # no `EnforceBudgets` exists before its module is imported: nothing to reserve
-        who = self._attribution()
+        try:
+            who = self._attribution()
+        except Exception as exc:  # no attribution, no budget to check: the call goes ahead (and is counted)
+            _tracking_failed(exc)
+            return []
+        # Refusals (and, with `fail_open=False`, an unreachable counter) reach the caller: budgets decide that.
         return budgets.reserve_direct(
             who.tracker,
             organization_id=who.organization_id,

@@ -10,6 +10,7 @@ from google import genai
 from google.genai import types
 
 from ..context import UsageContext
+from ..deps import HasUsageAttribution
 from ..tracker import UsageTracker
 from ._mixin import Contents, GeminiUsageMixin
 
@@ -90,7 +91,7 @@ class GeminiService(GeminiUsageMixin):
         client: genai.Client | None = None,
         *,
         deps: Any = None,
-        usage_context: UsageContext | None = None,
+        usage_context: UsageContext | HasUsageAttribution | None = None,
         tracker: UsageTracker | None = None,
         text_model: str = DEFAULT_TEXT_MODEL,
         image_model: str = DEFAULT_IMAGE_MODEL,
@@ -101,7 +102,7 @@ class GeminiService(GeminiUsageMixin):
         Args:
             client: The SDK client; defaults to `genai.Client()` (reads `GEMINI_API_KEY` / Vertex settings).
             deps: Explicit attribution: any object with `user_id` and `organization_id`, e.g. `UsageDeps`.
-            usage_context: Explicit attribution as a `UsageContext`.
+            usage_context: Explicit attribution as a `UsageContext` (or deps, as for `usage_context()`).
             tracker: Tracker to record to (default: the deps', the context's, then `get_tracker()`).
             text_model: Default model for text and vision calls.
             image_model: Default model for `generate_image`.
