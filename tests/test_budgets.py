@@ -914,6 +914,32 @@ async def test_parallel_direct_calls_in_a_run_reserve_the_previous_call(
     assert spent(rows) > limit - wave * one  # stopped by the limit, not before it
 
 
+async def test_a_refusal_does_not_lower_the_next_direct_estimate(
+    gemini_client: genai.Client, fake_gemini: FakeGemini, slow_writer: UsageTracker
+) -> None:
+    service = GeminiService(gemini_client, tracker=slow_writer)
+
+    async def call(organization_id: str) -> None:
+        with usage_context(organization_id=organization_id):
+            await service.atracked_generate_content(model='gemini-2.0-flash', contents='how much?')
+
+    with usage_context(organization_id='nobody'):
+        service.tracked_generate_content(model='gemini-2.0-flash', contents='how much?')
+    one = ledger(slow_writer)[0]['cost_usd']
+    budgets = [
+        Budget(organization_id='acme', limit_usd=one * 3 / 2),
+        Budget(organization_id='globex', limit_usd=one * 5 / 2),
+    ]
+    enforcer = EnforceBudgets(slow_writer, budgets=budgets, refresh_interval=3600)
+    await call('acme')  # the enforcer learns what a call costs
+    with pytest.raises(BudgetExceeded):
+        await call('acme')  # a refused row, cost 0: no guide to what the next call costs
+    outcomes = await asyncio.gather(*(call('globex') for _ in range(8)), return_exceptions=True)
+    assert sum(o is None for o in outcomes) == 2  # each reserved one call's cost: two fit
+    assert spent([r for r in ledger(slow_writer) if r['organization_id'] == 'globex']) <= one * 5 / 2
+    assert [s.reserved_usd for s in enforcer.statuses(organization_id='globex')] == [0]
+
+
 # --- periods, identities, refusals, soft limits ----------------------------------------------------------
 
 
