@@ -59,7 +59,7 @@ from pydantic_ai.usage import RequestUsage, RunUsage
 
 from ._log import RateLimitedLog, logger
 from ._warnings import MissingAttributionWarning, PaiUsageWarning, emit, first_for_type
-from .context import UsageContext, current_usage_context, usage_context
+from .context import UsageContext, current_usage_context, inherited_payer, usage_context
 from .tracker import UsageTracker, get_tracker
 from .usage import TokenCounts
 
@@ -156,6 +156,8 @@ class _Request:
     """What the model returned, until it is recorded."""
     duration_ms: float | None = None
     """Wall time of the call, set when the model returned."""
+    streamed: bool = False
+    """A stream that ended without an error: until `after_model_request` accepts it, it may have been cut short."""
 
 
 @dataclass(eq=False)
@@ -342,18 +344,13 @@ class TrackUsage(AbstractCapability[Any]):
             return None
         deps = ctx.deps
         outer = current_usage_context()
-        organization_id = _label(getattr(deps, 'organization_id', None))
-        user_id = _label(getattr(deps, 'user_id', None))
+        organization_id = _label(_read(deps, 'organization_id'))
+        user_id = _label(_read(deps, 'user_id'))
         if outer is not None:
-            organization_id = organization_id or outer.organization_id
-            user_id = user_id or outer.user_id
-        if (
-            organization_id is None
-            and user_id is None
-            and not (hasattr(deps, 'organization_id') or hasattr(deps, 'user_id'))
-        ):
+            organization_id, user_id = inherited_payer(outer, organization_id, user_id)
+        if organization_id is None and user_id is None and not (_has(deps, 'organization_id') or _has(deps, 'user_id')):
             _warn_unattributed(type(cast(object, deps)))
-        deps_tracker = getattr(deps, 'tracker', None)
+        deps_tracker = _read(deps, 'tracker')
         tracker = (
             deps_tracker
             if isinstance(deps_tracker, UsageTracker)
@@ -449,7 +446,7 @@ class TrackUsage(AbstractCapability[Any]):
             if request is None:
                 return
             unsettled = run.current is request
-            if unsettled:
+            if unsettled and (error is not None or stream is None):
                 run.current = None
             if error is not None:
                 self._record_attempts(run, _error_attempts(error))
@@ -457,19 +454,22 @@ class TrackUsage(AbstractCapability[Any]):
                 return
             response = stream.get()
             elapsed_ms = (perf_counter() - request.start) * 1000 - self._record_attempts(run, response.failed_attempts)
+            if error is None:
+                # pydantic-ai exits the stream before `after_model_request` accepts its response: keep it, as
+                # `_returned` does; if no hook accepts it (the caller stopped reading), `_close` records this.
+                request.response = _priced_copy(response)
+                request.duration_ms = elapsed_ms
+                request.streamed = True
+                return
+            run.current = None
             if not (response.usage.has_values() or response.usage.cost) or not self._first_time(run, response.usage):
                 return
-            # Priced as pydantic-ai prices what it bills for it, on a copy: the stream's usage object is its own.
-            response = dataclasses.replace(response, usage=copy(response.usage))
-            _fill_response_cost(response)
+            response = _priced_copy(response)
             extra: dict[str, Any] = {
                 'response_state': response.state if response.state != 'complete' else 'interrupted'
             }
-            status = 'ok'
-            if error is not None:
-                extra['error_type'] = type(error).__name__
-                if not isinstance(error, _STOPPED):
-                    status = 'error'
+            extra['error_type'] = type(error).__name__
+            status = 'ok' if isinstance(error, _STOPPED) else 'error'
             self._record_response(run, response, status, elapsed_ms, **extra)
         finally:
             self._settled(run)
@@ -514,6 +514,10 @@ class TrackUsage(AbstractCapability[Any]):
                 response = request.response
                 if any(a.usage is response.usage for a in error_attempts):
                     self._guard(self._record_rejected, run, response, request.duration_ms)
+                elif request.streamed:
+                    # A stream no hook accepted: the caller stopped reading it (billed all the same).
+                    if response.usage.has_values() or response.usage.cost:
+                        self._guard(self._record_interrupted, run, response, request.duration_ms)
                 else:
                     self._guard(self._record_response, run, response, 'ok', request.duration_ms)
             if error_attempts:
@@ -580,6 +584,10 @@ class TrackUsage(AbstractCapability[Any]):
         run.tracker.track(**fields)
         _add(run.shared.recorded, usage)
 
+    def _record_interrupted(self, run: _Run, response: ModelResponse, duration_ms: float | None) -> None:
+        state = response.state if response.state != 'complete' else 'interrupted'
+        self._record_response(run, response, 'ok', duration_ms, response_state=state)
+
     def _record_attempt(self, run: _Run, attempt: ModelRequestAttempt) -> None:
         extra: dict[str, Any] = {'attempt_outcome': attempt.outcome}
         if attempt.error:
@@ -619,6 +627,13 @@ class TrackUsage(AbstractCapability[Any]):
             fields['pricing_status'] = 'priced'
             fields['price_source'] = PYDANTIC_AI_PRICE_SOURCE
         return fields
+
+
+def _priced_copy(response: ModelResponse) -> ModelResponse:
+    """Priced as pydantic-ai prices what it bills for it, on a copy: a stream's usage object is the stream's own."""
+    response = dataclasses.replace(response, usage=copy(response.usage))
+    _fill_response_cost(response)
+    return response
 
 
 def _service_tier(details: Mapping[str, Any] | None) -> str | None:
@@ -722,6 +737,23 @@ def _token_columns(usage: RequestUsage | RunUsage) -> dict[str, Any]:
         output_image_tokens=output_image_tokens,
         details=details,
     ).as_columns()
+
+
+def _read(deps: object, name: str) -> Any:
+    """`deps.name`, or None if reading it fails (an ORM's lazy attribute): the run is still recorded."""
+    try:
+        return getattr(deps, name, None)
+    except Exception as exc:
+        TrackUsage.errors += 1
+        _log.error(f'deps:{name}', 'pai-usage: reading deps.%s failed, recorded as NULL: %r', name, exc, exc_info=True)
+        return None
+
+
+def _has(deps: object, name: str) -> bool:
+    try:
+        return hasattr(deps, name)
+    except Exception:  # it exists, and fails: `_read` said so
+        return True
 
 
 def _label(value: object) -> str | None:

@@ -72,6 +72,21 @@ def attribution_fields(deps: object, *, strict: bool = True) -> dict[str, Any]:
     return fields
 
 
+def inherited_payer(
+    outer: UsageContext, organization_id: str | None, user_id: str | None
+) -> tuple[str | None, str | None]:
+    """The organization and user of a block inside `outer` that names only some of them.
+
+    A missing field is inherited, except the user of another organization: a block (or a run's deps) that
+    names organization B keeps no user of organization A.
+    """
+    if organization_id is None:
+        return outer.organization_id, user_id or outer.user_id
+    if user_id is None and organization_id == outer.organization_id:
+        return organization_id, outer.user_id
+    return organization_id, user_id
+
+
 @contextmanager
 def usage_context(context: object | None = None, /, **fields: Any) -> Generator[UsageContext]:
     """Make a usage context current for the duration of the block.
@@ -85,6 +100,9 @@ def usage_context(context: object | None = None, /, **fields: Any) -> Generator[
         fields = {**attribution_fields(context), **fields}
         context = None
     if context is None:
+        if outer is not None:
+            organization_id, user_id = inherited_payer(outer, fields.get('organization_id'), fields.get('user_id'))
+            fields = {**fields, 'organization_id': organization_id, 'user_id': user_id}
         context = replace(outer, **fields) if outer is not None else UsageContext(**fields)
     elif fields:
         context = replace(context, **fields)

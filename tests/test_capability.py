@@ -163,6 +163,8 @@ async def test_every_mode_adds_up(tracker: UsageTracker, mode: str) -> None:
     assert len({r['run_id'] for r in got}) == 1
     assert got[0]['run_id'] is not None
     assert all(r['duration_ms'] is not None for r in got)
+    # A stream read to its end is a complete response (`response_state` marks only streams cut short).
+    assert [r['metadata'].get('response_state') for r in got] == [None, None]
     assert_adds_up(got, usage)
     assert sum(r['cost_usd'] for r in got) == usage.cost
 
@@ -624,6 +626,44 @@ async def test_deps_without_attribution_warn_once_and_record_null(
     assert len(got) == 4
     assert {(r['organization_id'], r['user_id']) for r in got} == {(None, None)}
     assert len([m for m in caplog.messages if 'PlainDeps' in m]) == 1
+
+
+async def test_deps_whose_attribute_fails_still_record_the_run(
+    tracker: UsageTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    class LazyDeps:  # an ORM object whose lazy attribute cannot load
+        organization_id = 'acme'
+
+        @property
+        def user_id(self) -> str:
+            raise RuntimeError('session closed')
+
+    before = TrackUsage.errors
+    output, usage = await run_mode(make_agent(tracker), 'run', LazyDeps())
+    got = rows(tracker)
+    assert output and len(got) == 2
+    assert {(r['organization_id'], r['user_id']) for r in got} == {('acme', None)}
+    assert_adds_up(got, usage)
+    assert TrackUsage.errors == before + 1 and 'deps.user_id' in caplog.text
+
+
+@pytest.mark.parametrize(
+    ('outer', 'deps', 'billed'),
+    [
+        pytest.param(('o1', 'u1'), ('o2', None), ('o2', None), id='another-org-keeps-no-user-of-the-first'),
+        pytest.param(('o1', 'u1'), ('o1', None), ('o1', 'u1'), id='same-org-inherits-the-user'),
+        pytest.param(('o1', 'u1'), (None, 'u2'), ('o1', 'u2'), id='a-user-inherits-the-org'),
+        pytest.param(('o1', None), ('o2', 'u2'), ('o2', 'u2'), id='deps-name-both'),
+    ],
+)
+async def test_deps_inside_a_usage_context(
+    tracker: UsageTracker, outer: tuple[str, str | None], deps: tuple[str | None, str | None], billed: tuple[str, ...]
+) -> None:
+    with usage_context(organization_id=outer[0], user_id=outer[1]):
+        await run_mode(make_agent(tracker, tool=False), 'run', UsageDeps(organization_id=deps[0], user_id=deps[1]))
+        with usage_context(organization_id=deps[0], user_id=deps[1]) as nested:
+            assert (nested.organization_id, nested.user_id) == billed  # the same rule for a nested block
+    assert {(r['organization_id'], r['user_id']) for r in rows(tracker)} == {billed}
 
 
 async def test_tracker_resolution_order(sqlite_url: str, tmp_path: Any) -> None:

@@ -280,6 +280,30 @@ async def test_stream_abandoned_early_records_what_was_seen(
     assert row['input_tokens'] > 0 and row['cost_usd'] is not None
 
 
+@pytest.mark.parametrize('mode', ['sync', 'async'])
+@pytest.mark.parametrize('end', ['drained', 'abandoned'])
+async def test_a_stream_is_billed_to_whoever_started_it(
+    gemini_client: Client, fake_gemini: FakeGemini, ledger: UsageTracker, mode: str, end: str
+):
+    """Started under one tenant, read or dropped under another (a streaming HTTP response outlives its block)."""
+    fake_gemini.reply(text='abcdef', chunks=3)
+    service = GeminiService(gemini_client, tracker=ledger)  # attribution from the context, as inside a tool
+    with usage_context(organization_id='org-a', user_id='alice'):
+        stream = (
+            service.generate_content_stream('Write') if mode == 'sync' else service.agenerate_content_stream('Write')
+        )
+        first = next(stream) if isinstance(stream, Iterator) else await anext(stream)
+    assert first.text
+    with usage_context(organization_id='org-b', user_id='bob'):
+        if isinstance(stream, Iterator):
+            _ = [*stream] if end == 'drained' else stream.close()
+        else:
+            _ = [c async for c in stream] if end == 'drained' else await stream.aclose()
+    row = only_row(ledger)
+    assert (row['organization_id'], row['user_id']) == ('org-a', 'alice')
+    assert row['metadata'].get('stream_incomplete', False) == (end == 'abandoned')
+
+
 @pytest.mark.parametrize('sent', [None, {}], ids=['absent', 'empty'])
 async def test_missing_usage_metadata(
     service: GeminiService, fake_gemini: FakeGemini, ledger: UsageTracker, sent: dict[str, Any] | None
@@ -450,7 +474,8 @@ def tool_then_answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResp
     return ModelResponse(parts=[ToolCallPart('describe', {'text': 'sneaker'})], usage=usage)
 
 
-async def test_direct_call_in_agent_tool_joins_the_run(gemini_client: Client, ledger: UsageTracker):
+@pytest.mark.parametrize('attribution', ['from-the-run', 'deps=ctx.deps'])
+async def test_direct_call_in_agent_tool_joins_the_run(gemini_client: Client, ledger: UsageTracker, attribution: str):
     agent = Agent(
         FunctionModel(tool_then_answer, model_name='gemini-2.5-flash'),
         deps_type=UsageDeps,
@@ -460,7 +485,9 @@ async def test_direct_call_in_agent_tool_joins_the_run(gemini_client: Client, le
 
     @agent.tool
     async def describe(ctx: RunContext[UsageDeps], text: str) -> str:
-        return await GeminiService(gemini_client).aanalyze_text(text, 'Describe')
+        # The run's own deps, given explicitly, name the run's payer: the call is still the run's.
+        deps = ctx.deps if attribution == 'deps=ctx.deps' else None
+        return await GeminiService(gemini_client, deps=deps).aanalyze_text(text, 'Describe')
 
     result = await agent.run('Go', deps=UsageDeps(user_id='u7', organization_id='org7', tracker=ledger))
 

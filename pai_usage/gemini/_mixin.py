@@ -19,6 +19,7 @@ from google.genai import errors, types
 
 from .._log import RateLimitedLog
 from ..context import UsageContext, attribution_fields, current_usage_context
+from ..record import normalize_label
 from ..tracker import UsageTracker, get_tracker
 from ..usage import TokenCounts
 from ._usage import merge_usage_metadata, token_counts
@@ -134,6 +135,12 @@ class _Attribution:
     metadata: Mapping[str, Any] | None
 
 
+def _same_payer(a: UsageContext, b: UsageContext) -> bool:
+    return normalize_label(a.organization_id) == normalize_label(b.organization_id) and normalize_label(
+        a.user_id
+    ) == normalize_label(b.user_id)
+
+
 def _model_name(model: str) -> str:
     # The SDK accepts `models/x` and `publishers/google/models/x`; prices and summaries want `x`.
     return model.rsplit('/', 1)[-1]
@@ -228,21 +235,34 @@ class GeminiUsageMixin:
             )
         if chosen is None:
             return _Attribution(None, None, None, None, tracker, None)
-        return _Attribution(
-            chosen.organization_id, chosen.user_id, chosen.run_id, chosen.agent_name, tracker, chosen.metadata
-        )
+        run_id, agent_name = chosen.run_id, chosen.agent_name
+        if (
+            chosen is explicit
+            and explicit is not None
+            and run_id is None
+            and ambient
+            and _same_payer(explicit, ambient)
+        ):
+            # `deps=ctx.deps` inside a tool: the run's own payer, so the call is the run's too.
+            run_id, agent_name = ambient.run_id, ambient.agent_name
+        return _Attribution(chosen.organization_id, chosen.user_id, run_id, agent_name, tracker, chosen.metadata)
 
     # --- budgets (pai_usage.budgets owns this hook: reserve before a call, refuse it past a limit) -------------
 
-    def _reserve_budgets(self, operation: str, model: str) -> list[Any]:
+    def _attribution_at_start(self) -> _Attribution | None:
+        """Who a call that starts now is billed to, read once, so that a stream ending elsewhere keeps it."""
+        try:
+            return self._attribution()
+        except Exception as exc:  # the record will try again (and count the failure if it fails too)
+            _tracking_failed(exc)
+            return None
+
+    def _reserve_budgets(self, operation: str, model: str, who: _Attribution | None = None) -> list[Any]:
         budgets = sys.modules.get('pai_usage.budgets')
         if budgets is None:
             return []  # no `EnforceBudgets` exists before its module is imported: nothing to reserve
-        try:
-            who = self._attribution()
-        except Exception as exc:  # no attribution, no budget to check: the call goes ahead (and is counted)
-            _tracking_failed(exc)
-            return []
+        if who is None and (who := self._attribution_at_start()) is None:
+            return []  # no attribution, no budget to check: the call goes ahead
         # Refusals (and, with `fail_open=False`, an unreachable counter) reach the caller: budgets decide that.
         return budgets.reserve_direct(
             who.tracker,
@@ -271,9 +291,10 @@ class GeminiUsageMixin:
         error: BaseException | None = None,
         metadata: Mapping[str, Any] | None = None,
         service_tier: str | None = None,
+        who: _Attribution | None = None,
     ) -> None:
         try:
-            who = self._attribution()
+            who = who or self._attribution()
             meta: dict[str, Any] = {**(who.metadata or {}), **(metadata or {})}
             fields: dict[str, Any] = {
                 'organization_id': who.organization_id,
@@ -657,9 +678,13 @@ class _StreamState:
         self.chunks = 0
         self.done = False
         self.holds: list[Any] = []
+        self.who: _Attribution | None = None
 
     def __enter__(self) -> _StreamState:
-        self.holds = self.owner._reserve_budgets(self.operation, self.model)  # pyright: ignore[reportPrivateUsage]
+        # Billed to whoever started the stream: it may be drained, or collected, under another context.
+        owner = self.owner
+        self.who = owner._attribution_at_start()  # pyright: ignore[reportPrivateUsage]
+        self.holds = owner._reserve_budgets(self.operation, self.model, self.who)  # pyright: ignore[reportPrivateUsage]
         return self
 
     def __exit__(
@@ -702,6 +727,7 @@ class _StreamState:
             request_id=self.last.response_id if self.last is not None else None,
             error=error,
             metadata=meta,
+            who=self.who,
         )
 
 
