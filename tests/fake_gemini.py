@@ -84,6 +84,8 @@ class Reply:
     """`modelVersion` of the answer (the model that served an alias); default: the model requested."""
     service_tier: str | None = None
     """Sent as the `x-gemini-service-tier` response header, as the Gemini API reports the tier served."""
+    function_call: dict[str, Any] | None = None
+    """Answer with this `functionCall` part (`{'name': ..., 'args': {...}}`) instead of text."""
 
 
 @dataclass
@@ -286,6 +288,8 @@ class FakeGemini:
     def _generate(self, request: RecordedRequest, reply: Reply) -> dict[str, Any]:
         image = self._wants_image(request, reply)
         parts: list[dict[str, Any]] = [{'text': reply.text}]
+        if reply.function_call is not None:
+            parts = [{'functionCall': reply.function_call}]
         if image:
             parts.append({'inlineData': {'mimeType': 'image/png', 'data': base64.b64encode(PNG_1X1).decode()}})
         body: dict[str, Any] = {
@@ -299,15 +303,16 @@ class FakeGemini:
         return body
 
     def _stream(self, request: RecordedRequest, reply: Reply) -> Iterator[dict[str, Any]]:
-        n = max(reply.chunks, 1)
+        n = max(reply.chunks, 1) if reply.function_call is None else 1
         size = -(-len(reply.text) // n)
         pieces = [reply.text[i * size : (i + 1) * size] for i in range(n)]
         final = self._usage(request, reply, False)
         response_id = uuid.uuid4().hex[:20]
         for i, piece in enumerate(pieces):
             last = i == n - 1
+            part = {'text': piece} if reply.function_call is None else {'functionCall': reply.function_call}
             chunk: dict[str, Any] = {
-                'candidates': [{'content': {'role': 'model', 'parts': [{'text': piece}]}, 'index': 0}],
+                'candidates': [{'content': {'role': 'model', 'parts': [part]}, 'index': 0}],
                 'modelVersion': reply.model_version or request.model,
                 'responseId': response_id,
             }

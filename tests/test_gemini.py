@@ -280,6 +280,54 @@ async def test_stream_abandoned_early_records_what_was_seen(
     assert row['input_tokens'] > 0 and row['cost_usd'] is not None
 
 
+@pytest.mark.parametrize('mode', ['sync', 'async', 'sync-stream', 'async-stream'])
+@pytest.mark.parametrize('second', ['answers', 'fails'])
+async def test_automatic_function_calling_records_every_call(
+    service: GeminiService, fake_gemini: FakeGemini, ledger: UsageTracker, mode: str, second: str
+):
+    """The SDK calls the model, runs the function, calls again: Google bills both, the response shows the last."""
+    first_usage = usage(promptTokenCount=5000, candidatesTokenCount=20)
+    fake_gemini.reply(function_call={'name': 'get_weather', 'args': {'city': 'Paris'}}, usage=first_usage)
+    fake_gemini.reply(text='Sunny in Paris.', usage=usage(promptTokenCount=5100, candidatesTokenCount=30))
+
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        if second == 'fails':
+            fake_gemini.fail(400)  # the SDK's second call is refused
+        return f'sunny in {city}'
+
+    config = types.GenerateContentConfig(tools=[get_weather])
+    call = dict(model='gemini-2.0-flash', contents='Weather in Paris?', config=config)
+    try:
+        if mode == 'sync':
+            text = service.tracked_generate_content(**call).text
+        elif mode == 'async':
+            text = (await service.atracked_generate_content(**call)).text
+        elif mode == 'sync-stream':
+            text = ''.join(c.text or '' for c in service.tracked_generate_content_stream(**call))
+        else:
+            text = ''.join([c.text or '' async for c in service.atracked_generate_content_stream(**call)])
+    except errors.ClientError:
+        assert second == 'fails'
+    else:
+        assert second == 'answers' and text == 'Sunny in Paris.'
+    assert len(fake_gemini.requests) == 2
+    got = rows(ledger)
+    billed = [(5000, 20), (5100, 30)] if second == 'answers' else [(5000, 20)]
+    charged = [r for r in got if r['input_tokens']]
+    assert [(r['input_tokens'], r['output_tokens']) for r in charged] == billed
+    assert [r['cost_usd'] for r in charged] == [
+        price('gemini-2.0-flash', input_tokens=i, output_tokens=o) for i, o in billed
+    ]
+    if second == 'answers':
+        assert got == charged and [(r['metadata']['sdk_call'], r['metadata']['sdk_calls']) for r in got] == [
+            (1, 2),
+            (2, 2),
+        ]
+    else:  # and the failure is on record
+        assert [r['status'] for r in got].count('error') == 1
+
+
 @pytest.mark.parametrize('mode', ['sync', 'async'])
 @pytest.mark.parametrize('end', ['drained', 'abandoned'])
 async def test_a_stream_is_billed_to_whoever_started_it(

@@ -22,6 +22,7 @@ from ..context import UsageContext, attribution_fields, current_usage_context
 from ..record import normalize_label
 from ..tracker import UsageTracker, get_tracker
 from ..usage import TokenCounts
+from ._calls import SdkCall, sdk_calls
 from ._usage import merge_usage_metadata, token_counts
 
 __all__ = (
@@ -410,13 +411,18 @@ class GeminiUsageMixin:
         operation: str = 'generate_content',
         metadata: Mapping[str, Any] | None = None,
     ) -> types.GenerateContentResponse:
-        """`client.models.generate_content(...)`, recorded with its token usage."""
-        with _TimedCall(self, operation, model) as call:
-            response = self.client.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
-                model=model, contents=contents, config=config
-            )
-        self.track_response(
-            response, model=model, operation=operation, duration_ms=call.ms, metadata=metadata, config=config
+        """`client.models.generate_content(...)`, recorded with its token usage: a row per model call it makes."""
+        seen: list[SdkCall] | None = None
+        try:
+            with _TimedCall(self, operation, model) as call, sdk_calls(self.client.models) as seen:
+                response = self.client.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
+                    model=model, contents=contents, config=config
+                )
+        except Exception:
+            self._track_calls(seen, None, model=model, operation=operation, metadata=metadata, config=config)
+            raise
+        self._track_calls(
+            seen, response, model=model, operation=operation, metadata=metadata, config=config, ms=call.ms
         )
         return response
 
@@ -429,15 +435,51 @@ class GeminiUsageMixin:
         operation: str = 'generate_content',
         metadata: Mapping[str, Any] | None = None,
     ) -> types.GenerateContentResponse:
-        """`client.aio.models.generate_content(...)`, recorded with its token usage."""
-        with _TimedCall(self, operation, model) as call:
-            response = await self.client.aio.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
-                model=model, contents=contents, config=config
-            )
-        self.track_response(
-            response, model=model, operation=operation, duration_ms=call.ms, metadata=metadata, config=config
+        """`client.aio.models.generate_content(...)`, recorded like `tracked_generate_content`."""
+        seen: list[SdkCall] | None = None
+        try:
+            with _TimedCall(self, operation, model) as call, sdk_calls(self.client.aio.models) as seen:
+                response = await self.client.aio.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
+                    model=model, contents=contents, config=config
+                )
+        except Exception:
+            self._track_calls(seen, None, model=model, operation=operation, metadata=metadata, config=config)
+            raise
+        self._track_calls(
+            seen, response, model=model, operation=operation, metadata=metadata, config=config, ms=call.ms
         )
         return response
+
+    def _track_calls(
+        self,
+        calls: list[SdkCall] | None,
+        response: types.GenerateContentResponse | None,
+        *,
+        model: str,
+        operation: str,
+        metadata: Mapping[str, Any] | None,
+        config: types.GenerateContentConfigOrDict | None,
+        ms: int | None = None,
+    ) -> None:
+        """One row per request the SDK sent, or the response's own row when it sent one.
+
+        Automatic function calling sends several; each is billed, and the response shows only the last. Without
+        `response` (the call failed), the requests that completed before the failure: billed too.
+        """
+        if response is not None and (calls is None or len(calls) <= 1):
+            self.track_response(
+                response, model=model, operation=operation, duration_ms=ms, metadata=metadata, config=config
+            )
+            return
+        for i, sent in enumerate(calls or (), 1):
+            self.track_response(
+                sent.response,
+                model=model,
+                operation=operation,
+                duration_ms=sent.duration_ms,
+                metadata={**(metadata or {}), 'sdk_call': i, 'sdk_calls': len(calls or ())},
+                config=config,
+            )
 
     def tracked_generate_content_stream(
         self,
@@ -676,6 +718,10 @@ class _StreamState:
         self.usage: types.GenerateContentResponseUsageMetadata | None = None
         self.last: types.GenerateContentResponse | None = None
         self.chunks = 0
+        # Calls of the stream that ended before this one: automatic function calling streams one model call
+        # after another (each with its own response id and running totals), and each is billed.
+        self.calls: list[tuple[types.GenerateContentResponseUsageMetadata | None, types.GenerateContentResponse, int]]
+        self.calls = []
         self.done = False
         self.holds: list[Any] = []
         self.who: _Attribution | None = None
@@ -701,6 +747,10 @@ class _StreamState:
             hold.release()
 
     def seen(self, chunk: types.GenerateContentResponse) -> None:
+        last = self.last
+        if last is not None and chunk.response_id and last.response_id and chunk.response_id != last.response_id:
+            self.calls.append((self.usage, last, self.chunks))
+            self.usage, self.chunks = None, 0
         self.chunks += 1
         self.last = chunk
         self.usage = merge_usage_metadata(self.usage, chunk.usage_metadata)
@@ -711,7 +761,12 @@ class _StreamState:
             return
         self.done = True
         ms = _ms(self.start)
+        n = len(self.calls) + 1
+        for i, (usage, last, chunks) in enumerate(self.calls, 1):
+            self._record_call(usage, last, {**self.metadata, 'chunks': chunks, 'sdk_call': i, 'sdk_calls': n})
         meta = {**self.metadata, 'chunks': self.chunks}
+        if self.calls:
+            meta.update(sdk_call=n, sdk_calls=n)
         if incomplete:
             meta['stream_incomplete'] = True
         served = _served_model(self.model, self.last.model_version if self.last is not None else None, meta)
@@ -726,6 +781,23 @@ class _StreamState:
             duration_ms=ms,
             request_id=self.last.response_id if self.last is not None else None,
             error=error,
+            metadata=meta,
+            who=self.who,
+        )
+
+    def _record_call(
+        self,
+        usage: types.GenerateContentResponseUsageMetadata | None,
+        last: types.GenerateContentResponse,
+        meta: dict[str, Any],
+    ) -> None:
+        """A call of the stream that completed before the next began (no duration: the stream's is shared)."""
+        self.owner._record(  # pyright: ignore[reportPrivateUsage]
+            operation=self.operation,
+            model=_served_model(self.model, last.model_version, meta),
+            service_tier=_service_tier(last, self.config),
+            tokens=token_counts(usage),
+            request_id=last.response_id,
             metadata=meta,
             who=self.who,
         )
