@@ -341,6 +341,13 @@ class TrackUsage(AbstractCapability[Any]):
     def _start(self, ctx: RunContext[Any]) -> _Run | None:
         if ctx.run_id in _active_runs:
             # Two `TrackUsage` on one run (the agent's and the run's): the outer one records it.
+            active = _current_run.get()
+            if active is not None and self.tracker is not None and self.tracker is not active.tracker:
+                _log.warning(
+                    'capability:second-tracker',
+                    'pai-usage: a second TrackUsage on one run names another tracker; the run is recorded once, '
+                    'by the outer TrackUsage, to its tracker',
+                )
             return None
         deps = ctx.deps
         outer = current_usage_context()

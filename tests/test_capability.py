@@ -703,12 +703,20 @@ async def test_unreachable_database_never_gets_in_the_way(database: str) -> None
     tracker.engine.dispose()
 
 
-async def test_two_track_usage_on_one_run_record_it_once(tracker: UsageTracker) -> None:
+async def test_two_track_usage_on_one_run_record_it_once(
+    tracker: UsageTracker, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     agent = make_agent(tracker)
     result = await agent.run('q', deps=DEPS, capabilities=[TrackUsage(tracker)])
     got = rows(tracker)
     assert len(got) == 2
     assert_adds_up(got, result.usage)
+    assert 'second TrackUsage' not in caplog.text
+    with UsageTracker(sqlite_url.replace('.db', '-other.db')) as other:
+        await agent.run('q', deps=DEPS, capabilities=[TrackUsage(other)])  # ignored: and said so
+        assert other.stats().enqueued == 0
+    assert len(rows(tracker)) == 4
+    assert 'second TrackUsage on one run names another tracker' in caplog.text
 
 
 async def test_capability_failure_is_swallowed_and_reconciled(
