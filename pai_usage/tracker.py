@@ -176,15 +176,23 @@ def _target(engine: sa.Engine) -> dict[str, Any]:
         return {'backend': 'sqlite', 'database': str(path)}
     if engine.dialect.name != 'postgresql':
         return {'backend': engine.dialect.name, 'url': url.render_as_string(hide_password=True)}
-    host = (url.host or '').lower()
-    options = url.query.get('options')
+    # libpq takes `?host=`, `?port=`, `?dbname=` and `?user=` over the URL's own parts (psycopg passes them on).
+    host = (_query(url, 'host') or url.host or '').lower()
+    port = _query(url, 'port') or url.port or 5432
     return {
         'backend': 'postgresql',
         'host': 'localhost' if host in _LOOPBACK else host,
-        'port': url.port or 5432,
-        'database': url.database or url.username or 'postgres',
-        'schema': _search_path(options if isinstance(options, str) else ''),
+        'port': int(port) if str(port).isdigit() else port,
+        'database': _query(url, 'dbname') or url.database or _query(url, 'user') or url.username or 'postgres',
+        'schema': _search_path(_query(url, 'options') or ''),
     }
+
+
+def _query(url: sa.URL, name: str) -> str | None:
+    value = url.query.get(name)
+    if isinstance(value, tuple):  # given twice: libpq takes the last
+        value = value[-1] if value else None
+    return value or None
 
 
 def _search_path(options: str) -> str:

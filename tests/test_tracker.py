@@ -186,15 +186,23 @@ def test_new_ids_are_unique_time_ordered_uuid7() -> None:
         ('postgresql://u@127.0.0.1:5432/db', 'postgresql://u@localhost/db'),
         ('postgresql://u@127.0.0.1/db', 'postgresql+psycopg://u:secret@127.0.0.1:5432/db?application_name=x'),
         ('postgresql://u@h/db?options=-csearch_path%3Ds1', 'postgresql://u@h/db?options=-c%20search_path%3Ds1'),
+        # libpq's own parameters name the database, host and port over the URL's parts, as psycopg connects.
+        ('postgresql://u@h:5432/db', 'postgresql://u@h/?dbname=db'),
+        ('postgresql://u@h:5432/db', 'postgresql://u@/db?host=h&port=5432'),
+        ('postgresql://u@h:5432/db', 'postgresql://u@other:6543/x?host=h&port=5432&dbname=db'),
+        ('postgresql://u@h:5432/db', 'postgresql://x@h:5432?user=db'),  # no database: the user's
     ],
 )
 def test_spill_dir_is_keyed_by_the_database_not_the_url_text(a: str, b: str, tmp_path: Path) -> None:
     first = UsageTracker(a, spill_dir=tmp_path, handle_sigterm=False)
     second = UsageTracker(b, spill_dir=tmp_path, handle_sigterm=False)
-    other = UsageTracker(a.replace('/db', '/other'), spill_dir=tmp_path, handle_sigterm=False)
+    others = [
+        UsageTracker(url, spill_dir=tmp_path, handle_sigterm=False)
+        for url in (a.replace('/db', '/other'), f'{a}?dbname=other', f'{a}?host=elsewhere', f'{a}?port=6543')
+    ]
     try:
         assert first.spill_dir == second.spill_dir
-        assert other.spill_dir != first.spill_dir
+        assert first.spill_dir not in {o.spill_dir for o in others}
     finally:
-        for t in (first, second, other):
+        for t in (first, second, *others):
             t.close()
