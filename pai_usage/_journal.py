@@ -62,14 +62,19 @@ def _json_default(value: object) -> object:
     return converted if converted is not value else repr(value)
 
 
+_EXACT_SECONDS = 2.0**32
+
+
 def encode_payload(item: dict[str, Any]) -> bytes:
     """The journal payload of one record's fields; never raises for a dict of any values."""
     converted = item
     created = item.get('created_at')
     if type(created) is datetime and created.tzinfo is not None:
-        # A float timestamp is exact to the microsecond for these dates, and much cheaper than `isoformat()`.
+        # A float timestamp is much cheaper than `isoformat()`, and exact to the microsecond while doubles are
+        # less than a microsecond apart: within 2**32 s of 1970 (1834 to 2106). Beyond, the exact text.
         converted = item.copy()
-        converted['created_at'] = created.timestamp()
+        stamp = created.timestamp()
+        converted['created_at'] = stamp if -_EXACT_SECONDS < stamp < _EXACT_SECONDS else created.isoformat()
     for name in _CONVERTED:
         value = converted.get(name)
         if value is not None and type(value) not in _PLAIN:

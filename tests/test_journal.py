@@ -20,12 +20,23 @@ from pai_usage._spill import SpillDir
 from tests.test_writer import event, rows
 
 
-def test_payload_round_trips_through_validation() -> None:
+@pytest.mark.parametrize(
+    'created_at',
+    [
+        datetime(2026, 3, 1, 12, 30, 15, 123457, tzinfo=timezone(timedelta(hours=2))),
+        # Past 2**32 s from 1970, doubles are more than a microsecond apart: a float timestamp would move it.
+        datetime(2243, 7, 1, 8, 0, 58, 209457, tzinfo=UTC),
+        datetime(2999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1900, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+    ],
+    ids=['2026', '2243', '2999', '1900'],
+)
+def test_payload_round_trips_through_validation(created_at: datetime) -> None:
     cycle: dict[str, Any] = {}
     cycle['self'] = cycle
     fields: dict[str, Any] = {
         'id': uuid.uuid4(),
-        'created_at': datetime(2026, 3, 1, 12, 30, 15, 123457, tzinfo=timezone(timedelta(hours=2))),
+        'created_at': created_at,
         'cost_usd': Decimal('0.000123456789'),
         'units': Decimal('1.5'),
         'provider': 'openai',
