@@ -76,7 +76,7 @@ def normalize_label(value: object) -> str | None:
     """
     if value is None:
         return None
-    text = storable_text(value if isinstance(value, str) else str(value))
+    text = storable_text(value if isinstance(value, str) else _text(value))
     text = text.strip()
     if not text:
         return None

@@ -117,6 +117,15 @@ def test_tracker_counts_invalid_records_and_never_raises(tracker: UsageTracker, 
     assert (stats.invalid, stats.written) == (1, 1)
 
 
+class _Unprintable:
+    """An id object whose `str()` fails (and its `repr()`): a label still, never the row's end."""
+
+    def __str__(self) -> str:
+        raise RuntimeError('no text')
+
+    __repr__ = __str__
+
+
 @pytest.mark.parametrize(
     ('field_name', 'value', 'expected'),
     [
@@ -126,9 +135,10 @@ def test_tracker_counts_invalid_records_and_never_raises(tracker: UsageTracker, 
         pytest.param('model', 'm' * 300, normalize_label('m' * 300), id='long-label'),
         pytest.param('request_id', 'r' * 300, normalize_label('r' * 300), id='long-request-id'),
         pytest.param('operation', '  ', 'request', id='blank-operation'),
+        pytest.param('user_id', _Unprintable(), '<unprintable _Unprintable>', id='str-raises'),
     ],
 )
-def test_labels_are_normalised_never_rejected(field_name: str, value: str, expected: str | None):
+def test_labels_are_normalised_never_rejected(field_name: str, value: object, expected: str | None):
     record = UsageRecord(input_tokens=5, cost_usd=Decimal('0.1'), **{field_name: value})
     assert getattr(record, field_name) == expected
     assert (record.input_tokens, record.cost_usd) == (5, Decimal('0.1'))
@@ -184,7 +194,7 @@ def test_bad_labels_and_metadata_keep_the_billing_row(tracker: UsageTracker):
         model='gpt-4o',
         input_tokens=10,
         cost_usd='0.5',
-        user_id='  ',
+        user_id=_Unprintable(),
         organization_id='o' * 400 + '\x00',
         metadata={'when': object(), 'n': 10**5000},
     )
@@ -192,5 +202,5 @@ def test_bad_labels_and_metadata_keep_the_billing_row(tracker: UsageTracker):
     stats = tracker.stats()
     assert (stats.invalid, stats.written) == (0, 1)
     (row,) = token_usage_rows(tracker.engine)
-    assert (row['user_id'], row['organization_id']) == (None, normalize_label('o' * 400))
+    assert (row['user_id'], row['organization_id']) == ('<unprintable _Unprintable>', normalize_label('o' * 400))
     assert (row['input_tokens'], row['cost_usd']) == (10, Decimal('0.5'))
