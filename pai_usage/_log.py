@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -61,6 +62,15 @@ class RateLimitedLog:
 
 
 _instances: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # A fork copies a lock another thread held at that moment, held for good: the child's first log would hang.
+    for log in list(_instances):
+        log._lock = threading.Lock()  # pyright: ignore[reportPrivateUsage]
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def reset_rate_limits() -> None:

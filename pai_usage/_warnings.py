@@ -48,6 +48,14 @@ class UnpricedModelWarning(PaiUsageWarning):
 
 
 _lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # one another thread held at the fork would be held in the child for good
+
+
+os.register_at_fork(after_in_child=_after_fork)
 _emitted: set[str] = set()
 _pending: list[tuple[str, type[PaiUsageWarning]]] = []
 _strict: bool | None = None
