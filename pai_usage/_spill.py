@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ __all__ = (
 
 SPILL_DIR_ENV_VAR = 'PAI_USAGE_SPILL_DIR'
 """Environment variable naming the spill directory."""
+STALE_TMP_SECONDS = 600.0
+"""Age after which a hidden `.tmp` file is known abandoned: creating one takes well under a second."""
 TARGET_FILE = 'target.json'
 """Name of the file in a spill directory that holds the identity of its database, once known."""
 _MAX_REJECTED_LINE = 1 << 20
@@ -342,11 +345,31 @@ class SpillDir:
                 self._rejected_fd = None
 
     def tidy(self) -> None:
-        """Remove the directory if replay left it empty (another process creating a file meanwhile retries)."""
+        """Remove the directory if replay left it empty (another process creating a file meanwhile retries).
+
+        Abandoned `.tmp` files go first (`remove_stale`), which would keep the directory forever.
+        """
+        self.remove_stale()
         try:
             self.path.rmdir()
         except OSError:
             pass
+
+    def remove_stale(self) -> None:
+        """Delete hidden `.tmp` files older than `STALE_TMP_SECONDS`.
+
+        A process killed while it created a file (a journal segment is 8 MB) left them; they hold nothing yet.
+        """
+        now = time.time()
+        try:
+            stale = [t for t in self.path.glob('.*.tmp') if now - t.stat().st_mtime > STALE_TMP_SECONDS]
+        except OSError:
+            return
+        for tmp in stale:
+            try:
+                tmp.unlink()
+            except OSError:
+                continue
 
     def _create(self, path: Path, *, exclusive: bool = True) -> int:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)

@@ -697,6 +697,8 @@ class Writer:
 
     def _startup(self) -> None:
         spill = self.spill
+        if spill is not None:
+            spill.remove_stale()
         if spill is not None and (spill.pending() or any(s.pending() for s in spill.siblings())):
             self._io_since = time.monotonic()
             try:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 
 import pai_usage._spill as spill_module
 from pai_usage import UsageTracker
-from pai_usage._spill import SpillDir, default_spill_dir, encode
+from pai_usage._spill import STALE_TMP_SECONDS, SpillDir, default_spill_dir, encode
 from pai_usage.tracker import Durability
 from tests._faults import wait_until
 from tests.test_writer import FAST, event, rows
@@ -271,3 +272,20 @@ def test_spill_files_name_their_target(tmp_path: Path) -> None:
     assert header['target'] == {'backend': 'postgresql', 'database': 'db'}
     spill.write_target({'server': '1', 'database': 'db'})
     assert spill.read_target() == {'server': '1', 'database': 'db'}
+
+
+def test_tidy_removes_files_a_killed_creator_left(tmp_path: Path) -> None:
+    """A process killed while creating a file leaves a hidden `.tmp` (8 MB for a journal segment): tidied once
+    it is old, never while it may still be in the making."""
+    spill = SpillDir(tmp_path / 'db')
+    spill.path.mkdir()
+    old, fresh = spill.path / '.journal-h-1-0.bin.tmp', spill.path / '.spill-h-2.tmp'
+    for tmp in (old, fresh):
+        tmp.write_bytes(b'\0' * 1024)
+    stale = time.time() - STALE_TMP_SECONDS - 1
+    os.utime(old, (stale, stale))
+    spill.tidy()
+    assert sorted(p.name for p in spill.path.iterdir()) == [fresh.name]
+    os.utime(fresh, (stale, stale))
+    spill.tidy()
+    assert not spill.path.exists()
