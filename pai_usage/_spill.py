@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -254,6 +254,11 @@ class SpillDir:
                 self._own = {n for n in self._own if (self.path / n).exists()}
             return self._fd is not None or bool(self._own)
 
+    def own_names(self) -> frozenset[str]:
+        """The files this process spilled that are not replayed yet (its open file aside)."""
+        with self._lock:
+            return frozenset(self._own)
+
     def pending(self) -> bool:
         """Whether the directory holds replayable files other than our own open one (cheap: one listdir)."""
         try:
@@ -263,8 +268,11 @@ class SpillDir:
         own = self._file.name if self._file is not None else None
         return any(n != own and _replayable(n) for n in names)
 
-    def claim(self, skip: Iterable[str] = ()) -> Iterator[ClaimedFile]:
-        """Claim replayable files one at a time: those whose writer is gone (or closed) and no one replays."""
+    def claim(self, skip: Iterable[str] = (), *, only: Container[str] | None = None) -> Iterator[ClaimedFile]:
+        """Claim replayable files one at a time: those whose writer is gone (or closed) and no one replays.
+
+        With `only`, just the files so named (e.g. `own_names()`: what this process spilled).
+        """
         try:
             names = sorted(os.listdir(self.path))
         except OSError:
@@ -272,7 +280,7 @@ class SpillDir:
         own = {self._file.name} if self._file is not None else set[str]()
         own.update(skip)
         for name in names:
-            if name in own or not _replayable(name):
+            if name in own or not _replayable(name) or (only is not None and name not in only):
                 continue
             claimed = self._claim(self.path / name)
             if claimed is not None:

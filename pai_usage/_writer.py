@@ -381,6 +381,8 @@ class Writer:
     _batch_ready: threading.Event = field(default_factory=threading.Event, init=False)
     _migrated: bool = field(default=False, init=False)
     _identified: bool = field(default=False, init=False)
+    # Our spill directory names another database (`target.json`): replay only what this process spilled.
+    _foreign_target: bool = field(default=False, init=False)
     _spilling: bool = field(default=False, init=False)
     _probe_attempt: int = field(default=0, init=False)
     _next_probe: float = field(default=0.0, init=False)
@@ -1005,10 +1007,24 @@ class Writer:
                 identity = None
             self._identified = True
             if identity is not None and self.spill is not None:
-                try:
-                    self.spill.write_target(identity)
-                except OSError as exc:
-                    _log.error('target', 'pai-usage: could not record the spill directory target: %r', exc)
+                recorded = self.spill.read_target()
+                if recorded is not None and recorded != dict(identity):
+                    # The same URL reached another database before (a tunnel to another server, a restored
+                    # copy): what other processes spilled here is that one's, never to be replayed into ours.
+                    self._foreign_target = True
+                    _log.error(
+                        'target-conflict',
+                        'pai-usage: the spill directory %s holds records for another database (%s), not this one '
+                        '(%s): they stay there, replayed only by a tracker connected to that database',
+                        self.spill.path,
+                        recorded,
+                        dict(identity),
+                    )
+                else:
+                    try:
+                        self.spill.write_target(identity)
+                    except OSError as exc:
+                        _log.error('target', 'pai-usage: could not record the spill directory target: %r', exc)
                 self._find_siblings(identity)
 
     def _find_siblings(self, identity: Mapping[str, Any]) -> None:
@@ -1203,7 +1219,8 @@ class Writer:
             return
         skip = self.journal.own_names() if self.journal is not None else set[str]()
         for spill in (self.spill, *self._siblings):
-            for claimed in spill.claim(skip):
+            only = spill.own_names() if spill is self.spill and self._foreign_target else None
+            for claimed in spill.claim(skip, only=only):
                 try:
                     self._replay_file(claimed.records())
                 except Exception as exc:

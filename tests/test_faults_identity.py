@@ -8,10 +8,13 @@ spilled record must still reach the table, once.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+import sqlalchemy as sa
 
 from tests._faults import FAST, assert_exactly_once, billing, open_tracker, table_ids, track_all, wait_for_rows
 from tests._pgproxy import pg_proxy, via_proxy
@@ -69,3 +72,51 @@ def test_spill_replays_under_another_spelling(
     assert_exactly_once(pg_schema_url, [r['id'] for r in reached + spilled])
     if spelling == 'another directory':
         assert not any((tmp_path / 'a').iterdir()), 'the default spill directory is not the working directory'
+
+
+def test_records_for_another_database_under_the_same_url_are_never_replayed_into_this_one(tmp_path: Path) -> None:
+    """The same URL first reached one database, spilled, then reached another (here: the role's default schema
+    changed; a tunnel to another server is the same): the spilled records wait for their own database."""
+    tag = uuid.uuid4().hex[:8]
+    role, first_schema, second_schema = f'pai_role_{tag}', f'pai_first_{tag}', f'pai_second_{tag}'
+    admin = sa.create_engine(PG_SERVER_URL)
+    with admin.begin() as conn:
+        # Superuser: the server's identity (`pg_control_system()`) is readable, as for the usual owner role.
+        conn.exec_driver_sql(f'CREATE ROLE {role} LOGIN SUPERUSER')
+        conn.exec_driver_sql(f'CREATE SCHEMA {first_schema}')
+        conn.exec_driver_sql(f'CREATE SCHEMA {second_schema}')
+        conn.exec_driver_sql(f'ALTER ROLE {role} SET search_path = {first_schema}')
+    first_url, second_url = (
+        f'{PG_SERVER_URL}?options={quote(f"-csearch_path={s}")}' for s in (first_schema, second_schema)
+    )
+    reached, spilled, later = ([billing(i) for i in range(n)] for n in (100, 300, 50))
+    options: dict[str, Any] = {**FAST, 'spill_dir': tmp_path / 'spill'}
+    try:
+        with pg_proxy(PG_SERVER_URL) as proxy:
+            url = via_proxy(PG_SERVER_URL.replace('postgres@', f'{role}@'), proxy)
+            with open_tracker(url, **options) as tracker:
+                assert track_all(tracker, reached) == [] and tracker.flush(timeout=30)
+                proxy.cut()
+                assert track_all(tracker, spilled) == []
+                assert not tracker.close(timeout=2)
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f'ALTER ROLE {role} SET search_path = {second_schema}')
+            proxy.restore()
+            for _ in range(2):  # a second start is no different
+                with open_tracker(url, **options) as other:
+                    assert track_all(other, later) == []
+                    assert other.close(timeout=30), "this process's own records reach its database"
+            assert set(table_ids(second_url)) == {str(r['id']) for r in later}
+            assert_exactly_once(first_url, [r['id'] for r in reached])
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f'ALTER ROLE {role} SET search_path = {first_schema}')
+            with open_tracker(url, **options) as back:
+                wait_for_rows(first_url, [r['id'] for r in spilled], what='the replay into their own database')
+                assert back.close(timeout=30)
+        assert_exactly_once(first_url, [r['id'] for r in reached + spilled])
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS {first_schema} CASCADE')
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS {second_schema} CASCADE')
+            conn.exec_driver_sql(f'DROP ROLE IF EXISTS {role}')
+        admin.dispose()
