@@ -18,6 +18,7 @@ records that were already written are stored once.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import marshal
@@ -26,6 +27,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -63,6 +65,8 @@ def _json_default(value: object) -> object:
 
 
 _EXACT_SECONDS = 2.0**32
+_RETRY_SECONDS = 1.0
+"""How long appends wait after a segment could not be created before trying again."""
 
 
 def encode_payload(item: dict[str, Any]) -> bytes:
@@ -207,6 +211,7 @@ class Journal:
     _sealed: list[Segment] = field(default_factory=list[Segment], init=False)
     _serial: int = field(default=0, init=False)
     _tag: str = field(default='', init=False)
+    _retry_at: float = field(default=0.0, init=False)
 
     def append(self, item: dict[str, Any]) -> Segment:
         """Copy one record in; returns its segment. Raises `OSError` (e.g. disk full) when it cannot."""
@@ -215,7 +220,16 @@ class Journal:
         with self.lock:
             seg = self._current
             if seg is None or seg.pos + size + _LENGTH.size > len(seg.mm):
-                seg = self._roll(size)
+                now = time.monotonic()
+                if now < self._retry_at:
+                    # A new segment failed less than a second ago (a full disk): not a file system call per
+                    # `track()` until then; the records go on in memory.
+                    raise OSError(errno.ENOSPC, 'the journal could not take a new segment; retrying shortly')
+                try:
+                    seg = self._roll(size)
+                except OSError:
+                    self._retry_at = now + _RETRY_SECONDS
+                    raise
             pos = seg.pos
             mm = seg.mm
             # The payload first, then its length: a reader never sees a length without its bytes.

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -185,3 +186,22 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_journal_that_cannot_roll_retries_after_a_pause_not_on_every_record(tmp_path: Path) -> None:
+    """A segment that cannot be created (here: the directory is a file) costs `track()` one failed attempt a
+    second, not file system calls for every record; it journals again once the directory is back."""
+    blocker = tmp_path / 'spill'
+    blocker.write_text('a file where the directory should be')
+    journal = Journal(blocker / 'db')
+    with pytest.raises(OSError):
+        journal.append(event(0))
+    blocker.unlink()
+    with pytest.raises(OSError, match='retrying shortly'):  # fixed meanwhile, but not tried again yet
+        journal.append(event(1))
+    time.sleep(1.1)
+    journal.append(event(2))
+    journal.close()
+    assert [r['input_tokens'] for r in read_segment(next((blocker / 'db').glob('journal-*.bin')))] == [
+        event(2)['input_tokens']
+    ]
