@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+
+from ._locks import ForkSafeLock
 
 __all__ = ('RateLimitedLog', 'logger', 'reset_rate_limits')
 
@@ -23,7 +23,7 @@ class RateLimitedLog:
     """Minimum seconds between two messages of the same key."""
     _last: dict[str, float] = field(default_factory=dict[str, float], init=False, repr=False)
     _suppressed: dict[str, int] = field(default_factory=dict[str, int], init=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _lock: ForkSafeLock = field(default_factory=ForkSafeLock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _instances.add(self)
@@ -62,15 +62,6 @@ class RateLimitedLog:
 
 
 _instances: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()
-
-
-def _after_fork() -> None:
-    # A fork copies a lock another thread held at that moment, held for good: the child's first log would hang.
-    for log in list(_instances):
-        log._lock = threading.Lock()  # pyright: ignore[reportPrivateUsage]
-
-
-os.register_at_fork(after_in_child=_after_fork)
 
 
 def reset_rate_limits() -> None:

@@ -15,9 +15,10 @@ next `track()`, `flush()` or `close()`, so that warning filters and strict mode 
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 import weakref
+
+from ._locks import ForkSafeLock
 
 __all__ = (
     'MissingAttributionWarning',
@@ -47,15 +48,7 @@ class UnpricedModelWarning(PaiUsageWarning):
     """A model (or unit) has no known price: its usage is recorded with `cost_usd = NULL`."""
 
 
-_lock = threading.Lock()
-
-
-def _after_fork() -> None:
-    global _lock
-    _lock = threading.Lock()  # one another thread held at the fork would be held in the child for good
-
-
-os.register_at_fork(after_in_child=_after_fork)
+_lock = ForkSafeLock()
 _emitted: set[str] = set()
 _pending: list[tuple[str, type[PaiUsageWarning]]] = []
 _strict: bool | None = None

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -57,6 +56,7 @@ from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import RunContext
 from pydantic_ai.usage import RequestUsage, RunUsage
 
+from ._locks import ForkSafeLock
 from ._log import RateLimitedLog, logger
 from ._warnings import MissingAttributionWarning, PaiUsageWarning, emit, first_for_type
 from .context import UsageContext, current_usage_context, inherited_payer, usage_context
@@ -141,7 +141,7 @@ class _Shared:
 
 _shared: dict[int, _Shared] = {}
 _active_runs: set[str | None] = set()
-_shared_lock = threading.Lock()
+_shared_lock = ForkSafeLock()
 
 
 @dataclass(eq=False, slots=True)

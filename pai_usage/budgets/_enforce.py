@@ -27,6 +27,7 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import AgentDepsT, RunContext
 from sqlalchemy.exc import SQLAlchemyError
 
+from .._locks import ForkSafeLock
 from .._log import RateLimitedLog
 from .._validate import stored_fields
 from ..context import current_usage_context
@@ -179,7 +180,7 @@ class BudgetHold:
 # Keyed by `id()`: capabilities are dataclasses that compare by value, so they are not hashable.
 _Registry = weakref.WeakValueDictionary[int, 'EnforceBudgets[Any]']
 _enforcers: weakref.WeakKeyDictionary[UsageTracker, _Registry] = weakref.WeakKeyDictionary()
-_enforcers_lock = threading.Lock()
+_enforcers_lock = ForkSafeLock()
 
 
 @dataclass

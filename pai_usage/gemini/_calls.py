@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 import time
 from collections.abc import Generator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from typing import Any
 
 from google.genai import types
 
+from .._locks import ForkSafeLock
 from .._log import RateLimitedLog
 
 __all__ = ('SdkCall', 'sdk_calls')
@@ -28,7 +28,7 @@ __all__ = ('SdkCall', 'sdk_calls')
 _log = RateLimitedLog()
 _METHOD = '_generate_content'
 _MARK = '_pai_usage_watched'
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 
 
 @dataclass(frozen=True, slots=True)

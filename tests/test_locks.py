@@ -1,4 +1,4 @@
-"""Rate-limited logging: never floods, never hangs a forked child."""
+"""Locks a fork does not leave held: a forked child never hangs on a lock another thread held."""
 
 from __future__ import annotations
 
@@ -6,21 +6,28 @@ import os
 import threading
 import time
 import warnings
+from contextlib import ExitStack
 
 import pytest
 
-from pai_usage import _warnings
+from pai_usage import _warnings, capability
 from pai_usage._log import RateLimitedLog
+from pai_usage.budgets import _enforce
+from pai_usage.gemini import _calls
 
 
 @pytest.mark.skipif(not hasattr(os, 'fork'), reason='POSIX fork')
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')  # fork() with threads: the case under test
-def test_a_fork_while_another_thread_holds_a_log_lock_does_not_hang_the_child() -> None:
+def test_a_fork_while_another_thread_holds_our_locks_does_not_hang_the_child() -> None:
     log = RateLimitedLog()
+    # The module-wide ones too: capability runs, budget enforcers, the Gemini SDK watch.
+    locks = [log._lock, _warnings._lock, capability._shared_lock, _enforce._enforcers_lock, _calls._lock]  # pyright: ignore[reportPrivateUsage]
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with log._lock, _warnings._lock:  # pyright: ignore[reportPrivateUsage]
+        with ExitStack() as stack:
+            for lock in locks:
+                stack.enter_context(lock)
             held.set()
             release.wait(10)
 
@@ -35,6 +42,9 @@ def test_a_fork_while_another_thread_holds_a_log_lock_does_not_hang_the_child() 
                 warnings.simplefilter('ignore')
                 log.warning('k', 'from the child')
                 _warnings.warn_once('fork-test', 'from the child', _warnings.UnpricedModelWarning)
+                for lock in locks:
+                    with lock:
+                        pass
             code = 0
         finally:
             os._exit(code)
