@@ -471,13 +471,8 @@ class TrackUsage(AbstractCapability[Any]):
             run.current = None
             if not (response.usage.has_values() or response.usage.cost) or not self._first_time(run, response.usage):
                 return
-            response = _priced_copy(response)
-            extra: dict[str, Any] = {
-                'response_state': response.state if response.state != 'complete' else 'interrupted'
-            }
-            extra['error_type'] = type(error).__name__
             status = 'ok' if isinstance(error, _STOPPED) else 'error'
-            self._record_response(run, response, status, elapsed_ms, **extra)
+            self._record_cut(run, _priced_copy(response), elapsed_ms, status, error_type=type(error).__name__)
         finally:
             self._settled(run)
 
@@ -524,7 +519,7 @@ class TrackUsage(AbstractCapability[Any]):
                 elif request.streamed:
                     # A stream no hook accepted: the caller stopped reading it (billed all the same).
                     if response.usage.has_values() or response.usage.cost:
-                        self._guard(self._record_interrupted, run, response, request.duration_ms)
+                        self._guard(self._record_cut, run, response, request.duration_ms)
                 else:
                     self._guard(self._record_response, run, response, 'ok', request.duration_ms)
             if error_attempts:
@@ -591,9 +586,12 @@ class TrackUsage(AbstractCapability[Any]):
         run.tracker.track(**fields)
         _add(run.shared.recorded, usage)
 
-    def _record_interrupted(self, run: _Run, response: ModelResponse, duration_ms: float | None) -> None:
+    def _record_cut(
+        self, run: _Run, response: ModelResponse, duration_ms: float | None, status: str = 'ok', **extra: Any
+    ) -> None:
+        """A stream that ended before `after_model_request` saw it: billed for what it streamed, marked so."""
         state = response.state if response.state != 'complete' else 'interrupted'
-        self._record_response(run, response, 'ok', duration_ms, response_state=state)
+        self._record_response(run, response, status, duration_ms, response_state=state, **extra)
 
     def _record_attempt(self, run: _Run, attempt: ModelRequestAttempt) -> None:
         extra: dict[str, Any] = {'attempt_outcome': attempt.outcome}

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from enum import Enum
@@ -412,18 +413,11 @@ class GeminiUsageMixin:
         metadata: Mapping[str, Any] | None = None,
     ) -> types.GenerateContentResponse:
         """`client.models.generate_content(...)`, recorded with its token usage: a row per model call it makes."""
-        seen: list[SdkCall] | None = None
-        try:
-            with _TimedCall(self, operation, model) as call, sdk_calls(self.client.models) as seen:
-                response = self.client.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
-                    model=model, contents=contents, config=config
-                )
-        except Exception:
-            self._track_calls(seen, None, model=model, operation=operation, metadata=metadata, config=config)
-            raise
-        self._track_calls(
-            seen, response, model=model, operation=operation, metadata=metadata, config=config, ms=call.ms
-        )
+        models = self.client.models
+        with self._content_call(models, model=model, operation=operation, metadata=metadata, config=config) as done:
+            response = done.response = models.generate_content(  # pyright: ignore[reportUnknownMemberType]
+                model=model, contents=contents, config=config
+            )
         return response
 
     async def atracked_generate_content(
@@ -436,19 +430,35 @@ class GeminiUsageMixin:
         metadata: Mapping[str, Any] | None = None,
     ) -> types.GenerateContentResponse:
         """`client.aio.models.generate_content(...)`, recorded like `tracked_generate_content`."""
+        models = self.client.aio.models
+        with self._content_call(models, model=model, operation=operation, metadata=metadata, config=config) as done:
+            response = done.response = await models.generate_content(  # pyright: ignore[reportUnknownMemberType]
+                model=model, contents=contents, config=config
+            )
+        return response
+
+    @contextmanager
+    def _content_call(
+        self,
+        models: object,
+        *,
+        model: str,
+        operation: str,
+        metadata: Mapping[str, Any] | None,
+        config: types.GenerateContentConfigOrDict | None,
+    ) -> Generator[_Done]:
+        """Time, budget and record one `generate_content` through `models` (sync or async): set `.response`."""
+        done = _Done()
         seen: list[SdkCall] | None = None
         try:
-            with _TimedCall(self, operation, model) as call, sdk_calls(self.client.aio.models) as seen:
-                response = await self.client.aio.models.generate_content(  # pyright: ignore[reportUnknownMemberType]
-                    model=model, contents=contents, config=config
-                )
+            with _TimedCall(self, operation, model) as call, sdk_calls(models) as seen:
+                yield done
         except Exception:
             self._track_calls(seen, None, model=model, operation=operation, metadata=metadata, config=config)
             raise
         self._track_calls(
-            seen, response, model=model, operation=operation, metadata=metadata, config=config, ms=call.ms
+            seen, done.response, model=model, operation=operation, metadata=metadata, config=config, ms=call.ms
         )
-        return response
 
     def _track_calls(
         self,
@@ -657,6 +667,13 @@ class GeminiUsageMixin:
             _raise_for_operation(op)
         self._track_video(op, cfg, model, operation, call.ms, metadata)
         return op
+
+
+@dataclass
+class _Done:
+    """What a call inside `_content_call` returned."""
+
+    response: types.GenerateContentResponse | None = None
 
 
 class _TimedCall:
