@@ -90,12 +90,12 @@ def _conninfo(url: str) -> str:
     return sa.make_url(url).set(drivername='postgresql').render_as_string(hide_password=False)
 
 
-def raw_copy(url: str, rows: list[list[Any]], *, batch: int | None = None) -> float:
-    """One binary COPY and one commit (or one per `batch` rows), of pre-built rows."""
+def raw_copy(url: str, rows: list[list[Any]], *, batch: int | None = None) -> tuple[float, float]:
+    """One binary COPY and one commit (or one per `batch` rows), of pre-built rows: wall and process CPU seconds."""
     step = batch or len(rows)
     with psycopg.connect(_conninfo(url)) as conn:
         gc.collect()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for start in range(0, len(rows), step):
             with (
                 conn.cursor() as cur,
@@ -105,13 +105,14 @@ def raw_copy(url: str, rows: list[list[Any]], *, batch: int | None = None) -> fl
                 for row in rows[start : start + step]:
                     copy.write_row(row)
             conn.commit()
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         conn.execute('TRUNCATE token_usage')
         conn.commit()
-    return elapsed
+    return elapsed, cpu
 
 
-def ours(url: str, events: list[dict[str, Any]]) -> tuple[float, int]:
+def ours(url: str, events: list[dict[str, Any]]) -> tuple[float, float, int]:
+    """Wall and process CPU seconds (producer and writer threads) to write `events`, and the rows written."""
     with tempfile.TemporaryDirectory() as spill:
         tracker = UsageTracker(url, spill_dir=spill, handle_sigterm=False, durability=DURABILITY)
         tracker.track(make_events(1)[0])
@@ -120,7 +121,7 @@ def ours(url: str, events: list[dict[str, Any]]) -> tuple[float, int]:
         with engine.begin() as conn:
             conn.exec_driver_sql('TRUNCATE token_usage')
         gc.collect()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         # A producer as fast as the writer can sustain: bursts of 1,000, never more than 5,000 waiting, so the
         # queue stays well under `max_queue` (beyond it, events would go to the spill file and back).
         for i in range(0, len(events), 1000):
@@ -129,7 +130,7 @@ def ours(url: str, events: list[dict[str, Any]]) -> tuple[float, int]:
             while tracker.stats().pending > 5000:
                 time.sleep(0.001)
         tracker.flush(600)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         stats = tracker.stats()
         tracker.close()
         with engine.begin() as conn:
@@ -137,7 +138,7 @@ def ours(url: str, events: list[dict[str, Any]]) -> tuple[float, int]:
             conn.exec_driver_sql('TRUNCATE token_usage')
         engine.dispose()
         assert stats.spilled == 0, stats
-    return elapsed, written
+    return elapsed, cpu, written
 
 
 def triggers(url: str) -> list[str]:
@@ -163,13 +164,17 @@ def main() -> None:
         gc.collect()
         gc.freeze()
         times: dict[str, list[float]] = {'raw': [], 'batched': [], 'priced': [], 'self-priced': []}
+        cpus: dict[str, list[float]] = {name: [] for name in times}
         written: dict[str, int] = {}
         for _ in range(rounds):
-            times['raw'].append(raw_copy(url, rows))
-            times['batched'].append(raw_copy(url, rows, batch=BATCH))
-            for name, events in (('priced', priced), ('self-priced', unpriced)):
-                elapsed, written[name] = ours(url, events)
+            for name, batch in (('raw', None), ('batched', BATCH)):
+                elapsed, cpu = raw_copy(url, rows, batch=batch)
                 times[name].append(elapsed)
+                cpus[name].append(cpu)
+            for name, events in (('priced', priced), ('self-priced', unpriced)):
+                elapsed, cpu, written[name] = ours(url, events)
+                times[name].append(elapsed)
+                cpus[name].append(cpu)
         gc.unfreeze()
 
     def rate(name: str) -> str:
@@ -194,6 +199,11 @@ def main() -> None:
     print(f'  ratio priced / batched raw COPY:       {ratio("priced", "batched")}  (like with like: same commits)')
     print(f'  ratio self-priced / batched raw COPY:  {ratio("self-priced", "batched")}')
     print(f'  batched / 1-commit raw COPY:           {ratio("batched", "raw")}  (what a commit per batch costs)')
+    print("  per row, median over rounds: wall us = this process's CPU us + us waiting on the server, not overlapped")
+    for name in times:
+        wall = statistics.median(times[name]) / n * 1e6
+        cpu = statistics.median(cpus[name]) / n * 1e6
+        print(f'    {name:12} {wall:6.1f} = CPU {cpu:5.1f} + wait {wall - cpu:5.1f}')
 
 
 if __name__ == '__main__':

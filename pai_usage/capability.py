@@ -59,7 +59,8 @@ from pydantic_ai.usage import RequestUsage, RunUsage
 from ._locks import ForkSafeLock
 from ._log import RateLimitedLog, logger
 from ._warnings import MissingAttributionWarning, PaiUsageWarning, emit, first_for_type
-from .context import UsageContext, current_usage_context, inherited_payer, usage_context
+from .context import UsageContext, current_usage_context, inherited_payer
+from .context import _current as _current_context  # pyright: ignore[reportPrivateUsage]
 from .tracker import UsageTracker, get_tracker
 from .usage import TokenCounts
 
@@ -160,7 +161,7 @@ class _Request:
     """A stream that ended without an error: until `after_model_request` accepts it, it may have been cut short."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Run:
     """Per-run state of a `TrackUsage`: the run's books."""
 
@@ -295,9 +296,13 @@ class TrackUsage(AbstractCapability[Any]):
         if run is None:
             return await handler()
         token = _current_run.set(run)
+        # `usage_context(run.context)` without its generator: the context is complete, nothing to inherit.
+        context_token = _current_context.set(run.context)
         try:
-            with usage_context(run.context):
+            try:
                 result = await handler()
+            finally:
+                _current_context.reset(context_token)
         except BaseException as exc:
             self._guard(self._end, run, exc)
             raise

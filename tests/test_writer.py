@@ -198,7 +198,7 @@ def spilled_ids(spill_dir: Path) -> set[str]:
 def journal_ids(spill_dir: Path) -> set[str]:
     ids: set[str] = set()
     for path in spill_dir.glob('*.bin'):
-        ids.update(str(uuid.UUID(r['id'])) for r in read_segment(path) if isinstance(r, dict))
+        ids.update(str(uuid.UUID(str(r['id']))) for r in read_segment(path) if isinstance(r, dict))
     return ids
 
 
