@@ -105,7 +105,10 @@ def encode_payload(item: dict[str, Any]) -> bytes:
     try:
         return _MARSHAL + marshal.dumps(converted)
     except ValueError:
-        return _JSON + json.dumps(converted, default=_json_default, skipkeys=True).encode()
+        pass
+    if type(record_id) is uuid.UUID:
+        converted['id'] = str(record_id)  # JSON has no bytes (`_json_default` would keep only their repr)
+    return _JSON + json.dumps(converted, default=_json_default, skipkeys=True).encode()
 
 
 def decode_payload(payload: bytes) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,19 @@ def test_payload_round_trips_through_validation(created_at: datetime) -> None:
         fields['units'],
     )
     assert record.metadata == {'when': '2026-01-01 00:00:00+00:00', 'c': {'self': '<cycle>'}}
+
+
+@pytest.mark.parametrize(
+    ('user_id', 'kind'),
+    [('u1', b'm'), (Fraction(1, 3), b'j')],  # a value `marshal` refuses outside metadata: the JSON payload
+    ids=['marshal', 'json'],
+)
+def test_uuid_id_round_trips_in_either_payload(user_id: object, kind: bytes) -> None:
+    record_id = uuid.uuid4()
+    payload = encode_payload({'id': record_id, 'user_id': user_id})
+    assert payload[:1] == kind
+    # The JSON payload holds its text, which validation parses: the same id either way.
+    assert uuid.UUID(str(decode_payload(payload)['id'])) == record_id
 
 
 def test_segments_roll_settle_and_delete(tmp_path: Path) -> None:
