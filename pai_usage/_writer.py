@@ -14,7 +14,8 @@ Delivery, in order of preference:
    `spill_after` seconds (or the queue is half full, or we are shutting down), the batch goes to the spill
    file (`_spill.py`) and the writer switches to spilling: batches go to disk, and the database is probed
    at least every second. When it answers, the spill files are replayed, and new batches go to it again.
-3. If even the spill fails (disk full), the records are counted as `dropped` and logged.
+3. If even the spill fails (disk full), the batch is held in memory and retried (database and spill file)
+   at least every second; only what is still held when `stop()` gives up is counted as lost and logged.
 
 A flush or close request probes at once and replays this process's spilled records before it answers, and
 answers True only when everything tracked before it is in the database. The loop is guarded: a bug in one
@@ -912,13 +913,18 @@ class Writer:
             _log.error('reject', 'pai-usage: could not keep a rejected record in %s: %r', self.spill.path, exc)
 
     def _deliver(self, records: list[UsageRecord], more: Iterator[list[UsageRecord]] | None = None) -> None:
-        """Write `records` and those `more` yields (appended to `records`), retrying, or spill them."""
+        """Write `records` and those `more` yields (appended to `records`), retrying, or spill them.
+
+        If the spill file refuses them too (a full disk), they are held here and the write retried: they are lost
+        only if neither has taken them by the stop deadline. Meanwhile the queue fills, up to `max_queue`.
+        """
         if self._spilling and not self._stopping and time.monotonic() < self._next_probe:
             _drain(more, records)
-            self._spill_records(records)
-            return
+            if self._spill_records(records):
+                return
         attempt = 0
         failing_since: float | None = None
+        held = False
         while True:
             try:
                 self._write_checked(records, more=more)
@@ -938,13 +944,16 @@ class Writer:
                 ):
                     _log.error('write', 'pai-usage: writing usage records failed, spilling to disk: %r', exc)
                     self._enter_spilling()
-                    self._spill_records(records)
-                    return
-                _log.error('write', 'pai-usage: writing %d usage records failed, retrying: %r', len(records), exc)
-                if self._stopping and now >= self._deadline:  # no spill: nothing else to do with them
+                    if self._spill_records(records):
+                        return
+                    held = True
+                else:
+                    _log.error('write', 'pai-usage: writing %d usage records failed, retrying: %r', len(records), exc)
+                if self._stopping and now >= self._deadline:  # neither database nor disk took them in time
                     self._count_lost(len(records), exc, journalled=self._batch_journalled)
                     return
-                self._sleep(self._backoff(attempt))
+                # Held in memory, the batch is retried at least every second, as a probe would be.
+                self._sleep(min(self._backoff(attempt), _PROBE_CAP) if held else self._backoff(attempt))
                 continue
             if self._spilling:
                 self._recover()
@@ -1132,15 +1141,34 @@ class Writer:
         else:
             _log.error('dropped', 'pai-usage: %d usage records LOST (not written, not spilled): %r', n, exc)
 
-    def _spill_records(self, records: Sequence[UsageRecord]) -> None:
+    def _spill_records(self, records: list[UsageRecord]) -> bool:
+        """Spill `records`; False (nothing counted, `records` unchanged) if the spill file refuses them."""
+        if self.spill is None:
+            return False
         lines: list[bytes] = []
+        kept: list[UsageRecord] = []
         for r in records:
             try:
                 lines.append(encode(r.model_dump(mode='json')))
             except Exception as exc:
                 self._count_invalid(1, replay=False)
                 self._reject(r, f'cannot be encoded as JSON: {exc!r}')
-        self._spill_lines(lines, sync=True, journalled=self._batch_journalled)
+                continue
+            kept.append(r)
+        try:
+            self.spill.append(lines, sync=True)
+        except Exception as exc:
+            _log.error(
+                'spill-held',
+                'pai-usage: the spill file refuses writes too; %d usage records held in memory, the write retried: %r',
+                len(lines),
+                exc,
+            )
+            records[:] = kept  # the rejected ones are counted: never again
+            return False
+        with self._count_lock:
+            self.stats.spilled += len(lines)
+        return True
 
     def _spill_lines(self, lines: list[bytes], *, sync: bool, journalled: bool) -> bool:
         """Append `lines` to the spill file; returns whether they were kept (else they are counted as lost)."""

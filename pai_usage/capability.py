@@ -59,7 +59,7 @@ from pydantic_ai.usage import RequestUsage, RunUsage
 from ._locks import ForkSafeLock
 from ._log import RateLimitedLog, logger
 from ._warnings import MissingAttributionWarning, PaiUsageWarning, emit, first_for_type
-from .context import UsageContext, current_usage_context, inherited_payer
+from .context import UsageContext, current_usage_context, has_attribute, inherited_payer, read_attribute
 from .context import _current as _current_context  # pyright: ignore[reportPrivateUsage]
 from .tracker import UsageTracker, get_tracker
 from .usage import TokenCounts
@@ -360,7 +360,11 @@ class TrackUsage(AbstractCapability[Any]):
         user_id = _label(_read(deps, 'user_id'))
         if outer is not None:
             organization_id, user_id = inherited_payer(outer, organization_id, user_id)
-        if organization_id is None and user_id is None and not (_has(deps, 'organization_id') or _has(deps, 'user_id')):
+        if (
+            organization_id is None
+            and user_id is None
+            and not (has_attribute(deps, 'organization_id') or has_attribute(deps, 'user_id'))
+        ):
             _warn_unattributed(type(cast(object, deps)))
         deps_tracker = _read(deps, 'tracker')
         tracker = (
@@ -751,19 +755,11 @@ def _token_columns(usage: RequestUsage | RunUsage) -> dict[str, Any]:
 
 def _read(deps: object, name: str) -> Any:
     """`deps.name`, or None if reading it fails (an ORM's lazy attribute): the run is still recorded."""
-    try:
-        return getattr(deps, name, None)
-    except Exception as exc:
-        TrackUsage.errors += 1
-        _log.error(f'deps:{name}', 'pai-usage: reading deps.%s failed, recorded as NULL: %r', name, exc, exc_info=True)
-        return None
+    return read_attribute(deps, name, _count_error)
 
 
-def _has(deps: object, name: str) -> bool:
-    try:
-        return hasattr(deps, name)
-    except Exception:  # it exists, and fails: `_read` said so
-        return True
+def _count_error() -> None:
+    TrackUsage.errors += 1
 
 
 def _label(value: object) -> str | None:

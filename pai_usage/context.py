@@ -18,6 +18,9 @@ from contextvars import ContextVar, copy_context
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from ._log import RateLimitedLog
+from .record import normalize_label
+
 if TYPE_CHECKING:
     from .tracker import UsageTracker
 
@@ -25,6 +28,7 @@ __all__ = ('UsageContext', 'current_usage_context', 'run_in_thread', 'usage_cont
 
 _P = ParamSpec('_P')
 _R = TypeVar('_R')
+_log = RateLimitedLog()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,17 +63,40 @@ def attribution_fields(deps: object, *, strict: bool = True) -> dict[str, Any]:
     With `strict`, raises `TypeError` for an object with neither attribute: a mistake to report where it is
     made, not in the middle of a later API call.
     """
-    if strict and not (hasattr(deps, 'organization_id') or hasattr(deps, 'user_id')):
+    if strict and not (has_attribute(deps, 'organization_id') or has_attribute(deps, 'user_id')):
         raise TypeError(
             f'expected a UsageContext or deps with `organization_id` / `user_id` (e.g. UsageDeps), got {deps!r}'
         )
     fields: dict[str, Any] = {
-        'organization_id': getattr(deps, 'organization_id', None) or None,
-        'user_id': getattr(deps, 'user_id', None) or None,
+        'organization_id': read_attribute(deps, 'organization_id') or None,
+        'user_id': read_attribute(deps, 'user_id') or None,
     }
-    if (tracker := getattr(deps, 'tracker', None)) is not None:
+    if (tracker := read_attribute(deps, 'tracker')) is not None:
         fields['tracker'] = tracker
     return fields
+
+
+def read_attribute(deps: object, name: str, on_error: Callable[[], object] | None = None) -> Any:
+    """`deps.name`, or None if it is missing or reading it fails (an ORM's lazy attribute, a raising property).
+
+    A failure is logged (rate-limited) and passed to `on_error` (to count it), never raised: attribution must
+    not break the product's call.
+    """
+    try:
+        return getattr(deps, name, None)
+    except Exception as exc:
+        if on_error is not None:
+            on_error()
+        _log.error(f'deps:{name}', 'pai-usage: reading deps.%s failed, recorded as NULL: %r', name, exc, exc_info=True)
+        return None
+
+
+def has_attribute(deps: object, name: str) -> bool:
+    """Whether `deps` has `name`; True for an attribute that exists but fails to read (`read_attribute` logs it)."""
+    try:
+        return hasattr(deps, name)
+    except Exception:
+        return True
 
 
 def inherited_payer(
@@ -82,7 +109,8 @@ def inherited_payer(
     """
     if organization_id is None:
         return outer.organization_id, user_id or outer.user_id
-    if user_id is None and organization_id == outer.organization_id:
+    # Compared as the ledger stores them: `' acme'` and `'acme'` are one organization there.
+    if user_id is None and normalize_label(organization_id) == normalize_label(outer.organization_id):
         return organization_id, outer.user_id
     return organization_id, user_id
 

@@ -55,7 +55,7 @@ from pai_usage.gemini import GeminiService
 from pai_usage.migrate import migrate
 from tests._budget_worker import INPUT_TOKENS, OUTPUT_TOKENS, looping_agent
 from tests._faults import wait_until
-from tests._helpers import token_usage_rows
+from tests._helpers import LazyDeps, token_usage_rows
 from tests.fake_gemini import FakeGemini, fake_gemini, gemini_client  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.anyio
@@ -364,6 +364,19 @@ def test_check_outside_a_run(fast_tracker: UsageTracker) -> None:
     enforcer.check(organization_id='acme', user_id='globex-user')
     with pytest.raises(BudgetExceeded, match='user acme-user'):
         enforcer.check(user_id='acme-user')
+
+
+def test_deps_whose_attribute_fails_are_checked_on_the_rest(
+    fast_tracker: UsageTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = datetime(2026, 5, 5, tzinfo=UTC)
+    seed(fast_tracker, (now, 'acme', '6'))
+    enforcer = EnforceBudgets(
+        fast_tracker, budgets=[Budget(user_id='acme-user', limit_usd=Decimal(5))], clock=Clock(now)
+    )
+    with pytest.raises(BudgetExceeded, match='user acme-user'):  # not the RuntimeError: the user is still known
+        enforcer.check(LazyDeps('organization_id', user_id='acme-user'))
+    assert 'deps.organization_id' in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from pai_usage import UsageContext, UsageDeps, UsageTracker, current_usage_conte
 from pai_usage.capability import PYDANTIC_AI_PRICE_SOURCE, TrackUsage
 from pai_usage.pricing import price_fields
 from pai_usage.table import TOKEN_USAGE
+from tests._helpers import LazyDeps
 
 pytestmark = pytest.mark.anyio
 
@@ -631,15 +632,8 @@ async def test_deps_without_attribution_warn_once_and_record_null(
 async def test_deps_whose_attribute_fails_still_record_the_run(
     tracker: UsageTracker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    class LazyDeps:  # an ORM object whose lazy attribute cannot load
-        organization_id = 'acme'
-
-        @property
-        def user_id(self) -> str:
-            raise RuntimeError('session closed')
-
     before = TrackUsage.errors
-    output, usage = await run_mode(make_agent(tracker), 'run', LazyDeps())
+    output, usage = await run_mode(make_agent(tracker), 'run', LazyDeps('user_id', organization_id='acme'))
     got = rows(tracker)
     assert output and len(got) == 2
     assert {(r['organization_id'], r['user_id']) for r in got} == {('acme', None)}
@@ -664,6 +658,13 @@ async def test_deps_inside_a_usage_context(
         with usage_context(organization_id=deps[0], user_id=deps[1]) as nested:
             assert (nested.organization_id, nested.user_id) == billed  # the same rule for a nested block
     assert {(r['organization_id'], r['user_id']) for r in rows(tracker)} == {billed}
+
+
+async def test_deps_naming_the_contexts_org_in_another_spelling_keep_its_user(tracker: UsageTracker) -> None:
+    # The ledger stores ' o1 ' as 'o1': one organization, so the context's user stays with it.
+    with usage_context(organization_id='o1', user_id='u1'):
+        await run_mode(make_agent(tracker, tool=False), 'run', UsageDeps(organization_id=' o1 '))
+    assert {(r['organization_id'], r['user_id']) for r in rows(tracker)} == {('o1', 'u1')}
 
 
 async def test_tracker_resolution_order(sqlite_url: str, tmp_path: Any) -> None:

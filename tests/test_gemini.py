@@ -27,7 +27,7 @@ from pai_usage.capability import TrackUsage
 from pai_usage.gemini import GeminiService, GeminiUsageMixin, gemini_stats, token_counts
 from pai_usage.gemini import _mixin as mixin_module
 from pai_usage.usage import TokenCounts
-from tests._helpers import token_usage_rows
+from tests._helpers import LazyDeps, token_usage_rows
 from tests.fake_gemini import (  # noqa: F401 - fixtures
     IMAGE_OUTPUT_TOKENS,
     PNG_1X1,
@@ -558,6 +558,21 @@ async def test_explicit_deps_at_construction_win(gemini_client: Client, ledger: 
     explicit, ambient = rows(ledger)
     assert (explicit['organization_id'], explicit['user_id'], explicit['run_id']) == ('org2', 'u2', None)
     assert (ambient['organization_id'], ambient['user_id'], ambient['run_id']) == ('ambient-org', 'ambient', 'run-1')
+
+
+async def test_deps_whose_attribute_fails_still_construct_and_record(
+    gemini_client: Client, ledger: UsageTracker, caplog: pytest.LogCaptureFixture
+):
+    with caplog.at_level(logging.ERROR, logger='pai_usage'):
+        GeminiService(gemini_client, deps=LazyDeps('user_id', organization_id='acme'), tracker=ledger).analyze_text(
+            'Hi'
+        )
+        GeminiService(
+            gemini_client, usage_context=LazyDeps('user_id', organization_id='acme'), tracker=ledger
+        ).analyze_text('Hi')
+
+    assert [(r['organization_id'], r['user_id']) for r in rows(ledger)] == [('acme', None)] * 2
+    assert 'deps.user_id' in caplog.text
 
 
 async def test_no_attribution_records_null_and_warns_once(

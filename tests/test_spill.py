@@ -76,50 +76,84 @@ def test_failed_append_leaves_no_torn_line(tmp_path: Path, monkeypatch: pytest.M
     claimed.done()
 
 
-@pytest.mark.parametrize(
-    ('durability', 'lost'),
-    [
-        pytest.param('journal', 0, id='journal-keeps-them'),
-        pytest.param('memory', 50, id='memory-loses-them'),
-    ],
-)
-@pytest.mark.parametrize('max_queue', [10_000, 5], ids=['queued', 'overflowing'])
-def test_disk_full_counts_what_is_lost_then_recovers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: Durability, lost: int, max_queue: int
-) -> None:
-    """The database is unreachable and the disk refuses the spill: never silently lost, and kept where the journal is.
+def _disk_full(fd: int, data: bytes) -> None:
+    raise OSError(errno.ENOSPC, 'No space left on device')
 
-    The journal's segments hold blocks reserved when they were made: what the spill cannot take stays there,
-    unsettled, and the next start replays it. Without the journal the records are lost, and counted. Both for
-    batches the writer fails to spill and for records `track()` itself spills when the queue is full.
+
+@pytest.mark.parametrize('durability', ['journal', 'memory'])
+@pytest.mark.parametrize('back_first', ['database', 'disk'])
+@pytest.mark.parametrize('knobs', [pytest.param(FAST, id='fast'), pytest.param({}, id='defaults')])
+def test_disk_full_and_database_down_hold_the_batch_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: Durability, back_first: str, knobs: dict[str, Any]
+) -> None:
+    """The database is unreachable and the disk refuses the spill: the writer holds what it took, and retries.
+
+    Nothing is lost while the queue has room (memory durability included): whichever comes back first, the
+    database or the disk, takes the records. `flush()` says False meanwhile.
     """
     db_dir = tmp_path / 'db'  # does not exist yet: SQLite cannot open the database
-
-    def disk_full(fd: int, data: bytes) -> None:
-        raise OSError(errno.ENOSPC, 'No space left on device')
-
-    monkeypatch.setattr(spill_module, '_write_all', disk_full)
+    monkeypatch.setattr(spill_module, '_write_all', _disk_full)
     url = f'sqlite:///{db_dir}/usage.db'
-    tracker = UsageTracker(url, spill_dir=tmp_path / 'spill', durability=durability, max_queue=max_queue, **FAST)
+    tracker = UsageTracker(url, spill_dir=tmp_path / 'spill', durability=durability, handle_sigterm=False, **knobs)
     for i in range(50):
         tracker.track(event(i))
-    assert tracker.flush(30) is False, 'records are neither written nor spilled: flush() says so'
+    for _ in range(2):  # a batch the disk refused, again and again: still held
+        assert tracker.flush(1) is False, 'records are neither written nor spilled: flush() says so'
+        stats = tracker.stats()
+        assert (stats.dropped, stats.journal_only, stats.spilled, stats.pending) == (0, 0, 0, 50)
+    if back_first == 'database':
+        db_dir.mkdir()
+        assert tracker.flush(30), 'the held batch is written once the database is back, the disk still full'
+        expected = 50
+    else:
+        monkeypatch.undo()  # space is freed: the held batch goes to the spill file
+        wait_until(lambda: tracker.stats().spilled == 50, what='the held batch, spilled once the disk has room')
+        for i in range(50, 70):
+            tracker.track(event(i))
+        assert tracker.flush(30) is False, 'the database is still down: the records are only on disk'
+        db_dir.mkdir()
+        expected = 70
+    assert tracker.close(30)
+    tracker.engine.dispose()
     stats = tracker.stats()
-    assert (stats.dropped, stats.journal_only, stats.pending) == (lost, 50 - lost, 0)
+    assert (stats.dropped, stats.journal_only, stats.pending) == (0, 0, 0)
+    assert rows(url) == (expected, expected)
+
+
+@pytest.mark.parametrize(
+    ('durability', 'kept_by'), [('journal', 'journal_only'), ('memory', 'dropped')], ids=['journal', 'memory']
+)
+def test_disk_full_overflow_counts_what_is_lost_then_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: Durability, kept_by: str
+) -> None:
+    """Past `max_queue`, `track()` spills itself; a full disk refuses it: never silently lost.
+
+    The journal's segments hold blocks reserved when they were made: what the spill cannot take stays there,
+    unsettled, and the next start replays it. Without the journal those records are lost, and counted.
+    """
+    db_dir = tmp_path / 'db'
+    monkeypatch.setattr(spill_module, '_write_all', _disk_full)
+    url = f'sqlite:///{db_dir}/usage.db'
+    tracker = UsageTracker(url, spill_dir=tmp_path / 'spill', durability=durability, max_queue=5, **FAST)
+    for i in range(50):
+        tracker.track(event(i))
+    assert tracker.flush(1) is False
+    stats = tracker.stats()
+    refused = getattr(stats, kept_by)
+    assert 0 < refused < 50, stats  # the queue holds 5 and the writer one batch: the rest overflowed
+    assert (stats.dropped + stats.journal_only, stats.pending) == (refused, 50 - refused)
     monkeypatch.undo()  # space is freed
     for i in range(50, 70):
         tracker.track(event(i))
-    assert tracker.flush(30) is False, 'the database is still down: the records are only on disk'
-
-    stats = tracker.stats()
-    assert (stats.dropped, stats.journal_only, stats.spilled, stats.pending) == (lost, 50 - lost, 20, 0)
+    wait_until(lambda: tracker.stats().spilled == 70 - refused, what='the held batch and the new records, spilled')
     db_dir.mkdir()  # the database is back
-    assert tracker.close(10) is False, 'the journal still holds records only the next start writes'
+    assert tracker.close(10) is False, 'records were lost, or only the journal holds them'
     tracker.engine.dispose()
     with UsageTracker(url, spill_dir=tmp_path / 'spill') as again:
         assert again.flush(30)
     again.engine.dispose()
-    assert rows(url) == (70 - lost, 70 - lost)
+    kept = 70 - (refused if durability == 'memory' else 0)
+    assert rows(url) == (kept, kept)
 
 
 def test_torn_line_and_duplicates_on_replay(database_url: str, tmp_path: Path) -> None:

@@ -401,7 +401,10 @@ def test_concurrent_threads_lose_nothing(database_url: str, tmp_path: Path) -> N
 
 
 def test_spill_failure_is_counted_and_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Database down and the spill directory unusable (like a full disk): `dropped` counts the loss, logged once."""
+    """Database down and the spill directory unusable (like a full disk): held until `close()` gives up.
+
+    Then `dropped` counts the loss, logged once.
+    """
     blocker = tmp_path / 'not-a-dir'
     blocker.write_text('')
     caplog.set_level(logging.ERROR, logger='pai_usage')
@@ -410,14 +413,16 @@ def test_spill_failure_is_counted_and_logged_once(tmp_path: Path, caplog: pytest
     )
     for i in range(1000):
         tracker.track(event(i))
-    wait_until(lambda: tracker.stats().dropped == 1000, what='the loss, before any flush')
-    for _ in range(3):  # lost before the call, and still lost at every later call
-        assert tracker.flush(30) is False, 'records were lost'
+    for _ in range(3):  # held, not lost, while the tracker runs
+        assert tracker.flush(0.5) is False, 'records are neither written nor spilled'
+        assert (tracker.stats().dropped, tracker.stats().pending) == (0, 1000)
     assert tracker.close(1) is False
+    wait_until(lambda: tracker.stats().dropped == 1000, what='the loss, counted once close() gave up')
     stats = tracker.stats()
-    assert stats.dropped == 1000
     assert stats.spilled == 0
     assert stats.pending == 0
+    for _ in range(2):  # and still lost at every later call
+        assert tracker.flush(1) is False
     lost = [r for r in caplog.records if 'LOST' in r.getMessage()]
     assert len(lost) == 1
 

@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .._locks import ForkSafeLock
 from .._log import RateLimitedLog
 from .._validate import stored_fields
-from ..context import current_usage_context
+from ..context import current_usage_context, read_attribute
 from ..pricing import price_fields
 from ..record import UsageRecord, normalize_label
 from ..summary import query_summary
@@ -1021,8 +1021,8 @@ def _otel_event(status: BudgetStatus, fraction: float) -> None:
 
 
 def _attribution(deps: Any) -> tuple[str | None, str | None]:
-    organization_id = getattr(deps, 'organization_id', None)
-    user_id = getattr(deps, 'user_id', None)
+    organization_id = read_attribute(deps, 'organization_id')
+    user_id = read_attribute(deps, 'user_id')
     context = current_usage_context()
     if context is not None:
         organization_id = organization_id if isinstance(organization_id, str) else context.organization_id
