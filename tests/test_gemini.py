@@ -563,13 +563,10 @@ async def test_explicit_deps_at_construction_win(gemini_client: Client, ledger: 
 async def test_deps_whose_attribute_fails_still_construct_and_record(
     gemini_client: Client, ledger: UsageTracker, caplog: pytest.LogCaptureFixture
 ):
+    deps = LazyDeps('user_id', organization_id='acme')
     with caplog.at_level(logging.ERROR, logger='pai_usage'):
-        GeminiService(gemini_client, deps=LazyDeps('user_id', organization_id='acme'), tracker=ledger).analyze_text(
-            'Hi'
-        )
-        GeminiService(
-            gemini_client, usage_context=LazyDeps('user_id', organization_id='acme'), tracker=ledger
-        ).analyze_text('Hi')
+        GeminiService(gemini_client, deps=deps, tracker=ledger).analyze_text('Hi')
+        GeminiService(gemini_client, usage_context=deps, tracker=ledger).analyze_text('Hi')
 
     assert [(r['organization_id'], r['user_id']) for r in rows(ledger)] == [('acme', None)] * 2
     assert 'deps.user_id' in caplog.text
