@@ -1142,7 +1142,10 @@ class Writer:
             _log.error('dropped', 'pai-usage: %d usage records LOST (not written, not spilled): %r', n, exc)
 
     def _spill_records(self, records: list[UsageRecord]) -> bool:
-        """Spill `records`; False (nothing counted, `records` unchanged) if the spill file refuses them."""
+        """Spill `records`; False if the spill file refuses them, with `records` cut to those it may take later.
+
+        A record JSON cannot encode is rejected (and counted) either way, never retried.
+        """
         if self.spill is None:
             return False
         lines: list[bytes] = []
