@@ -1146,8 +1146,6 @@ class Writer:
 
         A record JSON cannot encode is rejected (and counted) either way, never retried.
         """
-        if self.spill is None:
-            return False
         lines: list[bytes] = []
         kept: list[UsageRecord] = []
         for r in records:
@@ -1158,32 +1156,34 @@ class Writer:
                 self._reject(r, f'cannot be encoded as JSON: {exc!r}')
                 continue
             kept.append(r)
-        try:
-            self.spill.append(lines, sync=True)
-        except Exception as exc:
-            _log.error(
-                'spill-held',
-                'pai-usage: the spill file refuses writes too; %d usage records held in memory, the write retried: %r',
-                len(lines),
-                exc,
-            )
-            records[:] = kept  # the rejected ones are counted: never again
-            return False
-        with self._count_lock:
-            self.stats.spilled += len(lines)
-        return True
+        if self._spill_lines(lines, sync=True, journalled=self._batch_journalled, held=True):
+            return True
+        records[:] = kept  # the rejected ones are counted: never again
+        return False
 
-    def _spill_lines(self, lines: list[bytes], *, sync: bool, journalled: bool) -> bool:
-        """Append `lines` to the spill file; returns whether they were kept (else they are counted as lost)."""
+    def _spill_lines(self, lines: list[bytes], *, sync: bool, journalled: bool, held: bool = False) -> bool:
+        """Append `lines` to the spill file; returns whether they were kept (else they are counted as lost).
+
+        With `held`, a refusal is logged, not counted: the caller still holds the records, and retries.
+        """
         if not lines:
             return True
         if self.spill is None:
-            self._count_lost(len(lines), RuntimeError('spilling is disabled'), journalled=journalled)
+            if not held:
+                self._count_lost(len(lines), RuntimeError('spilling is disabled'), journalled=journalled)
             return False
         try:
             self.spill.append(lines, sync=sync)
         except Exception as exc:
-            self._count_lost(len(lines), exc, journalled=journalled)
+            if held:
+                _log.error(
+                    'spill-held',
+                    'pai-usage: the spill file refuses writes too; %d usage records held in memory, retried: %r',
+                    len(lines),
+                    exc,
+                )
+            else:
+                self._count_lost(len(lines), exc, journalled=journalled)
             return False
         with self._count_lock:
             self.stats.spilled += len(lines)
