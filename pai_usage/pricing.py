@@ -543,6 +543,8 @@ class _Compiled:
     """The units this price has a price for."""
     covered: dict[str, bool] = field(default_factory=dict[str, bool])
     """Usage key -> whether a priced unit covers it (itself or an ancestor)."""
+    plans: dict[tuple[str, ...], _Plan | None] = field(default_factory=dict[tuple[str, ...], '_Plan | None'])
+    """Usage keys a row reports (all non-zero, in order) -> how such rows are decomposed (see `_plan`)."""
 
     def covers(self, key: str) -> bool:
         """Whether a price applies to `key` (a price for it, or for a more general unit that includes it)."""
@@ -631,18 +633,78 @@ def _genai_cost(found: _Found, values: dict[str, Any], when: datetime, service_t
         return f'genai-prices: {exc}'
 
 
+@dataclass(slots=True, frozen=True)
+class _Plan:
+    """`_fast_total` for rows that report one set of usage keys, all non-zero: what the keys alone decide, done once."""
+
+    leaves: tuple[tuple[str, tuple[str, ...]], ...]
+    """`(reported key, its reported priced descendants)` for each priced key reported, most specific first."""
+    terms: tuple[tuple[str, Decimal | TieredPrices, int], ...]
+    """The compiled terms that can count anything for such rows, in genai-prices' order of summing."""
+
+
+_MAX_PLANS = 256
+"""Sets of usage keys kept per compiled price: a handful in practice, bounded against odd input."""
+
+
+def _plan(compiled: _Compiled, keys: tuple[str, ...]) -> _Plan | None:
+    """The decomposition of rows reporting `keys` (all non-zero), or None where genai-prices must decide.
+
+    A priced key not reported counts 0 (so do its descendants, which are not reported either), unless genai-prices
+    would infer or refuse it (`_infers`): then None, for every row with these keys, as `_fast_total_each`
+    decides row by row.
+    """
+    present = frozenset(keys)
+    leaves: list[tuple[str, tuple[str, ...]]] = []
+    for usage_key, descendants in compiled.leaves:
+        if usage_key in present:
+            leaves.append((usage_key, tuple(d for d in descendants if d in present)))
+        elif _infers(usage_key, present.__contains__):
+            return None
+    if compiled.tiered and 'input_tokens' not in present:
+        return None
+    terms = tuple(t for t in compiled.terms if t[0] == 'requests' or t[0] in present)
+    return _Plan(tuple(leaves), terms)
+
+
 def _fast_total(compiled: _Compiled, values: Mapping[str, Any]) -> Decimal | None:
     """genai-prices' total for `values` from the compiled terms, or None when it must decide itself.
 
     The same leaf counts (each priced key minus its priced descendants), the same tier choice and the same
     Decimal operations in the same order as `ModelPrice.calc_price`, so the result is identical, rounding included.
+    Rows whose counts are all non-zero (the usual case) share a `_Plan` per set of keys.
     """
+    if min(values.values(), default=0) <= 0:
+        return _fast_total_each(compiled, values)
+    keys = tuple(values)
+    plans = compiled.plans
+    try:
+        plan = plans[keys]
+    except KeyError:
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plan = plans[keys] = _plan(compiled, keys)
+    if plan is None:
+        return None
+    leaves: dict[str, Any] = {}
+    for usage_key, descendants in plan.leaves:
+        value = values[usage_key]
+        if descendants:
+            value = value - sum(map(leaves.__getitem__, descendants))
+        if value < 0:
+            return None
+        leaves[usage_key] = value
+    return _sum_terms(plan.terms, leaves, values['input_tokens'] if compiled.tiered else 0)
+
+
+def _fast_total_each(compiled: _Compiled, values: Mapping[str, Any]) -> Decimal | None:
+    """`_fast_total` deciding everything for this row alone (some count is reported as zero)."""
     leaves: dict[str, Any] = {}
     get = values.get
     for usage_key, descendants in compiled.leaves:
         value = get(usage_key)
         if value is None:
-            if any(map(get, descendants)) or any(get(a) and get(b) for a, b in _joins_of(usage_key)):
+            if _infers(usage_key, lambda key: (get(key) or 0) > 0):
                 return None  # genai-prices infers or refuses a missing total: let it say which
             value = 0
         if descendants:
@@ -655,9 +717,15 @@ def _fast_total(compiled: _Compiled, values: Mapping[str, Any]) -> Decimal | Non
         total_input = get('input_tokens')
         if total_input is None:
             return None
+    return _sum_terms(compiled.terms, leaves, total_input)
+
+
+def _sum_terms(
+    terms: tuple[tuple[str, Decimal | TieredPrices, int], ...], leaves: Mapping[str, Any], total_input: int
+) -> Decimal:
     total = Decimal(0)
-    for usage_key, price, per in compiled.terms:
-        count = 1 if usage_key == 'requests' else leaves[usage_key]
+    for usage_key, price, per in terms:
+        count = 1 if usage_key == 'requests' else leaves.get(usage_key, 0)
         if not count:
             continue
         if isinstance(price, TieredPrices):
@@ -687,6 +755,23 @@ def _joins(unit: UnitDef) -> tuple[tuple[str, str], ...]:
 
 
 _JOINS: dict[str, tuple[tuple[str, str], ...]] = {}
+_DESCENDANTS: dict[str, tuple[str, ...]] = {}
+
+
+def _infers(usage_key: str, reported: Callable[[str], bool]) -> bool:
+    """Whether genai-prices infers (or refuses) the priced `usage_key` a row leaves out, given what it `reported`.
+
+    As `Usage._infer_missing_value`: it does when any reported unit refines the key (priced or not: cached audio
+    without cache reads), or when two reported units jointly describe it. Otherwise the key counts 0.
+    """
+    try:
+        descendants = _DESCENDANTS[usage_key]
+    except KeyError:
+        unit = _UNITS[usage_key]
+        descendants = _DESCENDANTS[usage_key] = tuple(
+            d.usage_key for d in _UNITS.values() if d is not unit and unit.dimensions.items() <= d.dimensions.items()
+        )
+    return any(map(reported, descendants)) or any(reported(a) and reported(b) for a, b in _joins_of(usage_key))
 
 
 def _joins_of(usage_key: str) -> tuple[tuple[str, str], ...]:
@@ -796,7 +881,8 @@ def price_fields_many(rows: Sequence[Mapping[str, Any]], table: PriceTable | Non
             and not fields.get('details')
         ):
             tier = fields.get('service_tier')
-            plan_key = (provider, model, tier, created.astimezone(UTC).date())
+            day = created.date() if created.tzinfo is UTC else created.astimezone(UTC).date()
+            plan_key = (provider, model, tier, day)
             try:
                 compiled = plans[plan_key]
             except KeyError:

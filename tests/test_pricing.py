@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -347,6 +348,9 @@ def test_units_without_a_price_are_unpriced(tracker: UsageTracker, units: int, u
             {'input_tokens': 3_000, 'input_audio_tokens': 2_000, 'cache_read_tokens': 2_000}, id='cached-audio'
         ),
         pytest.param({'input_tokens': 10, 'cache_write_tokens': 40, 'output_tokens': 5}, id='cache-write-over-input'),
+        pytest.param(
+            {'input_tokens': 3_000, 'cache_audio_read_tokens': 500, 'output_tokens': 5}, id='cached-audio-no-cache-read'
+        ),
     ],
 )
 @pytest.mark.parametrize('model', ['gpt-4o', 'claude-sonnet-4', 'gemini-2.5-pro'])
@@ -618,6 +622,41 @@ def test_the_compiled_prices_equal_genai_prices_without_falling_back():
             compiled_rows += 1
             assert total == expected, vector
     assert compiled_rows > 2_000  # nearly every priced vector, not a handful
+
+
+_USAGE_KEYS = (
+    'input_tokens',
+    'cache_read_tokens',
+    'cache_write_tokens',
+    'input_audio_tokens',
+    'cache_audio_read_tokens',
+    'output_tokens',
+    'output_reasoning_tokens',
+    'output_audio_tokens',
+    'output_image_tokens',
+)
+
+
+def test_the_shared_plans_price_each_row_as_genai_prices_does():
+    """Rows of one set of keys share a decomposition plan: for any counts it gives the row-by-row result."""
+    rng = random.Random(12)
+    models = {(v.provider, v.model): v.when for v in VECTORS if reference_price(v) is not None}
+    checked = 0
+    for (provider, model), when in sorted(models.items(), key=str)[:: max(len(models) // 60, 1)]:
+        found = pricing._find_model(provider, model)  # pyright: ignore[reportPrivateUsage]
+        assert found is not None
+        compiled = pricing._compiled(found, when, None)  # pyright: ignore[reportPrivateUsage]
+        for _ in range(40):
+            keys = rng.sample(_USAGE_KEYS, rng.randint(1, 5))
+            values = {k: rng.choice((0, 1, 7, 1000, 250_000, 10**9)) for k in keys}
+            total = pricing._fast_total(compiled, values)  # pyright: ignore[reportPrivateUsage]
+            assert total == pricing._fast_total_each(compiled, values), (model, values)  # pyright: ignore[reportPrivateUsage]
+            if total is not None:
+                checked += 1
+                provider_, info = found
+                usage = genai_prices.Usage(**values)
+                assert total == info.calc_price(usage, provider_, genai_request_timestamp=when).total_price
+    assert checked > 500
 
 
 def _replayed_vectors() -> list[Vector]:
