@@ -785,6 +785,23 @@ def test_track_prices_the_service_tier(tracker: UsageTracker, tier: str):
     assert (row['service_tier'], row['cost_usd']) == (tier, expected)
 
 
+@pytest.mark.parametrize(
+    ('provider', 'model', 'usage', 'missing'),
+    [
+        ('openai', 'text-embedding-3-small', {'input_tokens': 1_000, 'output_tokens': 100}, 'output_tokens'),
+        ('mistral', 'mistral-ocr-latest', {'input_tokens': 1_000, 'output_tokens': 100}, 'input_tokens'),
+    ],
+)
+def test_a_quantity_genai_prices_counts_as_free_leaves_the_row_unpriced(
+    provider: str, model: str, usage: dict[str, int], missing: str
+):
+    """The one place we part from `calc_price`: it prices what it has no price for at 0, a partial bill."""
+    assert genai_prices.calc_price(genai_prices.Usage(**usage), model, provider_id=provider).total_price is not None
+    priced = price_usage(provider=provider, model=model, tokens=TokenCounts.from_price_values(usage))
+    assert (priced.cost_usd, priced.pricing_status) == (None, 'unpriced')
+    assert priced.price_source == f'unpriced: no price for {missing} of {provider}/{model}'
+
+
 def test_tokens_with_unpriced_units_are_unpriced_not_partly_priced(tracker: UsageTracker):
     row = _track_and_read(
         tracker, model='gpt-4o', provider='openai', input_tokens=100, output_tokens=10, units=2, unit_type='image'
