@@ -174,6 +174,16 @@ def _dispatch(args: Sequence[str] | None) -> int:
         return 1
 
 
+def _label(value: str) -> str:
+    """An id given on the command line, as the ledger stores it (`normalize_label`)."""
+    from .record import normalize_label
+
+    label = normalize_label(value)
+    if label is None:
+        raise argparse.ArgumentTypeError(f'{value!r} is blank')
+    return label
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=_PROG, description='The usage-and-cost ledger for PydanticAI apps and direct Gemini calls.')
     parser.add_argument('--version', action=_Version, help="show the program's version number and exit")
@@ -250,7 +260,9 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument('--file', metavar='FILE', help='budgets as JSON (see docs/budgets.md)')
     budgets.add_argument('--period', choices=('month', 'week', 'day'), help='with --limit: the period (default: month)')
     budgets.add_argument('--timezone', metavar='TZ', help='with --limit: IANA zone of period starts (default: UTC)')
-    budgets.add_argument('--org', metavar='ID', help='with --limit: only this organization (default: all usage)')
+    budgets.add_argument(
+        '--org', metavar='ID', type=_label, help='with --limit: only this organization (default: all usage)'
+    )
     budgets.set_defaults(command=_budgets)
 
     migrate_cmd = commands.add_parser(
@@ -286,7 +298,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     reprice_cmd.add_argument('--since', metavar='DATE', required=True, help='start, inclusive: YYYY-MM-DD or ISO')
     reprice_cmd.add_argument('--until', metavar='DATE', help='end, exclusive: YYYY-MM-DD or ISO (default: now)')
-    reprice_cmd.add_argument('--org', metavar='ID', help='only this organization')
+    reprice_cmd.add_argument('--org', metavar='ID', type=_label, help='only this organization')
     reprice_cmd.add_argument('--model', metavar='MODEL', help='only this model')
     reprice_cmd.add_argument('--apply', action='store_true', help='update the rows (default: a dry run)')
     reprice_cmd.set_defaults(command=_reprice)
@@ -307,8 +319,8 @@ def _add_range_options(command: argparse.ArgumentParser, *, since_help: str, unt
     """`--since`, `--until`, `--org` and `--user`: the rows a command reads (see `_time_range`)."""
     command.add_argument('--since', metavar='DATE', help=since_help)
     command.add_argument('--until', metavar='DATE', help=until_help)
-    command.add_argument('--org', metavar='ID', help='only this organization')
-    command.add_argument('--user', metavar='ID', help='only this user')
+    command.add_argument('--org', metavar='ID', type=_label, help='only this organization')
+    command.add_argument('--user', metavar='ID', type=_label, help='only this user')
 
 
 def _error(message: str) -> None:

@@ -29,12 +29,12 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 __all__ = ('JOURNAL_PREFIX', 'Journal', 'Segment', 'read_segment')
 
@@ -66,6 +66,27 @@ def _json_default(value: object) -> object:
 
 
 _EXACT_SECONDS = 2.0**32
+_RAW = 'as-given'
+_WRAPPED = (float, tuple, list)
+"""`created_at` types wrapped as `(_RAW, value)`: a bare float in a payload is our timestamp, in seconds; a
+sequence could look like the wrapper (JSON payloads turn it into a list)."""
+
+
+def _is_wrapped(value: object) -> TypeGuard[Sequence[object]]:
+    """Whether a decoded `created_at` is `(_RAW, value)`, as `encode_payload` wraps one the caller gave."""
+    if type(value) not in (tuple, list):
+        return False
+    items = cast('Sequence[object]', value)
+    return len(items) == 2 and items[0] == _RAW
+
+
+def _aware(value: datetime) -> bool:
+    try:
+        return value.utcoffset() is not None
+    except Exception:  # a tzinfo that fails: the record keeps its datetime, and validation refuses it
+        return False
+
+
 _RETRY_SECONDS = 1.0
 """How long appends wait after a segment could not be created before trying again."""
 
@@ -74,12 +95,16 @@ def encode_payload(item: dict[str, Any]) -> bytes:
     """The journal payload of one record's fields; never raises for a dict of any values."""
     converted = item
     created = item.get('created_at')
-    if type(created) is datetime and created.tzinfo is not None:
+    if type(created) is datetime and (created.tzinfo is UTC or _aware(created)):
         # A float timestamp is much cheaper than `isoformat()`, and exact to the microsecond while doubles are
         # less than a microsecond apart: within 2**32 s of 1970 (1834 to 2106). Beyond, the exact text.
         converted = item.copy()
         stamp = created.timestamp()
         converted['created_at'] = stamp if -_EXACT_SECONDS < stamp < _EXACT_SECONDS else created.isoformat()
+    elif type(created) in _WRAPPED:
+        # A float the caller gave (milliseconds, say) is not one of our stamps: kept as given, marked so.
+        converted = item.copy()
+        converted['created_at'] = (_RAW, created)
     record_id = item.get('id')
     if type(record_id) is uuid.UUID:
         # Its 16 bytes: `str()` of a UUID costs `track()` ten times more. `decode_payload` turns them back.
@@ -124,8 +149,10 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
     record_id = fields.get('id')
     if type(record_id) is bytes and len(record_id) == 16:
         fields['id'] = uuid.UUID(bytes=record_id)  # as `encode_payload` stored it (16 bytes mean this to pydantic too)
-    created = fields.get('created_at')
-    if type(created) is float:
+    created: object = fields.get('created_at')
+    if _is_wrapped(created):
+        fields['created_at'] = created[1]
+    elif type(created) is float:
         try:
             fields['created_at'] = datetime.fromtimestamp(created, UTC)
         except (OverflowError, OSError, ValueError):

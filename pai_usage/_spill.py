@@ -196,11 +196,16 @@ class SpillDir:
     _file: Path | None = field(default=None, init=False)
     _dirty: bool = field(default=False, init=False)
     _rejected_fd: int | None = field(default=None, init=False)
-    _own: set[str] = field(default_factory=set[str], init=False)
+    _own: dict[str, int] = field(default_factory=dict[str, int], init=False)
+    """This process's files not replayed yet, by name, with the generation each was opened in."""
+    _generation: int = field(default=0, init=False)
+    _taken: set[int] = field(default_factory=set[int], init=False)
+    """Generations holding records other than `track()`'s overflow (a batch the writer took and spilled)."""
 
-    def append(self, lines: Iterable[bytes], *, sync: bool = True) -> None:
+    def append(self, lines: Iterable[bytes], *, sync: bool = True, overflow: bool = False) -> None:
         """Append encoded records to this process's file; with `sync`, fsync before returning.
 
+        `overflow` says they come straight from `track()` (the queue was full): see `own_pending`.
         Raises `OSError` when the disk refuses; then nothing of this call is left in the file.
         """
         data = b''.join(lines)
@@ -219,6 +224,8 @@ class SpillDir:
                     pass
                 raise
             self._dirty = True
+            if not overflow:
+                self._taken.add(self._generation)
         if sync:
             self.sync()
 
@@ -247,12 +254,24 @@ class SpillDir:
         """Whether this process has an open spill file (records appended since the last `rotate()`)."""
         return self._fd is not None
 
-    def own_pending(self) -> bool:
-        """Whether records this process spilled are still only on disk (in its open file, or not replayed yet)."""
+    def own_pending(self, upto: int | None = None) -> bool:
+        """Whether records this process spilled are still only on disk (in its open file, or not replayed yet).
+
+        With `upto` (an `own_mark()`), what `track()` spilled itself after the mark does not count: it is in later
+        files. Everything else does (what the writer spilled it took off its queue).
+        """
         with self._lock:
             if self._own:
-                self._own = {n for n in self._own if (self.path / n).exists()}
-            return self._fd is not None or bool(self._own)
+                self._own = {n: g for n, g in self._own.items() if (self.path / n).exists()}
+                self._taken &= set(self._own.values())
+            if upto is None:
+                return self._fd is not None or bool(self._own)
+            return any(g <= upto or g in self._taken for g in self._own.values())
+
+    def own_mark(self) -> int:
+        """A mark for `own_pending(upto=...)`: what this process has spilled so far is in files up to this one."""
+        with self._lock:
+            return self._generation
 
     def own_names(self) -> frozenset[str]:
         """The files this process spilled that are not replayed yet (its open file aside)."""
@@ -286,8 +305,7 @@ class SpillDir:
             if claimed is not None:
                 with self._lock:
                     if name in self._own:
-                        self._own.discard(name)
-                        self._own.add(claimed.path.name)
+                        self._own[claimed.path.name] = self._own.pop(name)
                 yield claimed
 
     def _claim(self, path: Path) -> ClaimedFile | None:
@@ -402,7 +420,8 @@ class SpillDir:
                     pass
         self._fd = self._rejected_fd = self._file = None
         self._dirty = False
-        self._own = set()
+        self._own = {}
+        self._taken = set()
 
     def _open(self) -> int:
         if self._fd is None:
@@ -415,7 +434,8 @@ class SpillDir:
             os.write(fd, json.dumps(header, default=str, separators=(',', ':')).encode() + b'\n')
             os.rename(hidden, file)
             self._fd, self._file = fd, file
-            self._own.add(file.name)
+            self._generation += 1
+            self._own[file.name] = self._generation
         return self._fd
 
 

@@ -10,6 +10,7 @@ Opt-in strict mode (`set_strict(True)` or `PAI_USAGE_STRICT=1`) raises them as e
 
 Mistakes found in the writer thread (an unpriced model) are held and reported on the caller's thread at its
 next `track()`, `flush()` or `close()`, so that warning filters and strict mode apply where the developer is.
+The capability's and the Gemini mixin's own records never report them: those calls never raise into a run.
 """
 
 from __future__ import annotations

@@ -111,6 +111,9 @@ class WriterStats:
 
 @dataclass(slots=True)
 class _Flush:
+    spilled: int | None = None
+    """`SpillDir.own_mark()` when `flush()` was called: what `track()` spills after it is not this flush's to wait
+    for (what the writer spills is: it took those records off the queue, ahead of the marker)."""
     done: threading.Event = field(default_factory=threading.Event)
     ok: bool = False
     """Set before `done`: whether everything put before the marker is in the database."""
@@ -475,7 +478,7 @@ class Writer:
             return self._settled_ok()
         if not thread.is_alive():
             return False  # the writer died: what is queued will never be written by it
-        marker = _Flush()
+        marker = _Flush(self.spill.own_mark() if self.spill is not None else None)
         self._queue.put(marker)
         self._batch_ready.set()
         self._wake.set()
@@ -511,12 +514,12 @@ class Writer:
         clean = self._close_files() and clean
         return clean and self._settled_ok()
 
-    def _settled_ok(self) -> bool:
+    def _settled_ok(self, spilled: int | None = None) -> bool:
         # A record lost once stays lost (or only in the journal, for the next start): every later answer says so,
         # as `close()` does. A loss before the call counts too: those records were tracked before it.
         with self._count_lock:
             lost = self._not_kept()
-        own = self.spill is not None and self.spill.own_pending()
+        own = self.spill is not None and self.spill.own_pending(spilled)
         return not lost and not own
 
     def _not_kept(self) -> int:
@@ -605,7 +608,7 @@ class Writer:
         """
         with self._count_lock:
             self.stats.overflowed += 1
-        self._spill_entries([(item, seg)], sync=False)
+        self._spill_entries([(item, seg)], sync=False, overflow=True)
 
     def sync_late(self) -> None:
         """Fsync and close the file of records tracked after `close()` (at exit, or on the next `close()`)."""
@@ -649,7 +652,7 @@ class Writer:
         for marker in markers:
             marker.done.set()
 
-    def _spill_entries(self, entries: Sequence[_Entry], *, sync: bool) -> None:
+    def _spill_entries(self, entries: Sequence[_Entry], *, sync: bool, overflow: bool = False) -> None:
         """Spill unvalidated entries (validated on replay), off the writer's batch path.
 
         Their journal entries are settled only once the spill file holds them.
@@ -664,7 +667,8 @@ class Writer:
                 except Exception as exc:
                     self._count_invalid(1, replay=False)
                     self._reject(item, f'cannot be encoded as JSON: {exc!r}')
-        if self._spill_lines(lines, sync=sync, journalled=_all_journalled(entries)) and self.journal is not None:
+        kept = self._spill_lines(lines, sync=sync, journalled=_all_journalled(entries), overflow=overflow)
+        if kept and self.journal is not None:
             self.journal.settle(_settle_counts(entries))
 
     # --- the writer thread ---
@@ -756,11 +760,15 @@ class Writer:
             self.journal.settle(_settle_counts(entries))
 
     def _answer(self, marker: _Flush) -> None:
-        """Probe at once and replay what this process spilled, then say whether everything is in."""
+        """Probe at once and replay what this process spilled, then say whether everything is in.
+
+        Everything put before the marker, that is: other threads may go on spilling meanwhile (a burst that
+        overflows the queue), and what they spill after `flush()` was called is not its to wait for.
+        """
         spill = self.spill
-        if spill is not None and spill.own_pending():
+        if spill is not None and spill.own_pending(marker.spilled):
             self._probe_now()
-        marker.ok = self._settled_ok()
+        marker.ok = self._settled_ok(marker.spilled)
         marker.done.set()
 
     def _probe_now(self) -> None:
@@ -1161,10 +1169,13 @@ class Writer:
         records[:] = kept  # the rejected ones are counted: never again
         return False
 
-    def _spill_lines(self, lines: list[bytes], *, sync: bool, journalled: bool, held: bool = False) -> bool:
+    def _spill_lines(
+        self, lines: list[bytes], *, sync: bool, journalled: bool, held: bool = False, overflow: bool = False
+    ) -> bool:
         """Append `lines` to the spill file; returns whether they were kept (else they are counted as lost).
 
         With `held`, a refusal is logged, not counted: the caller still holds the records, and retries.
+        `overflow`: records `track()` spilled itself (the queue was full), not taken from the queue by the writer.
         """
         if not lines:
             return True
@@ -1173,7 +1184,7 @@ class Writer:
                 self._count_lost(len(lines), RuntimeError('spilling is disabled'), journalled=journalled)
             return False
         try:
-            self.spill.append(lines, sync=sync)
+            self.spill.append(lines, sync=sync, overflow=overflow)
         except Exception as exc:
             if held:
                 _log.error(

@@ -543,13 +543,13 @@ class TrackUsage(AbstractCapability[Any]):
         if remainder is not None:
             # Which model spent it is unknown (an untracked sub-agent may use any): NULL model, and
             # pydantic-ai's cost of those requests when it had one, else unpriced.
-            run.tracker.track(**self._row(run, 'agent_run_remainder', remainder, None, None, status))
+            run.tracker._track(None, self._row(run, 'agent_run_remainder', remainder, None, None, status))  # pyright: ignore[reportPrivateUsage]
         if error is not None:
             fields = self._row(run, 'agent_run', RequestUsage(), None, None, 'error')
             fields['metadata'] = {**fields.get('metadata', {}), 'error_type': type(error).__name__}
             fields['cost_usd'] = Decimal(0)
             fields['pricing_status'] = 'priced'
-            run.tracker.track(**fields)
+            run.tracker._track(None, fields)  # pyright: ignore[reportPrivateUsage]
 
     def _first_time(self, run: _Run, obj: object) -> bool:
         key = id(obj)
@@ -592,7 +592,7 @@ class TrackUsage(AbstractCapability[Any]):
             extra['response_state'] = response.state  # e.g. `interrupted`: a stream stopped early
         if extra:
             fields['metadata'] = {**fields.get('metadata', {}), **extra}
-        run.tracker.track(**fields)
+        run.tracker._track(None, fields)  # pyright: ignore[reportPrivateUsage]
         _add(run.shared.recorded, usage)
 
     def _record_cut(
@@ -612,7 +612,7 @@ class TrackUsage(AbstractCapability[Any]):
         fields['created_at'] = _aware(attempt.timestamp)
         fields['duration_ms'] = max(round(attempt.duration.total_seconds() * 1000), 0)
         fields['metadata'] = {**fields.get('metadata', {}), **extra}
-        run.tracker.track(**fields)
+        run.tracker._track(None, fields)  # pyright: ignore[reportPrivateUsage]
         if attempt.usage is not None:
             _add(run.shared.recorded, attempt.usage)
 

@@ -18,6 +18,7 @@ from uuid import UUID
 import sqlalchemy as sa
 
 from ._format import exact_usd, format_usd
+from .record import label_filter
 from .summary import UsageSummary
 from .table import TOKEN_USAGE
 from .usage import TOKEN_BUCKETS
@@ -72,10 +73,13 @@ def export_rows(
 ) -> Generator[dict[str, Any]]:
     """Yield the rows with `start <= created_at < end`, oldest first, as dicts of `EXPORT_COLUMNS`.
 
-    Streams with a server-side cursor (PostgreSQL) in batches of `batch_size`; filters are bound parameters.
+    Streams with a server-side cursor (PostgreSQL) in batches of `batch_size`; filters are bound parameters, ids
+    matched as the ledger stores them (`normalize_label`).
     """
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError('start and end must be timezone-aware')
+    organization_id = label_filter(organization_id, 'organization_id')
+    user_id = label_filter(user_id, 'user_id')
     t = TOKEN_USAGE
     stmt = sa.select(t).where(t.c.created_at >= start, t.c.created_at < end).order_by(t.c.created_at, t.c.id)
     if organization_id is not None:

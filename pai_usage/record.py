@@ -86,6 +86,19 @@ def normalize_label(value: object) -> str | None:
     return text
 
 
+def label_filter(value: object, name: str) -> str | None:
+    """A filter on a label column, as the ledger stores labels (`normalize_label`); None filters nothing.
+
+    Raises `ValueError` for a value that stores as no label at all (blank), which no filter can mean.
+    """
+    if value is None:
+        return None
+    label = normalize_label(value)
+    if label is None:
+        raise ValueError(f'{name} {value!r} is blank: the ledger stores no such {name}')
+    return label
+
+
 _Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]
 # Labels are normalised, never refused: a billing row must not be lost for an odd user id or model name.
 _Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_LENGTH)]
@@ -308,7 +321,12 @@ class UsageRecord(BaseModel):
     @field_validator('created_at')
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
+        try:
+            # Naive as Python sees it: no tzinfo, or one that gives no offset.
+            naive = value.utcoffset() is None
+        except Exception as exc:  # a tzinfo whose `utcoffset` raises
+            raise ValueError(f'has a time zone that fails: {type(exc).__name__}') from None
+        if naive:
             raise ValueError('must be timezone-aware')
         try:
             value = value.astimezone(UTC)

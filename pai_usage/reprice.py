@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .pricing import PriceTable, price_fields
+from .record import label_filter
 from .table import COST_SCALE, REPRICE_AUDIT, TOKEN_USAGE, TokenUsageReprice
 from .usage import TOKEN_BUCKETS
 
@@ -85,9 +86,9 @@ def _rows(
     query = sa.select(TOKEN_USAGE).where(TOKEN_USAGE.c.created_at >= since).order_by(TOKEN_USAGE.c.created_at)
     if until is not None:
         query = query.where(TOKEN_USAGE.c.created_at < until)
-    if organization_id is not None:
+    if (organization_id := label_filter(organization_id, 'organization_id')) is not None:
         query = query.where(TOKEN_USAGE.c.organization_id == organization_id)
-    if model is not None:
+    if (model := label_filter(model, 'model')) is not None:
         query = query.where(TOKEN_USAGE.c.model == model)
     for row in conn.execution_options(yield_per=_BATCH).execute(query).mappings():
         yield dict(row)

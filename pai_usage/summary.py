@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 import sqlalchemy as sa
 
+from .record import label_filter
 from .table import TOKEN_USAGE as _t
 from .table import cost_sum
 from .usage import TOKEN_BUCKETS
@@ -130,7 +131,8 @@ def query_summary(
 ) -> UsageSummary:
     """Sum the ledger over `[start, end)`, grouped by `group_by`. All values are bound parameters.
 
-    Raises `ValueError` for an unknown dimension or naive datetimes.
+    Ids are matched as the ledger stores them (`normalize_label`). Raises `ValueError` for an unknown dimension,
+    naive datetimes or a blank id.
     """
     group_by = tuple(dict.fromkeys(group_by))
     unknown = [g for g in group_by if g not in GROUP_BY_DIMENSIONS]
@@ -138,6 +140,9 @@ def query_summary(
         raise ValueError(f'cannot group by {unknown!r}; choose from {", ".join(GROUP_BY_DIMENSIONS)}')
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError('start and end must be timezone-aware')
+    # As the ledger stores ids: a lookup by the id the app passed to `track()` finds its rows.
+    organization_id = label_filter(organization_id, 'organization_id')
+    user_id = label_filter(user_id, 'user_id')
     from .rollup import rollup_summary  # here, not at the top: `rollup` imports this module
 
     fast = (

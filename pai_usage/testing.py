@@ -136,8 +136,6 @@ class UsageLedger:
         writer = getattr(tracker, '_writer', None)
         record = _price(record, getattr(writer, 'price_table', None))
         self.records.append(record)
-        if has_pending():  # an unpriced model, found just now
-            emit_pending(stacklevel=4)
         for listener in getattr(writer, 'listeners', ()):
             listener(record)
 
@@ -189,9 +187,12 @@ class _Capture:
         _active.append(self.ledger)
         return self.ledger
 
-    def __exit__(self, *_: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         _tracker._sink = self._previous  # pyright: ignore[reportPrivateUsage]
         _active.remove(self.ledger)
+        # What the capability found (an unpriced model) is reported here at the latest: its own calls never raise.
+        if exc_type is None and has_pending():
+            emit_pending(stacklevel=2)
 
 
 def assert_every_request_recorded(result: Any, ledger: UsageLedger | None = None) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy.pool import StaticPool
 from ._journal import Journal
 from ._log import RateLimitedLog
 from ._spill import SpillDir, default_spill_dir
-from ._warnings import PaiUsageWarning, UnknownFieldWarning, emit_pending, has_pending, warn_once
+from ._warnings import UnknownFieldWarning, emit_pending, has_pending, warn_once
 from ._writer import Writer, WriterStats
 from .migrate import migrate
 from .pricing import PriceTable
@@ -364,33 +364,48 @@ class UsageTracker:
         Field names `UsageRecord` does not have are dropped, values unseen, with an `UnknownFieldWarning`
         (raised in strict mode, see `pai_usage.set_strict`).
         """
+        unknown = self._track(record, fields)
+        # Warnings last: in strict mode they raise, and by then the record is in. A mistake fails the call that
+        # made it (or, for a warning the writer held, the next one), never at the cost of a billing row.
+        if unknown:
+            _warn_unknown_fields(unknown)
+        if has_pending():
+            emit_pending(stacklevel=2)
+
+    def _track(self, record: UsageRecord | Mapping[str, Any] | None, fields: dict[str, Any]) -> list[str] | None:
+        """`track()` without its warnings (the capability's and the Gemini mixin's calls must never raise).
+
+        Returns the unknown field names it dropped, if any.
+        """
         if not (_enabled if _enabled is not None else self._enabled_by_env):
             with self._disabled_lock:
                 self._disabled += 1
-            return
-        if has_pending():
-            emit_pending(stacklevel=2)
+            return None
+        unknown: list[str] | None = None
         try:
             if record is None:
-                item: UsageRecord | dict[str, Any] = fields
+                item = fields
             elif isinstance(record, UsageRecord):
-                # `model_copy(update=...)` would skip validation: overrides are validated with the rest.
-                item = {**dict(record), **fields} if fields else record
+                # Validated again with the rest, never trusted as built: a record's fields can be set after
+                # validation (no `validate_assignment`) or skip it (`model_construct`), and a NaN cost or a NUL
+                # byte must not reach the table. `model_copy(update=...)` would skip validation of overrides too.
+                item = {**record.__dict__, **fields}
             elif not isinstance(record, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
                 # Not a record at all: invalid input (like a record validation rejects), not a lost record.
                 self._writer.count_invalid_input()
                 _log.error('track-input', 'pai-usage: track() got a %s, not a usage record', type(record).__name__)
-                return
+                return None
             else:
                 item = {**record, **fields}
-            if isinstance(item, dict):
-                if not _RECORD_FIELDS.issuperset(item):
-                    item = _drop_unknown_fields(item)
-                # Identity and time are fixed now, so a retried or replayed record is the same event.
-                if 'id' not in item:
-                    item['id'] = new_id()
-                if 'created_at' not in item:
-                    item['created_at'] = datetime.now(UTC)
+            if not _RECORD_FIELDS.issuperset(item):
+                # Only the names are kept: a mistaken `prompt=` must never reach a log, the spill file or the database.
+                unknown = sorted(k for k in item if k not in _RECORD_FIELDS)
+                item = {k: v for k, v in item.items() if k in _RECORD_FIELDS}
+            # Identity and time are fixed now, so a retried or replayed record is the same event.
+            if 'id' not in item:
+                item['id'] = new_id()
+            if 'created_at' not in item:
+                item['created_at'] = datetime.now(UTC)
             for observer in self._observers:
                 # Budgets count spend here, at settle, before the writer has the row (see `add_observer`).
                 try:
@@ -406,11 +421,10 @@ class UsageTracker:
                 self._writer.spill_now(item, closed=True)
             else:
                 self._writer.put(item)
-        except PaiUsageWarning:
-            raise  # a developer mistake, raised because strict mode or a warning filter asks for it
         except Exception as exc:
             self._writer.count_dropped()
             _log.error('track', 'pai-usage: could not track a usage record: %r', exc)
+        return unknown
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until every record tracked so far is in the database.
@@ -557,9 +571,7 @@ class UsageTracker:
         return f'UsageTracker({self.engine.url.render_as_string(hide_password=True)!r})'
 
 
-def _drop_unknown_fields(item: dict[str, Any]) -> dict[str, Any]:
-    # Only the names are reported: a mistaken `prompt=` must never reach a log, the spill file or the database.
-    unknown = sorted(k for k in item if k not in _RECORD_FIELDS)
+def _warn_unknown_fields(unknown: list[str]) -> None:
     warn_once(
         f'unknown-field:{",".join(unknown)}',
         f'pai-usage: `track()` got unknown field(s) {", ".join(f"`{k}`" for k in unknown)}; their values were '
@@ -567,7 +579,6 @@ def _drop_unknown_fields(item: dict[str, Any]) -> dict[str, Any]:
         UnknownFieldWarning,
         stacklevel=3,
     )
-    return {k: v for k, v in item.items() if k in _RECORD_FIELDS}
 
 
 _live_trackers: weakref.WeakSet[UsageTracker] = weakref.WeakSet()

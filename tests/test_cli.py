@@ -132,6 +132,23 @@ def test_summary_json_agrees_with_sql(populated: UsageTracker, capsys: pytest.Ca
     assert (mystery['organization'], mystery['cost_usd'], mystery['unpriced_events']) == ('acme', None, 1)
 
 
+@pytest.mark.parametrize('command', ['summary', 'export'])
+def test_org_is_matched_as_the_ledger_stores_it(
+    populated: UsageTracker, capsys: pytest.CaptureFixture[str], command: str
+):
+    url = populated.engine.url.render_as_string(False)
+    code, out, _ = _run(capsys, command, '--database-url', url, '--format', 'json' if command == 'summary' else 'jsonl',
+                        '--org', ' glob\x00ex ')  # fmt: skip
+    assert code == 0
+    if command == 'summary':
+        assert json.loads(out)['events'] == 2
+    else:
+        assert len(out.splitlines()) == 2
+    code, out, err = _run(capsys, command, '--database-url', url, '--org', '   ')
+    assert (code, out) == (2, '')
+    assert "argument --org: '   ' is blank" in err
+
+
 def test_summary_json_cost_matches_genai_prices(populated: UsageTracker, capsys: pytest.CaptureFixture[str]):
     code, out, _ = _run(capsys, 'summary', '--database-url', populated.engine.url.render_as_string(False),
                         '--format', 'json', '--org', 'globex')  # fmt: skip

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -54,6 +54,47 @@ def test_payload_round_trips_through_validation(created_at: datetime) -> None:
         fields['units'],
     )
     assert record.metadata == {'when': '2026-01-01 00:00:00+00:00', 'c': {'self': '<cycle>'}}
+
+
+class _NoOffset(tzinfo):
+    """A tzinfo that gives no offset: naive, as Python sees it."""
+
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+
+def _outcome(fields: dict[str, Any]) -> tuple[str, object]:
+    try:
+        return 'valid', UsageRecord.model_validate(fields).created_at
+    except ValueError as exc:
+        return 'invalid', type(exc).__name__
+
+
+@pytest.mark.parametrize(
+    'created_at',
+    [
+        1.7e12,  # milliseconds, as pydantic reads a large number
+        1.7e9,
+        1_700_000_000_000,
+        '2026-01-01T00:00:00Z',
+        ('as-given', 5.0),
+        ['as-given', 5.0],
+        (1, 2),
+        datetime(2026, 1, 1),
+        datetime(2026, 1, 1, tzinfo=_NoOffset()),
+        datetime(2026, 1, 1, tzinfo=UTC),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize('kind', [b'm', b'j'], ids=['marshal', 'json'])
+def test_a_journalled_time_validates_as_the_one_given(created_at: object, kind: bytes) -> None:
+    """Replay from the journal accepts and refuses exactly what the live path does."""
+    fields: dict[str, Any] = {'provider': 'openai', 'created_at': created_at}
+    if kind == b'j':
+        fields['user_id'] = Fraction(1, 3)  # a value `marshal` refuses outside metadata: the JSON payload
+    payload = encode_payload(fields)
+    assert payload[:1] == kind or type(created_at) is datetime  # `marshal` has no datetime: a naive one is JSON
+    assert _outcome(decode_payload(payload)) == _outcome(fields)
 
 
 @pytest.mark.parametrize(

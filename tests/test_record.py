@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
 from typing import Any
 
@@ -14,6 +14,16 @@ from pydantic import ValidationError
 from pai_usage import UsageRecord, UsageTracker
 from pai_usage.record import MAX_COST_USD, MAX_METADATA_BYTES, MAX_TOKENS, MAX_UNITS, normalize_label
 from tests._helpers import token_usage_rows
+
+
+class _NoOffset(tzinfo):
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+
+class _FailingZone(tzinfo):
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        raise RuntimeError('no zone data')
 
 
 @pytest.mark.parametrize(
@@ -38,6 +48,15 @@ from tests._helpers import token_usage_rows
         pytest.param({'units': Decimal(-1)}, 'units', 'greater than or equal to 0', id='negative-units'),
         pytest.param({'units': MAX_UNITS * 2}, 'units', 'less than or equal to', id='absurd-units'),
         pytest.param({'created_at': datetime(2026, 1, 1)}, 'created_at', 'timezone-aware', id='naive-datetime'),
+        pytest.param(
+            {'created_at': datetime(2026, 1, 1, tzinfo=_NoOffset())}, 'created_at', 'timezone-aware', id='no-offset'
+        ),
+        pytest.param(
+            {'created_at': datetime(2026, 1, 1, tzinfo=_FailingZone())},
+            'created_at',
+            'time zone that fails',
+            id='bad-tz',
+        ),
         pytest.param(
             {'created_at': datetime.max.replace(tzinfo=timezone(timedelta(hours=-5)))},
             'created_at',

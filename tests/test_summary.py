@@ -12,6 +12,7 @@ from itertools import cycle, islice
 import pytest
 
 from pai_usage import UsageRecord, UsageSummary, UsageTracker
+from pai_usage.export import export_rows
 from pai_usage.summary import (
     GROUP_BY_DIMENSIONS,
     GroupBy,
@@ -268,6 +269,42 @@ def test_query_summary_rejects_bad_arguments(tracker: UsageTracker):
         query_summary(tracker.engine, datetime(2026, 1, 1), _at(2026, 2, 1))
     with pytest.raises(ValueError, match=r"cannot group by \['week'\]"):
         query_summary(tracker.engine, *EVERYTHING, group_by=('week',))  # type: ignore[arg-type]
+
+
+ODD_IDS = [' spaced ', 'ab\x00c', 'x\ud800y', 'o' * 300, 12345]
+
+
+@pytest.mark.parametrize('raw_id', ODD_IDS, ids=['spaces', 'nul', 'surrogate', 'long', 'int'])
+@pytest.mark.parametrize('group_by', [('model',), ('user',)], ids=['rollup', 'raw'])
+def test_a_lookup_by_the_id_given_finds_what_the_ledger_stored(
+    tracker: UsageTracker, raw_id: object, group_by: tuple[GroupBy, ...]
+):
+    """Summaries match ids as the ledger stores them, as budgets do: the app asks with the id it tracked."""
+    day = _at(2026, 3, 2)
+    for i in range(2):
+        tracker.track(
+            organization_id=raw_id,
+            user_id=raw_id,
+            provider='openai',
+            model='gpt-4o',
+            input_tokens=100 + i,
+            created_at=day,
+        )
+    tracker.track(
+        organization_id='other', user_id='other', provider='openai', model='gpt-4o', input_tokens=1, created_at=day
+    )
+    assert tracker.flush()
+    span = (_at(2026, 3, 1), _at(2026, 4, 1))
+    for filters in ({'organization_id': raw_id}, {'user_id': raw_id}):
+        summary = query_summary(tracker.engine, *span, group_by=group_by, **filters)  # pyright: ignore[reportArgumentType]
+        assert summary.totals.events == 2, filters
+        assert summary.totals.input_tokens == 201
+    assert len(list(export_rows(tracker.engine, *span, organization_id=raw_id))) == 2  # pyright: ignore[reportArgumentType]
+
+
+def test_a_blank_id_is_a_clear_error(tracker: UsageTracker):
+    with pytest.raises(ValueError, match=r"organization_id '   ' is blank"):
+        query_summary(tracker.engine, *EVERYTHING, organization_id='   ')
 
 
 def test_many_small_costs_sum_exactly(tracker: UsageTracker):

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import genai_prices
 import pytest
 
 import pai_usage.tracker as tracker_module
 from pai_usage import TrackerStats, UnknownFieldWarning, UsageRecord, UsageTracker, configure, get_tracker
+from tests._helpers import token_usage_rows
 from tests._pgproxy import pg_proxy, via_proxy
 from tests.conftest import PG_SERVER_URL
-from tests.test_writer import FAST, event, rows, wait_until
+from tests.test_writer import FAST, event, ids_in_table, rows, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -39,6 +45,57 @@ def test_track_never_raises(tracker: UsageTracker) -> None:
     assert (stats.dropped, stats.invalid) == (0, 1), 'not a record: invalid input, not a lost record'
     assert stats.written == 1
     assert stats.pending == 0
+
+
+_BASE = {'provider': 'openai', 'model': 'gpt-4o', 'input_tokens': 10, 'output_tokens': 5}
+_NAIVE = datetime(2026, 12, 1, 12)
+
+
+@pytest.mark.parametrize(
+    ('changes', 'stored'),
+    [
+        pytest.param({'cost_usd': Decimal('NaN'), 'pricing_status': 'priced'}, None, id='nan-cost'),
+        pytest.param({'cost_usd': Decimal(-5), 'pricing_status': 'priced'}, None, id='negative-cost'),
+        pytest.param({'input_tokens': -1000}, None, id='negative-tokens'),
+        pytest.param({'output_tokens': '5'}, None, id='text-tokens'),
+        pytest.param({'created_at': _NAIVE}, None, id='naive-time'),
+        pytest.param({'organization_id': 'ac\x00me'}, {'organization_id': 'acme'}, id='nul-in-label'),
+        pytest.param({'user_id': 'u\ud800'}, {'user_id': 'u\ufffd'}, id='lone-surrogate'),
+        pytest.param({'metadata': {'k': 'v\x00'}}, {'organization_id': 'acme'}, id='nul-in-metadata'),
+    ],
+)
+@pytest.mark.parametrize('build', ['assigned', 'constructed'])
+def test_a_record_instance_is_validated_like_its_fields(
+    tracker: UsageTracker, changes: dict[str, Any], stored: dict[str, Any] | None, build: str
+) -> None:
+    """A `UsageRecord` whose fields were set after validation, or never validated, is not trusted as built."""
+    if build == 'assigned':
+        record = UsageRecord(**_BASE, organization_id='acme')
+        for name, value in changes.items():
+            setattr(record, name, value)
+    else:
+        record = UsageRecord.model_construct(**{**_BASE, 'organization_id': 'acme', **changes})
+    neighbours = [event(i) for i in range(2)]
+    tracker.track(neighbours[0])
+    tracker.track(record)
+    tracker.track(neighbours[1])
+    assert tracker.flush()
+    stats = tracker.stats()
+    found = token_usage_rows(tracker.engine)
+    assert {str(r['id']) for r in found} >= {str(e['id']) for e in neighbours}
+    ours = [r for r in found if str(r['id']) == str(record.id)]
+    if stored is None:
+        assert (ours, stats.invalid) == ([], 1)  # rejected, as the same fields given to `track()` are
+    else:
+        assert stats.invalid == 0
+        [row] = ours
+        assert {k: row[k] for k in stored} == stored
+        assert (
+            row['cost_usd']
+            == genai_prices.calc_price(
+                genai_prices.Usage(input_tokens=10, output_tokens=5), 'gpt-4o', provider_id='openai'
+            ).total_price
+        )
 
 
 async def test_async_context_manager(database_url: str, tmp_path: Path) -> None:
@@ -167,6 +224,44 @@ def test_queue_full_goes_to_disk_and_back(sqlite_url: str, tmp_path: Path) -> No
     assert stats.replayed == stats.spilled
     assert stats.enqueued == 5000
     assert rows(sqlite_url) == (5000, 5000)
+
+
+@pytest.mark.parametrize('max_queue', [200, None], ids=['small-queue', 'default-queue'])
+def test_flush_answers_for_what_was_tracked_before_it_while_others_overflow(
+    database_url: str, tmp_path: Path, max_queue: int | None
+) -> None:
+    """Producer threads keep spilling past `max_queue`: each flush waits for its own records, not for theirs."""
+    options: dict[str, Any] = {} if max_queue is None else {'max_queue': max_queue}
+    tracker = UsageTracker(database_url, spill_dir=tmp_path, **options)
+    tracked: list[list[str]] = [[] for _ in range(3)]
+
+    def produce(ids: list[str]) -> None:
+        for _ in range(3):
+            for _ in range(4000):  # bursts: three at once overflow even the default queue
+                record = event(len(ids))
+                tracker.track(record)
+                ids.append(str(record['id']))
+            time.sleep(0.3)
+
+    threads = [threading.Thread(target=produce, args=(ids,)) for ids in tracked]
+    for thread in threads:
+        thread.start()
+    answers: list[tuple[bool, int]] = []
+    try:
+        for _ in range(3):
+            time.sleep(0.4)
+            before = [ids[: len(ids)] for ids in tracked]
+            answered = tracker.flush(60)
+            present = ids_in_table(database_url)
+            answers.append((answered, sum(i not in present for ids in before for i in ids)))
+    finally:
+        for thread in threads:
+            thread.join()
+    assert tracker.close(60)
+    tracker.engine.dispose()
+    assert tracker.stats().spilled > 0  # the producers did overflow the queue
+    assert answers == [(True, 0)] * 3
+    assert rows(database_url) == (sum(map(len, tracked)),) * 2
 
 
 def test_new_ids_are_unique_time_ordered_uuid7() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,8 +95,36 @@ def test_strict_mode_raises(sqlite_tracker: UsageTracker, monkeypatch: pytest.Mo
         monkeypatch.setenv('PAI_USAGE_STRICT', '1')
     with pytest.raises(UnknownFieldWarning, match='inputtokens'):
         sqlite_tracker.track(model='gpt-4o', inputtokens=5)
-    assert sqlite_tracker.stats().enqueued == 0
-    assert sqlite_tracker.stats().dropped == 0  # a raised mistake is not a lost record
+    # The call fails, but the billing row is kept, without the unknown field: a mistake never costs a record.
+    assert sqlite_tracker.flush()
+    assert sqlite_tracker.stats().written == 1
+    assert sqlite_tracker.stats().dropped == 0
+
+
+@pytest.mark.parametrize('how', ['strict', 'error-filter'])
+@pytest.mark.anyio
+async def test_a_held_warning_never_costs_another_record(sqlite_tracker: UsageTracker, how: str):
+    """The writer's warning about one record surfaces at a later call, which still records its own row."""
+    if how == 'strict':
+        set_strict(True)
+    agent = Agent(FunctionModel(_reply, model_name='gpt-4o'), capabilities=[TrackUsage(tracker=sqlite_tracker)])
+    with warnings.catch_warnings():
+        if how == 'error-filter':
+            warnings.simplefilter('error', PaiUsageWarning)
+        sqlite_tracker.track(provider='acme', model='my-private-model', input_tokens=10)
+        deadline = time.monotonic() + 10
+        while sqlite_tracker.stats().written < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # priced (unpriced, and the warning held) in the writer thread
+        for _ in range(3):  # the capability's rows: its calls never raise into the run
+            await agent.run('hi', deps=UsageDeps(user_id='u1', organization_id='acme'))
+        with pytest.raises(UnpricedModelWarning, match='my-private-model'):
+            sqlite_tracker.track(provider='openai', model='gpt-4o', input_tokens=7)  # the next call of ours
+        sqlite_tracker.track(provider='openai', model='gpt-4o', input_tokens=8)
+        assert sqlite_tracker.flush()
+    rows = token_usage_rows(sqlite_tracker.engine)
+    assert sorted(r['input_tokens'] for r in rows if r['model'] == 'gpt-4o' and r['source'] == 'direct') == [7, 8]
+    assert len([r for r in rows if r['operation'] == 'agent_request']) == 3
+    assert sqlite_tracker.stats().dropped == 0
 
 
 def _reply(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:

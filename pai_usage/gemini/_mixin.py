@@ -339,7 +339,7 @@ class GeminiUsageMixin:
                 fields['units'] = Decimal(units or 0)
                 fields['unit_type'] = unit_type
             fields['metadata'] = meta
-            who.tracker.track(**fields)
+            who.tracker._track(None, fields)  # pyright: ignore[reportPrivateUsage]
         except Exception as exc:
             _tracking_failed(exc)
             return
