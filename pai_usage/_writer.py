@@ -45,7 +45,7 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 
-from ._journal import Journal, Segment
+from ._journal import Journal, Segment, read_hint
 from ._log import RateLimitedLog
 from ._spill import SpillDir, encode, encode_lenient, encode_rejected
 from ._validate import fields_many, record_from_fields
@@ -278,6 +278,11 @@ _Entry = tuple[Any, Segment | None]
 _PROBE_CAP = 1.0
 """Longest gap between two probes of a database that is down: replay starts within a second of its return."""
 _FIELDS = tuple(UsageRecord.model_fields)
+
+
+def _same_names(target: Mapping[str, Any], ours: Mapping[str, Any]) -> bool:
+    """Whether a spill directory's target names our database and schema (perhaps on another server)."""
+    return target.get('database') == ours.get('database') and target.get('schema') == ours.get('schema')
 
 
 def _is_unique_violation(exc: BaseException) -> bool:
@@ -1077,9 +1082,9 @@ class Writer:
                 continue
             target: object = cast('dict[str, Any]', header).get('target') if isinstance(header, dict) else None
             if isinstance(target, dict):
-                t = cast('dict[str, Any]', target)
-                return t.get('database') == ours.get('database') and t.get('schema') == ours.get('schema')
-        return False
+                return _same_names(cast('dict[str, Any]', target), ours)
+        hint = read_hint(other.path)  # only journal segments: they name no target, the hint beside them does
+        return hint is not None and _same_names(hint, ours)
 
     def _sibling_dirs(self) -> list[SpillDir]:
         return [s for s in self._siblings if s.pending()]

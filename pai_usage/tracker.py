@@ -334,7 +334,9 @@ class UsageTracker:
             spill_after=spill_after,
             max_queue=max_queue,
             spill=spill_dir_,
-            journal=Journal(spill_dir_.path) if spill_dir_ is not None and durability == 'journal' else None,
+            journal=Journal(spill_dir_.path, target=spill_dir_.target)
+            if spill_dir_ is not None and durability == 'journal'
+            else None,
             identity=_identity,
         )
         self.durability: Durability = durability if spill_dir_ is not None else 'memory'

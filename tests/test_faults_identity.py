@@ -8,6 +8,8 @@ spilled record must still reach the table, once.
 
 from __future__ import annotations
 
+import logging
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,16 @@ from urllib.parse import quote
 import pytest
 import sqlalchemy as sa
 
-from tests._faults import FAST, assert_exactly_once, billing, open_tracker, table_ids, track_all, wait_for_rows
+from tests._faults import (
+    FAST,
+    assert_exactly_once,
+    billing,
+    open_tracker,
+    spawn,
+    table_ids,
+    track_all,
+    wait_for_rows,
+)
 from tests._pgproxy import pg_proxy, via_proxy
 from tests.conftest import PG_SERVER_URL
 
@@ -120,3 +131,37 @@ def test_records_for_another_database_under_the_same_url_are_never_replayed_into
             conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS {second_schema} CASCADE')
             conn.exec_driver_sql(f'DROP ROLE IF EXISTS {role}')
         admin.dispose()
+
+
+WRONG_PORT_CHILD = """
+import os, signal, sys
+from pai_usage import UsageTracker
+
+url, spill_dir = sys.argv[1:]
+tracker = UsageTracker(url, spill_dir=spill_dir)  # the default `spill_after`: the records stay in the journal
+for i in range(300):
+    tracker.track(provider='openai', model='gpt-4o', organization_id='org-stranded', input_tokens=i + 1)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_journal_for_the_same_database_under_a_key_that_never_connected_is_warned_about(
+    pg_schema_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process that never reached its database (a wrong port) leaves only journal segments, which name no
+    server: the next tracker of a database of that name says they wait, and leaves them alone."""
+    spill = tmp_path / 'spill'
+    with pg_proxy(PG_SERVER_URL) as dead:
+        dead.cut()
+        wrong = via_proxy(pg_schema_url, dead)
+        child = spawn(WRONG_PORT_CHILD, wrong, str(spill), log=tmp_path / 'child.log')
+        assert child.wait(60) == -signal.SIGKILL, (tmp_path / 'child.log').read_text()[-2000:]
+    assert [p.name for p in spill.rglob('journal-*.bin')], 'the child left no journal'
+    caplog.set_level(logging.WARNING, logger='pai_usage')
+    with open_tracker(pg_schema_url, spill_dir=spill) as tracker:
+        assert tracker.flush(timeout=30)
+        assert tracker.stats().replayed == 0  # not this key's: another server may hold a database of that name
+    warned = [r.getMessage() for r in caplog.records if 'may be for this database' in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert str(next(spill.rglob('journal-*.bin')).parent) in warned[0]
+    assert table_ids(pg_schema_url) == {}

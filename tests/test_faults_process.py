@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from pai_usage import UsageTracker
+from pai_usage._journal import TARGET_HINT_FILE
+from pai_usage._spill import TARGET_FILE
 from tests._faults import (
     FAST,
     assert_exactly_once,
@@ -114,7 +116,10 @@ print('done', flush=True)
 
 
 def _files(root: Path) -> set[Path]:
-    return {p for p in root.rglob('*') if p.is_file()} if root.exists() else set()
+    """The files that hold records (not the notes of what a directory is for: `target.json`, `target-hint.json`)."""
+    if not root.exists():
+        return set()
+    return {p for p in root.rglob('*') if p.is_file() and p.name not in (TARGET_FILE, TARGET_HINT_FILE)}
 
 
 def test_track_after_close_uses_one_file_and_replays(pg_schema_url: str, tmp_path: Path) -> None:
