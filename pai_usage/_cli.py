@@ -573,7 +573,10 @@ def _parse_moment(option: str, value: str) -> tuple[datetime, bool]:
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise _Fail(f'{option}: {value!r} is not a date (YYYY-MM-DD) or an ISO datetime') from None
-    return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)), False
+    try:
+        return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)), False
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00: before the first moment a datetime holds in UTC
+        raise _Fail(f'{option}: {value!r} is out of range') from None
 
 
 def _time_range(since: str | None, until: str | None, *, now: datetime) -> tuple[datetime, datetime]:
@@ -582,17 +585,24 @@ def _time_range(since: str | None, until: str | None, *, now: datetime) -> tuple
 
     month_start, month_end = month_bounds(now)
     end = month_end
-    if until is not None:
-        end, is_date = _parse_moment('--until', until)
-        if is_date:
-            end += timedelta(days=1)
-    if since is not None:
-        start, _ = _parse_moment('--since', since)
-    else:
-        start = month_start if until is None else month_bounds(end - timedelta(microseconds=1))[0]
-    if start >= end:
-        raise _Fail(f'the range is empty: --since {start.isoformat()} is not before the end {end.isoformat()}')
+    try:
+        if until is not None:
+            end, is_date = _parse_moment('--until', until)
+            if is_date:
+                end += timedelta(days=1)
+        if since is not None:
+            start, _ = _parse_moment('--since', since)
+        else:
+            start = month_start if until is None else month_bounds(end - timedelta(microseconds=1))[0]
+    except OverflowError:  # the day or month after 9999-12-31
+        raise _Fail(f'--until: {until!r} is out of range (the last day a range can end on is 9999-12-30)') from None
+    _check_range(start, end)
     return start, end
+
+
+def _check_range(start: datetime, end: datetime | None) -> None:
+    if end is not None and start >= end:
+        raise _Fail(f'the range is empty: --since {start.isoformat()} is not before the end {end.isoformat()}')
 
 
 def _known_cost(totals: UsageTotals) -> str | None:
@@ -1011,13 +1021,18 @@ def _reprice(args: argparse.Namespace) -> int:
     # `--until` is exclusive here, a date or a moment: unlike `summary`'s, a bare date is not widened to its end.
     since, _ = _parse_moment('--since', args.since)
     until = _parse_moment('--until', args.until)[0] if args.until is not None else None
+    _check_range(since, until)
     try:
         table = get_price_table()
     except ValueError as exc:
         raise _Fail(str(exc)) from None
     engine, shown = _open(args.database_url, must_exist=True)
     try:
-        migrate(engine)  # the rows are read with today's columns (`service_tier`, migration 0003)
+        _require_ledger(engine, shown, args.database_url, 'reprice')
+        if args.apply:
+            # The rows are read with today's columns (`service_tier`, migration 0003) and the changes logged in
+            # `token_usage_reprice`: an older ledger is brought up to date first. A dry run changes nothing.
+            migrate(engine)
         result = reprice(
             engine, since=since, until=until, organization_id=args.org, model=args.model, apply=args.apply, table=table
         )

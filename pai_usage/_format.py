@@ -22,6 +22,7 @@ __all__ = (
     'format_usd',
     'natural_key',
     'render_table',
+    'visible',
 )
 
 USD_PLACES = 4
@@ -56,6 +57,16 @@ def abbreviate_count(value: int) -> str:
         scaled = value / scales[index][0]
     text = f'{scaled:.3g}' if abs(scaled) < 999.5 else f'{scaled:,.0f}'
     return f'{text}{scales[index][1]}'
+
+
+def visible(text: str) -> str:
+    r"""`text` safe for a terminal: what does not print as its escape (`\x1b`, `\n`, `\u202e`).
+
+    A label then never moves the cursor, recolours the screen or forges a line of the table.
+    """
+    if text.isprintable():
+        return text
+    return ''.join(c if c.isprintable() else c.encode('unicode_escape').decode('ascii') for c in text)
 
 
 def fit_label(text: str, width: int) -> str:
@@ -95,6 +106,7 @@ def render_table(
     and their cells are cut with `fit_label`; a table that still does not fit is cut at `max_width`.
     """
     count = len(headers)
+    rows = [[visible(cell) for cell in row] for row in rows]  # escapes first: widths count what is shown
     shrink = list(shrinkable) if shrinkable is not None else [False] * count
     widths = [max([len(headers[i]), *(len(row[i]) for row in rows)]) for i in range(count)]
     if max_width is not None:

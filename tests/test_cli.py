@@ -149,6 +149,48 @@ def test_org_is_matched_as_the_ledger_stores_it(
     assert "argument --org: '   ' is blank" in err
 
 
+@pytest.mark.parametrize('command', ['summary', 'export', 'reprice'])
+@pytest.mark.parametrize(
+    ('args', 'fragment'),
+    [
+        (['--since', '2026-01-01', '--until', '9999-12-31T23:00-05:00'], "--until: '9999-12-31T23:00-05:00' is out of"),
+        (['--since', '0001-01-01T00:00+01:00'], "--since: '0001-01-01T00:00+01:00' is out of range"),
+        (['--since', '2026-03-01', '--until', '2026-02-01'], 'the range is empty'),
+    ],
+)
+def test_a_range_beyond_the_calendar_or_empty_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], sqlite_url: str, command: str, args: list[str], fragment: str
+):
+    _assert_rejected(capsys, command, sqlite_url, args, [fragment])
+
+
+def test_summary_until_the_last_day_is_a_usage_error(capsys: pytest.CaptureFixture[str], sqlite_url: str):
+    _assert_rejected(capsys, 'summary', sqlite_url, ['--until', '9999-12-31'], ["'9999-12-31' is out of range"])
+
+
+def test_a_dry_run_reprice_never_creates_the_ledger(capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    database = tmp_path / 'other.db'
+    with sqlite3.connect(database) as conn:
+        conn.execute('CREATE TABLE x (a)')
+    code, out, err = _run(capsys, 'reprice', '--database-url', f'sqlite:///{database}', '--since', '2026-01-01')
+    assert (code, out) == (2, '')
+    _assert_one_error_line(err, 'no `token_usage` table', 'reprice never creates it')
+    with sqlite3.connect(database) as conn:
+        assert conn.execute('SELECT name FROM sqlite_master').fetchall() == [('x',)]
+
+
+def test_summary_table_escapes_control_characters_in_labels(tracker: UsageTracker, capsys: pytest.CaptureFixture[str]):
+    for org in ('esc\x1b[2J\x1b[31mRED', 'nl\nTotal: $0.0000', 'bel\x07'):
+        tracker.track(organization_id=org, provider='openai', model='gpt-4o', input_tokens=10)
+    assert tracker.flush()
+    code, out, _ = _run(capsys, 'summary', '--database-url', tracker.engine.url.render_as_string(False),
+                        '--by', 'organization')  # fmt: skip
+    assert code == 0
+    assert all(line.isprintable() for line in out.splitlines())
+    assert '\\x1b[2J' in out and '\\n' in out
+    assert sum('RED' in line or 'Total: $0.0000' in line or 'bel' in line for line in out.splitlines()) == 3
+
+
 def test_summary_json_cost_matches_genai_prices(populated: UsageTracker, capsys: pytest.CaptureFixture[str]):
     code, out, _ = _run(capsys, 'summary', '--database-url', populated.engine.url.render_as_string(False),
                         '--format', 'json', '--org', 'globex')  # fmt: skip

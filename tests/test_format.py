@@ -6,7 +6,15 @@ from decimal import Decimal
 
 import pytest
 
-from pai_usage._format import abbreviate_count, exact_usd, fit_label, format_usd, natural_key, render_table
+from pai_usage._format import (
+    abbreviate_count,
+    exact_usd,
+    fit_label,
+    format_usd,
+    natural_key,
+    render_table,
+    visible,
+)
 from pai_usage.table import COST_SCALE
 
 
@@ -83,3 +91,28 @@ def test_render_table_fits_and_aligns():
     assert max(map(len, lines)) <= 30
     assert len({line.rindex('.') for line in lines[2:]}) == 1  # money is never cut, and right-aligned
     assert lines[2].endswith('$1.0000') and lines[3].endswith('$12,345.0000')
+
+
+@pytest.mark.parametrize(
+    ('text', 'shown'),
+    [
+        ('acme', 'acme'),
+        ('é ü 東京', 'é ü 東京'),
+        ('esc\x1b[2J\x1b[31mRED', 'esc\\x1b[2J\\x1b[31mRED'),
+        ('nl\nfake-total', 'nl\\nfake-total'),
+        ('tab\there', 'tab\\there'),
+        ('bel\x07', 'bel\\x07'),
+        ('bidi\u202eevil', 'bidi\\u202eevil'),
+    ],
+)
+def test_visible_escapes_what_a_terminal_would_act_on(text: str, shown: str):
+    assert visible(text) == shown
+    assert visible(text).isprintable()
+
+
+def test_a_label_cannot_move_the_cursor_or_forge_a_line():
+    rows = [['esc\x1b[2J\x1b[31mRED', '1'], ['nl\nTotal: $0', '2']]
+    lines = render_table(['org', 'n'], rows, ['left', 'right'], max_width=14, shrinkable=[True, False])
+    assert len(lines) == 4  # header, rule, one line per row
+    assert all(line.isprintable() for line in lines)
+    assert len({len(line) for line in lines[2:]}) == 1  # still aligned: widths count the escapes

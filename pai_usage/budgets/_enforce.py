@@ -1134,4 +1134,7 @@ def format_budgets(statuses: Iterable[BudgetStatus]) -> str:
 
 
 def _shorten(text: str, width: int) -> str:
+    from .._format import visible
+
+    text = visible(text)  # escaped before it is cut: never half an escape sequence
     return text if len(text) <= width else text[: width - 1] + '\u2026'
