@@ -791,7 +791,7 @@ def _print_table(
     t = summary.totals
     out.write(
         wrap(
-            f'Total: {format_usd(t.cost_usd)} over {t.events:,} events'
+            f'Total: {format_usd(t.cost_usd)} over {_plural(t.events, "event")}'
             f' ({t.unpriced_events:,} unpriced, not in the cost), {t.total_tokens:,} tokens'
         )
         + '\n'

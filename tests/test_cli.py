@@ -1250,3 +1250,11 @@ def test_mirrored_constants_match_their_modules():
     assert _cli._DATABASE_URL_ENV_VAR == DATABASE_URL_ENV_VAR  # pyright: ignore[reportPrivateUsage]
     assert _cli._DEFAULT_DATABASE_URL == DEFAULT_DATABASE_URL  # pyright: ignore[reportPrivateUsage]
     assert _cli._PRICES_ENV_VAR == prices_env == PRICES_ENV_VAR  # pyright: ignore[reportPrivateUsage]
+
+
+def test_one_event_is_singular(tracker: UsageTracker, capsys: pytest.CaptureFixture[str]):
+    tracker.track(organization_id='acme', provider='openai', model='gpt-4o', input_tokens=10)
+    assert tracker.flush()
+    code, out, _ = _run(capsys, 'summary', '--database-url', tracker.engine.url.render_as_string(False))
+    assert code == 0
+    assert ' over 1 event (0 unpriced' in out

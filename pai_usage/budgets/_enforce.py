@@ -891,18 +891,22 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
     def _record_refusal(self, exc: BudgetExceeded, **fields: Any) -> None:
         if not self.record_refusals:
             return
-        self.tracker.track(
-            **fields,
-            status='refused',
-            cost_usd=Decimal(0),
-            pricing_status='priced',
-            price_source=REFUSED_SOURCE,
-            metadata={
-                'budget': exc.budget.label,
-                'budget_scope': exc.scope,
-                'budget_spent_usd': usd(exc.spend_usd),
-                'budget_reserved_usd': usd(exc.reserved_usd),
-                'budget_limit_usd': usd(exc.limit_usd),
+        # Like the capability's own rows: never raises (a held warning would replace the `BudgetExceeded`).
+        self.tracker._track(  # pyright: ignore[reportPrivateUsage]
+            None,
+            {
+                **fields,
+                'status': 'refused',
+                'cost_usd': Decimal(0),
+                'pricing_status': 'priced',
+                'price_source': REFUSED_SOURCE,
+                'metadata': {
+                    'budget': exc.budget.label,
+                    'budget_scope': exc.scope,
+                    'budget_spent_usd': usd(exc.spend_usd),
+                    'budget_reserved_usd': usd(exc.reserved_usd),
+                    'budget_limit_usd': usd(exc.limit_usd),
+                },
             },
         )
 
