@@ -175,12 +175,14 @@ def _dispatch(args: Sequence[str] | None) -> int:
 
 
 def _label(value: str) -> str:
-    """An id given on the command line, as the ledger stores it (`normalize_label`)."""
-    from .record import normalize_label
+    """An id given on the command line, as the ledger stores it (`label_filter`: blank is a usage error)."""
+    from .record import label_filter
 
-    label = normalize_label(value)
-    if label is None:
-        raise argparse.ArgumentTypeError(f'{value!r} is blank')
+    try:
+        label = label_filter(value, 'id')
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is blank') from None
+    assert label is not None  # a str is never "no filter"
     return label
 
 

@@ -29,19 +29,17 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeGuard, cast
 
-__all__ = ('JOURNAL_PREFIX', 'TARGET_HINT_FILE', 'Journal', 'Segment', 'read_hint', 'read_segment')
+__all__ = ('JOURNAL_PREFIX', 'Journal', 'Segment', 'read_segment')
 
 JOURNAL_PREFIX = 'journal-'
 """File names of journal segments start with this."""
-TARGET_HINT_FILE = 'target-hint.json'
-"""What a directory's journal segments are for (`Journal.target`), before a tracker reached the database."""
 _MAGIC = b'PAIJRNL1'
 _HEADER = 16
 _LENGTH = struct.Struct('<I')
@@ -212,27 +210,6 @@ def _populate(mm: mmap.mmap) -> None:
         pass
 
 
-def _write_hint(directory: Path, target: Mapping[str, Any]) -> None:
-    try:
-        if (directory / TARGET_HINT_FILE).exists():
-            return
-        tmp = directory / f'.{TARGET_HINT_FILE}.{os.getpid()}.tmp'
-        tmp.write_text(json.dumps({'target': dict(target)}, default=str, sort_keys=True))
-        os.replace(tmp, directory / TARGET_HINT_FILE)
-    except OSError:  # a hint only: the segment matters, and its own creation reports a full disk
-        pass
-
-
-def read_hint(directory: Path) -> dict[str, Any] | None:
-    """The `Journal.target` a directory's journal named, if any."""
-    try:
-        value = json.loads((directory / TARGET_HINT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    target = cast('dict[str, Any]', value).get('target') if isinstance(value, dict) else None
-    return cast('dict[str, Any]', target) if isinstance(target, dict) else None
-
-
 def read_segment(path: Path) -> Iterator[dict[str, Any] | ValueError]:
     """The records of a segment file, in order.
 
@@ -268,9 +245,8 @@ class Journal:
     """The directory."""
     segment_bytes: int = 8 << 20
     """Size of one segment file (sparse until written)."""
-    target: Mapping[str, Any] | None = None
-    """What the records are for (as spill files name it): written once beside the segments, as `TARGET_HINT_FILE`,
-    so that a tracker of the same database under another key can say they wait (segments have no header)."""
+    on_first_segment: Callable[[], object] | None = None
+    """Called once, as this process creates its first segment (`SpillDir.write_hint`: segments have no header)."""
     lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     """Held to append, to roll to a new segment and to settle records."""
     _current: Segment | None = field(default=None, init=False)
@@ -382,8 +358,8 @@ class Journal:
         path = self.path / f'{JOURNAL_PREFIX}{self._tag}-{self._serial:06d}.bin'
         hidden = self.path / f'.{path.name}.tmp'
         self.path.mkdir(parents=True, exist_ok=True)
-        if self._serial == 1 and self.target is not None:
-            _write_hint(self.path, self.target)
+        if self._serial == 1 and self.on_first_segment is not None:
+            self.on_first_segment()
         fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             # Locked before it is visible under its real name: no replayer can claim a live segment.

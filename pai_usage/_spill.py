@@ -39,6 +39,7 @@ from ._journal import JOURNAL_PREFIX, read_segment
 __all__ = (
     'SPILL_DIR_ENV_VAR',
     'TARGET_FILE',
+    'TARGET_HINT_FILE',
     'ClaimedFile',
     'SpillDir',
     'default_spill_dir',
@@ -53,6 +54,8 @@ STALE_TMP_SECONDS = 600.0
 """Age after which a hidden `.tmp` file is known abandoned: creating one takes well under a second."""
 TARGET_FILE = 'target.json'
 """Name of the file in a spill directory that holds the identity of its database, once known."""
+TARGET_HINT_FILE = 'target-hint.json'
+"""What a directory's journal is for, as its tracker's URL named it, before any tracker reached the database."""
 _MAX_REJECTED_LINE = 1 << 20
 _HEADER_KEY = 'pai_usage_spill'
 
@@ -331,20 +334,41 @@ class SpillDir:
 
     def read_target(self) -> dict[str, Any] | None:
         """The identity of this directory's database, as a tracker that reached it recorded it."""
-        try:
-            value = json.loads((self.path / TARGET_FILE).read_text())
-        except (OSError, ValueError):
-            return None
-        return cast('dict[str, Any]', value) if isinstance(value, dict) else None
+        return self._read_json(TARGET_FILE)
 
     def write_target(self, identity: Mapping[str, Any]) -> None:
         """Record the identity of this directory's database (atomically; only when it changed)."""
         if self.read_target() == dict(identity):
             return
+        self._write_json(TARGET_FILE, dict(identity))
+
+    def read_hint(self) -> dict[str, Any] | None:
+        """What the URL of the tracker that journalled here named (`write_hint`), if any."""
+        return self._read_json(TARGET_HINT_FILE)
+
+    def write_hint(self) -> None:
+        """Record `target` beside the journal, once; never raises (a hint only).
+
+        Journal segments have no header, and a tracker that never reached the database writes no `target.json`.
+        """
+        try:
+            if self.target is not None and not (self.path / TARGET_HINT_FILE).exists():
+                self._write_json(TARGET_HINT_FILE, dict(self.target))
+        except OSError:  # the journal's own segment reports a full disk
+            pass
+
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        try:
+            value = json.loads((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+        return cast('dict[str, Any]', value) if isinstance(value, dict) else None
+
+    def _write_json(self, name: str, value: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / f'.{TARGET_FILE}.{_tag()}.tmp'
-        tmp.write_text(json.dumps(dict(identity), default=str, sort_keys=True))
-        os.replace(tmp, self.path / TARGET_FILE)
+        tmp = self.path / f'.{name}.{_tag()}.tmp'
+        tmp.write_text(json.dumps(value, default=str, sort_keys=True))
+        os.replace(tmp, self.path / name)
 
     def siblings(self) -> list[SpillDir]:
         """The other databases' directories under the same spill root."""

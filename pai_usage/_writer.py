@@ -45,7 +45,7 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 
-from ._journal import Journal, Segment, read_hint
+from ._journal import Journal, Segment
 from ._log import RateLimitedLog
 from ._spill import SpillDir, encode, encode_lenient, encode_rejected
 from ._validate import fields_many, record_from_fields
@@ -1083,7 +1083,7 @@ class Writer:
             target: object = cast('dict[str, Any]', header).get('target') if isinstance(header, dict) else None
             if isinstance(target, dict):
                 return _same_names(cast('dict[str, Any]', target), ours)
-        hint = read_hint(other.path)  # only journal segments: they name no target, the hint beside them does
+        hint = other.read_hint()  # only journal segments: they name no target, the hint beside them does
         return hint is not None and _same_names(hint, ours)
 
     def _sibling_dirs(self) -> list[SpillDir]:

@@ -334,7 +334,7 @@ class UsageTracker:
             spill_after=spill_after,
             max_queue=max_queue,
             spill=spill_dir_,
-            journal=Journal(spill_dir_.path, target=spill_dir_.target)
+            journal=Journal(spill_dir_.path, on_first_segment=spill_dir_.write_hint)
             if spill_dir_ is not None and durability == 'journal'
             else None,
             identity=_identity,

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from pai_usage import UsageTracker
-from pai_usage._journal import TARGET_HINT_FILE
-from pai_usage._spill import TARGET_FILE
+from pai_usage._spill import TARGET_FILE, TARGET_HINT_FILE
 from tests._faults import (
     FAST,
     assert_exactly_once,
