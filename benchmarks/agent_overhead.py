@@ -105,6 +105,10 @@ class _NullTracker(UsageTracker):
     def track(self, *args: Any, **fields: Any) -> None:
         pass
 
+    def _track(self, record: Any, fields: dict[str, Any]) -> list[str] | None:
+        # The capability's own entry point (`track()` without its warnings).
+        return None
+
     def flush(self, timeout: float | None = 10.0) -> bool:
         return True
 
