@@ -214,11 +214,23 @@ class _Capture(AbstractCapability[Any]):
 
 
 class _Replay(WrapperModel):
-    """Answers every request with one captured response, without the model's own work."""
+    """Answers every request with one captured response, without the model's own work.
+
+    pydantic-ai's boundary wrappers of a model class's `request` (special tokens, download budget) are the
+    model's cost in a real run, tracked or not: left out here, as `TrackUsage`'s own wrapper leaves them out.
+    """
 
     def __init__(self, wrapped: Model, response: ModelResponse) -> None:
         super().__init__(wrapped)
         self.response = response
+
+    @classmethod
+    def _restore_special_tokens_at_the_model_boundary(cls) -> None:
+        pass
+
+    @classmethod
+    def _budget_downloads_at_the_model_boundary(cls) -> None:
+        pass
 
     async def request(
         self,

@@ -59,7 +59,7 @@ from pydantic_ai.usage import RequestUsage, RunUsage
 from ._locks import ForkSafeLock
 from ._log import RateLimitedLog, logger
 from ._warnings import MissingAttributionWarning, PaiUsageWarning, emit, first_for_type
-from .context import UsageContext, current_usage_context, has_attribute, inherited_payer, read_attribute
+from .context import UsageContext, current_usage_context, has_attribute, inherited_payer, payer_label, read_attribute
 from .context import _current as _current_context  # pyright: ignore[reportPrivateUsage]
 from .tracker import UsageTracker, get_tracker
 from .usage import TokenCounts
@@ -356,8 +356,8 @@ class TrackUsage(AbstractCapability[Any]):
             return None
         deps = ctx.deps
         outer = current_usage_context()
-        organization_id = _label(_read(deps, 'organization_id'))
-        user_id = _label(_read(deps, 'user_id'))
+        organization_id = payer_label(_read(deps, 'organization_id'))
+        user_id = payer_label(_read(deps, 'user_id'))
         if outer is not None:
             organization_id, user_id = inherited_payer(outer, organization_id, user_id)
         if (
@@ -760,10 +760,6 @@ def _read(deps: object, name: str) -> Any:
 
 def _count_error() -> None:
     TrackUsage.errors += 1
-
-
-def _label(value: object) -> str | None:
-    return None if value is None or value == '' else str(value)
 
 
 def _aware(value: datetime) -> datetime:

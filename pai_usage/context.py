@@ -99,6 +99,14 @@ def has_attribute(deps: object, name: str) -> bool:
         return True
 
 
+def payer_label(value: object) -> str | None:
+    """An id as attribution reads it off deps: None and `''` name no one, so the enclosing context's id applies.
+
+    Anything else is the id, as text (`42` is `'42'`, as the ledger stores it).
+    """
+    return None if value is None or value == '' else str(value)
+
+
 def inherited_payer(
     outer: UsageContext, organization_id: str | None, user_id: str | None
 ) -> tuple[str | None, str | None]:

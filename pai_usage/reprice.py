@@ -94,8 +94,15 @@ def _rows(
         yield dict(row)
 
 
+# What `price_source` says of a cost pai-usage or pydantic-ai computed; any other priced row's cost was given.
+_OUR_SOURCES = ('genai-prices', 'pydantic-ai', 'config:', 'unpriced:')
+
+
 def _repriceable(row: dict[str, Any]) -> bool:
     if row['model'] is None:
+        return False
+    if row['cost_usd'] is not None and not (row['price_source'] or '').startswith(_OUR_SOURCES):
+        # A cost the caller passed as `cost_usd` (a negotiated rate, a bill): kept as given, as when it was tracked.
         return False
     return any(row[name] for name in TOKEN_BUCKETS) or bool(row['details']) or bool(row['units'])
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import genai_prices
 import pytest
@@ -364,6 +364,58 @@ def test_check_outside_a_run(fast_tracker: UsageTracker) -> None:
     enforcer.check(organization_id='acme', user_id='globex-user')
     with pytest.raises(BudgetExceeded, match='user acme-user'):
         enforcer.check(user_id='acme-user')
+
+
+@pytest.mark.parametrize(
+    ('deps', 'ambient', 'budget'),
+    [
+        # An empty id names no one: the ledger bills the enclosing context's organization (or user), so must budgets.
+        (UsageDeps(organization_id='', user_id='u1'), {'organization_id': 'acme'}, {'organization_id': 'acme'}),
+        (
+            UsageDeps(organization_id='acme', user_id=''),
+            {'organization_id': 'acme', 'user_id': 'u1'},
+            {'user_id': 'u1'},
+        ),
+        # A user of another organization is not inherited, by the ledger or by budgets.
+        (
+            UsageDeps(organization_id='globex'),
+            {'organization_id': 'acme', 'user_id': 'u1'},
+            {'organization_id': 'globex'},
+        ),
+        # A non-text id is stored as its text: `Budget(organization_id='42')` is the budget of deps naming 42.
+        (UsageDeps(organization_id=cast(Any, 42)), {}, {'organization_id': '42'}),
+    ],
+    ids=['empty-org', 'empty-user', 'other-org', 'int-org'],
+)
+async def test_budgets_apply_to_the_payer_the_ledger_bills(
+    fast_tracker: UsageTracker, deps: UsageDeps, ambient: dict[str, str], budget: dict[str, str]
+) -> None:
+    enforcer = EnforceBudgets(fast_tracker, budgets=[Budget(limit_usd=Decimal('0.001'), **budget)])
+    tracked = Agent(
+        FunctionModel(reply, model_name='gpt-4o'),
+        deps_type=UsageDeps,
+        capabilities=[TrackUsage(fast_tracker), enforcer],
+    )
+    with usage_context(**ambient):
+        await tracked.run('hi', deps=deps)  # $0.00035 of the $0.001: the fourth run is refused
+        assert fast_tracker.flush()
+        for _ in range(5):
+            try:
+                await tracked.run('hi', deps=deps)
+            except BudgetExceeded:
+                break
+        else:
+            pytest.fail('the budget of the payer the ledger bills was never applied')
+        with pytest.raises(BudgetExceeded):
+            enforcer.check(deps)
+    assert fast_tracker.flush()
+    with fast_tracker.engine.connect() as conn:
+        billed = conn.execute(
+            sa.text("SELECT DISTINCT organization_id, user_id FROM token_usage WHERE operation = 'agent_request'")
+        ).all()
+    assert len(billed) == 1
+    column, value = next(iter(budget.items()))
+    assert dict(zip(('organization_id', 'user_id'), billed[0], strict=True))[column] == value
 
 
 def test_deps_whose_attribute_fails_are_checked_on_the_rest(
@@ -1158,5 +1210,30 @@ def test_holds_reserve_until_released(database_url: str, hard: bool) -> None:
         line = format_budgets([status]).splitlines()[1]
         # spend, reserved, remaining, limit
         assert [w for w in line.split() if w.startswith('$')] == ['$0.0000', '$0.0000', '$1.0000', '$1.0000']
+        enforcer.close()
+    tracker.engine.dispose()
+
+
+@pytest.mark.parametrize('hard', [False, True], ids=['in-process', 'hard'])
+@pytest.mark.parametrize('spelling', ['utc', 'Utc'])
+async def test_utc_under_another_spelling_counts_each_record_once(database_url: str, hard: bool, spelling: str) -> None:
+    with UsageTracker(database_url) as tracker:
+        budgets = [
+            Budget(organization_id='acme', limit_usd=Decimal(1)),
+            Budget(scope='organization', limit_usd=Decimal(5), timezone=spelling),
+        ]
+        assert budgets[1].timezone == 'UTC'
+        enforcer = EnforceBudgets(tracker, budgets=budgets, hard=hard)
+        tracked = Agent(
+            FunctionModel(reply, model_name='gpt-4o'), deps_type=UsageDeps, capabilities=[TrackUsage(tracker), enforcer]
+        )
+        for _ in range(4):
+            await tracked.run('hi', deps=ACME)
+        assert tracker.flush()
+        if hard:
+            enforcer.sync()
+        ledger_spend = spent(token_usage_rows(tracker.engine))
+        assert ledger_spend > 0
+        assert [s.spend_usd for s in enforcer.statuses(ACME)] == [ledger_spend, ledger_spend]
         enforcer.close()
     tracker.engine.dispose()

@@ -352,11 +352,16 @@ async def test_a_stream_is_billed_to_whoever_started_it(
     assert row['metadata'].get('stream_incomplete', False) == (end == 'abandoned')
 
 
-@pytest.mark.parametrize('sent', [None, {}], ids=['absent', 'empty'])
+@pytest.mark.parametrize(
+    'sent',
+    [None, {}, {'totalTokenCount': 5000}, {'totalTokenCount': 5000, 'trafficType': 'ON_DEMAND'}],
+    ids=['absent', 'empty', 'total-only', 'total-and-traffic'],
+)
 async def test_missing_usage_metadata(
     service: GeminiService, fake_gemini: FakeGemini, ledger: UsageTracker, sent: dict[str, Any] | None
 ):
-    """No usage, or `usageMetadata: {}` (no count at all): the call is kept, its cost unknown, never a priced 0."""
+    """No usage, `usageMetadata: {}` or a total alone (no split into input and output, which are priced apart):
+    the call is kept, its cost unknown, never a priced 0."""
     before = gemini_stats()
     fake_gemini.reply(usage=sent)
     response = service.generate_content('Hi')

@@ -44,6 +44,13 @@ def _populate(tracker: UsageTracker) -> dict[str, Any]:
                               status='error', cost_usd=Decimal(0), pricing_status='priced'),
         'no-usage': UsageRecord(created_at=WHEN, organization_id='acme', provider='google-gla',
                                 model='gemini-2.5-flash', pricing_status='unpriced', metadata={'usage_missing': True}),
+        # Costs the caller passed (no override names these models): kept as given, by the writer and by reprice.
+        'given': UsageRecord(created_at=WHEN, organization_id='acme', provider='openai', model='gpt-4o-mini',
+                             input_tokens=10_000, output_tokens=1_000, cost_usd=Decimal('0.001')),
+        'given-unknown': UsageRecord(created_at=WHEN, organization_id='acme', provider='my-lab', model='my-model',
+                                     input_tokens=10_000, output_tokens=1_000, cost_usd=Decimal('0.5')),
+        'given-source': UsageRecord(created_at=WHEN, organization_id='acme', provider='openai', model='gpt-4o-mini',
+                                    input_tokens=10_000, cost_usd=Decimal('0.002'), price_source='contract 2026'),
         'before': UsageRecord(created_at=datetime(2026, 5, 1, tzinfo=UTC), provider='openai', model='gpt-4o',
                               input_tokens=1_000),
     }  # fmt: skip
@@ -72,10 +79,12 @@ def test_dry_run_shows_the_difference_and_changes_nothing(tracker: UsageTracker)
     assert gpt.new_total == _genai('gpt-4o', 'openai', input_tokens=10_000, output_tokens=1_000) + _genai(
         'gpt-4o', 'openai', input_tokens=2_000, output_tokens=300
     )
+    for given in (by_model[('openai', 'gpt-4o-mini')], by_model[('my-lab', 'my-model')]):
+        assert given.changed == 0 and given.new_total == given.old_total > 0
     claude = by_model[('anthropic', 'claude-sonnet-4')]
     assert (claude.rows, claude.changed, claude.old_total) == (1, 0, claude.new_total)
     assert (by_model[(None, None)].changed, by_model[('google-gla', 'gemini-2.5-flash')].changed) == (0, 0)
-    assert result.rows == 6  # `before` is outside the range
+    assert result.rows == 9  # `before` is outside the range
     with tracker.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(REPRICE_AUDIT)).scalar_one() == 0
 
@@ -96,8 +105,9 @@ def test_apply_updates_audits_and_keeps_summaries_exact(tracker: UsageTracker):
             'priced',
             f'genai-prices {genai_prices.__version__}',
         )
-    for name in ('claude', 'marker', 'no-usage', 'before'):
+    for name in ('claude', 'marker', 'no-usage', 'given', 'given-unknown', 'given-source', 'before'):
         assert after[ids[name]] == before[ids[name]]
+    assert after[ids['given-unknown']]['cost_usd'] == Decimal('0.5')
 
     with tracker.engine.connect() as conn:
         audit = {row['usage_id']: row for row in conn.execute(sa.select(REPRICE_AUDIT)).mappings()}

@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .._locks import ForkSafeLock
 from .._log import RateLimitedLog
 from .._validate import stored_fields
-from ..context import current_usage_context, read_attribute
+from ..context import current_usage_context, inherited_payer, payer_label, read_attribute
 from ..pricing import price_fields
 from ..record import UsageRecord, normalize_label
 from ..summary import query_summary
@@ -1025,16 +1025,13 @@ def _otel_event(status: BudgetStatus, fraction: float) -> None:
 
 
 def _attribution(deps: Any) -> tuple[str | None, str | None]:
-    organization_id = read_attribute(deps, 'organization_id')
-    user_id = read_attribute(deps, 'user_id')
+    """Who pays for a run with `deps`, as `TrackUsage` attributes its rows: the budgets that apply are its payer's."""
+    organization_id = payer_label(read_attribute(deps, 'organization_id'))
+    user_id = payer_label(read_attribute(deps, 'user_id'))
     context = current_usage_context()
     if context is not None:
-        organization_id = organization_id if isinstance(organization_id, str) else context.organization_id
-        user_id = user_id if isinstance(user_id, str) else context.user_id
-    return (
-        normalize_label(organization_id) if isinstance(organization_id, str) else None,
-        normalize_label(user_id) if isinstance(user_id, str) else None,
-    )
+        organization_id, user_id = inherited_payer(context, organization_id, user_id)
+    return normalize_label(organization_id), normalize_label(user_id)
 
 
 def _given_or_ambient(deps: Any, organization_id: str | None, user_id: str | None) -> tuple[str | None, str | None]:

@@ -97,6 +97,10 @@ class Budget:
         elif self.period not in ('day', 'week', 'month'):
             raise ValueError(f"`period` must be 'day', 'week', 'month' or a timedelta, not {self.period!r}")
         zone(self.timezone)  # raises ValueError if unknown
+        if self.timezone.upper() == 'UTC':
+            # One spelling: counters (in-process and hard mode's shared row) are keyed on it, and `'utc'` next to
+            # `'UTC'` would count each record's spend twice in the one shared row both name.
+            object.__setattr__(self, 'timezone', 'UTC')
         object.__setattr__(self, 'warn_at', tuple(sorted(self.warn_at)))
         if any(not 0 < f <= 1 for f in self.warn_at):
             raise ValueError(f'`warn_at` fractions must be in (0, 1], not {self.warn_at!r}')

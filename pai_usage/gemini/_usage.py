@@ -78,9 +78,13 @@ def token_counts(usage: types.GenerateContentResponseUsageMetadata | None) -> To
       ...), so that a model pricing a modality separately is priced right.
     """
     if usage is None or not any(
-        getattr(usage, name) is not None for name in type(usage).model_fields if name.endswith(('_count', '_details'))
+        getattr(usage, name) is not None
+        for name in type(usage).model_fields
+        if name.endswith(('_count', '_details')) and name != 'total_token_count'
     ):
-        return None  # `usageMetadata: {}` says no more than a missing one: not a priced zero
+        # `usageMetadata: {}` says no more than a missing one, and a total alone cannot be split into input and
+        # output (priced differently): not a priced zero either way.
+        return None
     return TokenCounts.from_price_values(price_values(usage))
 
 
