@@ -234,10 +234,12 @@ def test_flush_answers_for_what_was_tracked_before_it_while_others_overflow(
     options: dict[str, Any] = {} if max_queue is None else {'max_queue': max_queue}
     tracker = UsageTracker(database_url, spill_dir=tmp_path, **options)
     tracked: list[list[str]] = [[] for _ in range(3)]
+    # Bursts: three at once overflow the queue, even the default one (10,000) under a writer that drains fast.
+    burst = 4000 if max_queue is not None else 8000
 
     def produce(ids: list[str]) -> None:
         for _ in range(3):
-            for _ in range(4000):  # bursts: three at once overflow even the default queue
+            for _ in range(burst):
                 record = event(len(ids))
                 tracker.track(record)
                 ids.append(str(record['id']))
