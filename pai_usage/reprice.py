@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .pricing import PriceTable, price_fields
+from .pricing import CONFIG_SOURCE, UNPRICED_SOURCE, PriceTable, price_fields
 from .record import label_filter
 from .table import COST_SCALE, REPRICE_AUDIT, TOKEN_USAGE, TokenUsageReprice
 from .usage import TOKEN_BUCKETS
@@ -95,7 +95,7 @@ def _rows(
 
 
 # What `price_source` says of a cost pai-usage or pydantic-ai computed; any other priced row's cost was given.
-_OUR_SOURCES = ('genai-prices', 'pydantic-ai', 'config:', 'unpriced:')
+_OUR_SOURCES = ('genai-prices', 'pydantic-ai', f'{CONFIG_SOURCE}:', f'{UNPRICED_SOURCE}:')
 
 
 def _repriceable(row: dict[str, Any]) -> bool:
