@@ -68,8 +68,8 @@ def attribution_fields(deps: object, *, strict: bool = True) -> dict[str, Any]:
             f'expected a UsageContext or deps with `organization_id` / `user_id` (e.g. UsageDeps), got {deps!r}'
         )
     fields: dict[str, Any] = {
-        'organization_id': read_attribute(deps, 'organization_id') or None,
-        'user_id': read_attribute(deps, 'user_id') or None,
+        'organization_id': payer_label(read_attribute(deps, 'organization_id')),
+        'user_id': payer_label(read_attribute(deps, 'user_id')),
     }
     if (tracker := read_attribute(deps, 'tracker')) is not None:
         fields['tracker'] = tracker

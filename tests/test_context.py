@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pydantic_ai import Agent, RunContext
@@ -106,3 +106,28 @@ def test_a_context_that_names_nobody_is_refused_where_it_is_given(bad: object):
         pass
     with pytest.raises(TypeError, match='UsageDeps'):
         GeminiService(None, usage_context=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ('organization_id', 'expected'),
+    [('', 'outer-org'), (None, 'outer-org'), (0, '0'), (42, '42'), ('acme', 'acme')],
+)
+async def test_deps_ids_are_read_as_a_run_reads_them(
+    organization_id: object, expected: str, usage_ledger: UsageLedger
+) -> None:
+    """`usage_context(deps)` (and so a direct Gemini call with `deps=`) reads ids as `TrackUsage` and budgets do."""
+    deps = UsageDeps(organization_id=cast(Any, organization_id))
+    seen: list[str | None] = []
+
+    def answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        context = current_usage_context()
+        seen.append(context.organization_id if context is not None else None)
+        return ModelResponse(parts=[TextPart('ok')], provider_name='openai', usage=RequestUsage(input_tokens=1))
+
+    agent = Agent(FunctionModel(answer, model_name='gpt-4o'), deps_type=UsageDeps, capabilities=[TrackUsage()])
+    with usage_context(organization_id='outer-org'):
+        with usage_context(deps) as block:
+            assert block.organization_id == expected
+        await agent.run('hi', deps=deps)
+    assert seen == [expected]
+    assert [r.organization_id for r in usage_ledger.records] == [expected]
