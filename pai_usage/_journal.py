@@ -43,11 +43,11 @@ JOURNAL_PREFIX = 'journal-'
 _MAGIC = b'PAIJRNL1'
 _HEADER = 16
 _LENGTH = struct.Struct('<I')
+_pack_length = _LENGTH.pack_into
 _MARSHAL, _JSON = b'm', b'j'
 _PLAIN = (str, int, float, bool, type(None))
-_CONVERTED = ('id', 'cost_usd', 'units')
-"""Fields whose values are often not `marshal`-able (UUID, datetime, Decimal): turned into strings first (a
-`uuid.UUID` id into its 16 bytes)."""
+"""Types `marshal` takes as they are. `encode_payload` turns the others of `id`, `cost_usd` and `units` (UUID,
+Decimal) into strings first (a `uuid.UUID` id into its 16 bytes)."""
 
 
 def _as_text(value: object) -> object:
@@ -93,30 +93,31 @@ _RETRY_SECONDS = 1.0
 
 def encode_payload(item: dict[str, Any]) -> bytes:
     """The journal payload of one record's fields; never raises for a dict of any values."""
-    converted = item
-    created = item.get('created_at')
-    if type(created) is datetime and (created.tzinfo is UTC or _aware(created)):
-        # A float timestamp is much cheaper than `isoformat()`, and exact to the microsecond while doubles are
-        # less than a microsecond apart: within 2**32 s of 1970 (1834 to 2106). Beyond, the exact text.
-        converted = item.copy()
-        stamp = created.timestamp()
-        converted['created_at'] = stamp if -_EXACT_SECONDS < stamp < _EXACT_SECONDS else created.isoformat()
+    # Always a copy: `track()` sets `created_at`, so there is nearly always something to convert.
+    converted = item.copy()
+    created = converted.get('created_at')
+    if type(created) is datetime:
+        if created.tzinfo is UTC or _aware(created):
+            # A float timestamp is much cheaper than `isoformat()`, and exact to the microsecond while doubles
+            # are less than a microsecond apart: within 2**32 s of 1970 (1834 to 2106). Beyond, the exact text.
+            stamp = created.timestamp()
+            converted['created_at'] = stamp if -_EXACT_SECONDS < stamp < _EXACT_SECONDS else created.isoformat()
     elif type(created) in _WRAPPED:
         # A float the caller gave (milliseconds, say) is not one of our stamps: kept as given, marked so.
-        converted = item.copy()
         converted['created_at'] = (_RAW, created)
-    record_id = item.get('id')
+    record_id = converted.get('id')
     if type(record_id) is uuid.UUID:
         # Its 16 bytes: `str()` of a UUID costs `track()` ten times more. `decode_payload` turns them back.
-        if converted is item:
-            converted = item.copy()
         converted['id'] = record_id.bytes
-    for name in _CONVERTED:
-        value = converted.get(name)
-        if value is not None and type(value) not in _PLAIN:
-            if converted is item:
-                converted = item.copy()
-            converted[name] = _as_text(value)
+    # Unrolled: a loop over the names costs more than the conversions (mostly a Decimal cost or nothing).
+    value = converted.get('cost_usd')
+    if value is not None and type(value) not in _PLAIN:
+        converted['cost_usd'] = _as_text(value)
+    value = converted.get('units')
+    if value is not None and type(value) not in _PLAIN:
+        converted['units'] = _as_text(value)
+    if type(record_id) not in _PLAIN and type(record_id) is not uuid.UUID:
+        converted['id'] = _as_text(record_id)
     try:
         return _MARSHAL + marshal.dumps(converted)
     except ValueError:
@@ -276,7 +277,7 @@ class Journal:
             mm = seg.mm
             # The payload first, then its length: a reader never sees a length without its bytes.
             mm[pos + 4 : pos + size] = payload
-            mm[pos : pos + 4] = _LENGTH.pack(len(payload))
+            _pack_length(mm, pos, size - 4)
             seg.pos = pos + size
             seg.appended += 1
         return seg

@@ -235,11 +235,13 @@ _time_ns = time.time_ns
 def new_id() -> str:
     """A time-ordered UUIDv7, as 32 hex digits: cheaper than `uuid4()`, whose `os.urandom` releases the GIL."""
     rand = _getrandbits(74)
-    value = ((_time_ns() // 1_000_000) << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & _LOW_62)
-    return f'{value:032x}'
+    # `bytes.hex()` of the 128-bit value: half the cost of formatting it with `:032x`.
+    return ((_time_ns() // 1_000_000) << 80 | _V7_BITS | (rand >> 62) << 64 | (rand & _LOW_62)).to_bytes(16).hex()
 
 
 _LOW_62 = (1 << 62) - 1
+_V7_BITS = 0x7 << 76 | 0b10 << 62
+"""Version 7 and the RFC 9562 variant."""
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
