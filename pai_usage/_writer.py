@@ -197,6 +197,16 @@ _SQLITE_INSERT = (
 _bind_processors: dict[sa.Dialect, tuple[tuple[int, Callable[[Any], Any]], ...]] = {}
 
 
+def _empty_first(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A JSON column's bind processor, with the text of `{}` (most rows' `details` and `metadata`) made once."""
+    empty = processor({})
+
+    def process(value: Any) -> Any:
+        return empty if type(value) is dict and not value else processor(value)
+
+    return process
+
+
 def _insert_sqlite(conn: sa.Connection, records: Sequence[UsageRecord]) -> int:
     """Insert records on SQLite, ignoring ids already present, without SQLAlchemy's per-row parameter machinery.
 
@@ -214,7 +224,7 @@ def _insert_sqlite(conn: sa.Connection, records: Sequence[UsageRecord]) -> int:
         for i, column in enumerate(_table.columns):
             processor = column.type._cached_bind_processor(dialect)  # pyright: ignore[reportPrivateUsage]
             if processor is not None:
-                found.append((i, processor))
+                found.append((i, _empty_first(processor) if isinstance(column.type, sa.JSON) else processor))
         processors = _bind_processors[dialect] = tuple(found)
     rows: list[tuple[Any, ...]] = []
     for record in records:
