@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import getpass
 import hashlib
 import json
 import os
@@ -124,8 +125,8 @@ def create_engine(database: str | sa.Engine | None = None) -> sa.Engine:
         # Pre-ping drops connections a restart or network cut killed; the timeout bounds a connect to a hung host.
         # A statement timeout and TCP keepalives / user timeout keep a stalled server or network from holding the
         # writer forever (`options` from the URL, e.g. a search_path, are kept).
-        parsed = sa.make_url(url)
-        options = ' '.join(o for o in (parsed.query.get('options'), _PG_OPTIONS) if isinstance(o, str) and o)
+        # libpq reads `$PGOPTIONS` only when no `options` are given, as these always are: merged in, as it would.
+        options = ' '.join(o for o in (_pg_options(sa.make_url(url)), _PG_OPTIONS) if o)
         try:
             engine = sa.create_engine(url, pool_pre_ping=True, connect_args={**_PG_CONNECT_ARGS, 'options': options})
         except ModuleNotFoundError as exc:
@@ -176,16 +177,34 @@ def _target(engine: sa.Engine) -> dict[str, Any]:
         return {'backend': 'sqlite', 'database': str(path)}
     if engine.dialect.name != 'postgresql':
         return {'backend': engine.dialect.name, 'url': url.render_as_string(hide_password=True)}
-    # libpq takes `?host=`, `?port=`, `?dbname=` and `?user=` over the URL's own parts (psycopg passes them on).
-    host = (_query(url, 'host') or url.host or '').lower()
-    port = _query(url, 'port') or url.port or 5432
+    # libpq takes `?host=`, `?port=`, `?dbname=` and `?user=` over the URL's own parts (psycopg passes them on),
+    # and its environment variables for what neither gives.
+    env = os.environ.get
+    host = (_query(url, 'host') or url.host or env('PGHOST') or '').lower()
+    port = _query(url, 'port') or url.port or env('PGPORT') or 5432
+    user = _query(url, 'user') or url.username or env('PGUSER') or _os_user()
     return {
         'backend': 'postgresql',
         'host': 'localhost' if host in _LOOPBACK else host,
         'port': int(port) if str(port).isdigit() else port,
-        'database': _query(url, 'dbname') or url.database or _query(url, 'user') or url.username or 'postgres',
-        'schema': _search_path(_query(url, 'options') or ''),
+        'database': _query(url, 'dbname') or url.database or env('PGDATABASE') or user,
+        # The role too: its own default `search_path` (`ALTER ROLE ... SET`) may pick another schema.
+        'user': user,
+        'schema': _search_path(_pg_options(url)),
     }
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in the environment or the password database
+        return ''
+
+
+def _pg_options(url: sa.URL) -> str:
+    """The server options a connection to `url` carries: the URL's `options`, else libpq's `$PGOPTIONS`."""
+    given = _query(url, 'options')
+    return given if given is not None else os.environ.get('PGOPTIONS', '').strip()
 
 
 def _query(url: sa.URL, name: str) -> str | None:
@@ -196,11 +215,49 @@ def _query(url: sa.URL, name: str) -> str | None:
 
 
 def _search_path(options: str) -> str:
-    text = unquote(options).replace('-c ', '-c')
-    for part in text.split():
-        if part.startswith('-csearch_path='):
-            return part.split('=', 1)[1].split(',')[0].strip('"\'') or 'public'
-    return 'public'
+    """The schema a connection's `options` make current: the first of the last `search_path` they set.
+
+    Read as the server reads them: `-c name=value`, `-cname=value` or `--name=value`, names in any case and with
+    `-` for `_`, arguments split on spaces that no backslash escapes. Without one, `public`.
+    """
+    args = _split_options(unquote(options))
+    value: str | None = None
+    for i, arg in enumerate(args):
+        if arg == '-c':
+            setting = args[i + 1] if i + 1 < len(args) else ''
+        elif arg.startswith('--') or (arg.startswith('-c') and arg != '-c'):
+            setting = arg[2:]
+        else:
+            continue
+        name, sep, given = setting.partition('=')
+        if sep and name.replace('-', '_').lower() == 'search_path':
+            value = given
+    first = (value or '').split(',')[0].strip()
+    if first.startswith('"') and first.endswith('"') and len(first) > 1:
+        return first[1:-1] or 'public'  # quoted: as written
+    return first.lower() or 'public'  # unquoted identifiers fold to lower case
+
+
+def _split_options(options: str) -> list[str]:
+    """The arguments libpq splits `options` into: on whitespace, a backslash keeping the next character."""
+    args: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in options:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == '\\':
+            escaped = True
+        elif char.isspace():
+            if current:
+                args.append(''.join(current))
+                current = []
+        else:
+            current.append(char)
+    if current:
+        args.append(''.join(current))
+    return args
 
 
 def _identity(conn: sa.Connection) -> dict[str, Any] | None:

@@ -287,7 +287,10 @@ def test_new_ids_are_unique_time_ordered_uuid7() -> None:
         ('postgresql://u@h:5432/db', 'postgresql://u@h/?dbname=db'),
         ('postgresql://u@h:5432/db', 'postgresql://u@/db?host=h&port=5432'),
         ('postgresql://u@h:5432/db', 'postgresql://u@other:6543/x?host=h&port=5432&dbname=db'),
-        ('postgresql://u@h:5432/db', 'postgresql://x@h:5432?user=db'),  # no database: the user's
+        ('postgresql://db@h:5432/db', 'postgresql://x@h:5432?user=db'),  # no database: the user's
+        # The server's spellings of one setting: `-c name=value`, `-cname=value`, `--name=value`, any case.
+        ('postgresql://u@h/db?options=--search_path%3Ds1', 'postgresql://u@h/db?options=-c%20SEARCH-PATH%3Ds1'),
+        ('postgresql://u@h/db?options=-csearch_path%3Ds1%2Cpublic', 'postgresql://u@h/db?options=--search_path%3DS1'),
     ],
 )
 def test_spill_dir_is_keyed_by_the_database_not_the_url_text(a: str, b: str, tmp_path: Path) -> None:
@@ -295,7 +298,13 @@ def test_spill_dir_is_keyed_by_the_database_not_the_url_text(a: str, b: str, tmp
     second = UsageTracker(b, spill_dir=tmp_path, handle_sigterm=False)
     others = [
         UsageTracker(url, spill_dir=tmp_path, handle_sigterm=False)
-        for url in (a.replace('/db', '/other'), f'{a}?dbname=other', f'{a}?host=elsewhere', f'{a}?port=6543')
+        for url in (
+            a.replace('/db', '/other'),
+            *(f'{a}{"&" if "?" in a else "?"}{query}' for query in ('dbname=other', 'host=elsewhere', 'port=6543')),
+            # Another role (its own default search_path may pick another schema) or another schema.
+            f'{a}{"&" if "?" in a else "?"}user=someone_else',
+            f'{a}{"&" if "?" in a else "?"}options=--search_path%3Delsewhere',
+        )
     ]
     try:
         assert first.spill_dir == second.spill_dir
@@ -303,3 +312,26 @@ def test_spill_dir_is_keyed_by_the_database_not_the_url_text(a: str, b: str, tmp
     finally:
         for t in (first, second, *others):
             t.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize('options', ['-c search_path={}', '--search_path={}'])
+def test_pgoptions_names_the_schema_when_the_url_gives_no_options(
+    options: str, pg_schema_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As libpq and psql read `$PGOPTIONS`: the records go to its schema, and spill where that schema's do."""
+    schema = pg_schema_url.rsplit('search_path%3D', 1)[-1]
+    monkeypatch.setenv('PGOPTIONS', options.format(schema))
+    with UsageTracker(PG_SERVER_URL, spill_dir=tmp_path, handle_sigterm=False) as tracker:
+        tracker.track(event())
+        assert tracker.flush(timeout=30)
+        with tracker.engine.connect() as conn:
+            assert conn.exec_driver_sql('SELECT current_schema()').scalar() == schema
+            assert conn.exec_driver_sql('SHOW statement_timeout').scalar() == '1min', 'our own options are kept'
+        spill_dir = tracker.spill_dir
+    assert len(ids_in_table(pg_schema_url)) == 1
+    monkeypatch.delenv('PGOPTIONS')
+    with UsageTracker(pg_schema_url, spill_dir=tmp_path, handle_sigterm=False) as by_url:
+        assert by_url.spill_dir == spill_dir
+    with UsageTracker(PG_SERVER_URL, spill_dir=tmp_path, handle_sigterm=False) as public:
+        assert public.spill_dir != spill_dir
