@@ -828,6 +828,37 @@ def price_fields(fields: Mapping[str, Any], table: PriceTable | None = None) -> 
     )
 
 
+def genai_prices_total(fields: Mapping[str, Any], source: str) -> Priced | None:
+    """genai-prices' own total for a record's tokens, as pydantic-ai prices a response; None if it has none.
+
+    Unlike `price_fields`, a quantity the model has no price for counts nothing (genai-prices' rule, and so
+    pydantic-ai's). For repricing rows pydantic-ai priced as pydantic-ai would price them now: units, an
+    unknown model or an error give None.
+    """
+    model = fields.get('model')
+    if not model or fields.get('units'):
+        return None
+    try:
+        tokens = TokenCounts.from_columns(fields)
+    except (TypeError, ValueError, ArithmeticError):
+        return None
+    found = _find_model(fields.get('provider'), model)
+    if found is None:
+        return None
+    created = fields.get('created_at')
+    provider, info = found
+    try:
+        total = info.calc_price(
+            genai_prices.Usage(**price_values(tokens)),
+            provider,
+            genai_request_timestamp=created if isinstance(created, datetime) else datetime.now(UTC),
+            price_context=price_context(fields.get('service_tier')),
+        ).total_price
+    except (LookupError, ValueError):
+        return None
+    return _checked(total, 'priced', source, fields.get('provider'), model)
+
+
 def _table_prices(table: PriceTable, provider: str | None, model: str | None) -> bool:
     """Whether our table prices this model over a caller's cost: a token override, or a gateway provider."""
     return table.token_price(table.resolve_provider(provider), model) is not None or (

@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .pricing import CONFIG_SOURCE, UNPRICED_SOURCE, PriceTable, price_fields
+from .pricing import CONFIG_SOURCE, UNPRICED_SOURCE, PriceTable, genai_prices_total, price_fields
 from .record import label_filter
 from .table import COST_SCALE, REPRICE_AUDIT, TOKEN_USAGE, TokenUsageReprice
 from .usage import TOKEN_BUCKETS
@@ -95,7 +95,22 @@ def _rows(
 
 
 # What `price_source` says of a cost pai-usage or pydantic-ai computed; any other priced row's cost was given.
-_OUR_SOURCES = ('genai-prices', 'pydantic-ai', f'{CONFIG_SOURCE}:', f'{UNPRICED_SOURCE}:')
+_PYDANTIC_AI = 'pydantic-ai'
+_OUR_SOURCES = ('genai-prices', _PYDANTIC_AI, f'{CONFIG_SOURCE}:', f'{UNPRICED_SOURCE}:')
+
+
+def _pydantic_ai_priced(row: dict[str, Any], table: PriceTable | None) -> bool:
+    """Whether the writer kept this row's cost from pydantic-ai, and would keep it now."""
+    if row['cost_usd'] is None or not (row['price_source'] or '').startswith(_PYDANTIC_AI):
+        return False
+    kept = price_fields({**row, 'pricing_status': 'priced'}, table)
+    return kept.price_source == row['price_source']
+
+
+def _pydantic_ai_source() -> str:
+    from .capability import PYDANTIC_AI_PRICE_SOURCE  # imports pydantic-ai: only when such a row is repriced
+
+    return PYDANTIC_AI_PRICE_SOURCE
 
 
 def _repriceable(row: dict[str, Any]) -> bool:
@@ -140,14 +155,15 @@ def reprice(
                 continue
             fields = {**row, 'cost_usd': None, 'pricing_status': None, 'price_source': None}
             priced = price_fields(fields, table)
+            if priced.pricing_status == 'unpriced' and _pydantic_ai_priced(row, table):
+                # The writer kept pydantic-ai's cost, where a quantity without a price counts nothing: priced
+                # again as pydantic-ai would price it now, not made unpriced by our stricter rule.
+                priced = genai_prices_total(fields, _pydantic_ai_source()) or priced
             new_cost = _quantized(priced.cost_usd)
             group.new_total += new_cost or 0
             group.new_unpriced += priced.pricing_status == 'unpriced'
-            if (new_cost, priced.pricing_status, priced.price_source) != (
-                old_cost,
-                row['pricing_status'],
-                row['price_source'],
-            ):
+            # A new `price_source` alone (another genai-prices version, same cost) is not a change to write.
+            if (new_cost, priced.pricing_status) != (old_cost, row['pricing_status']):
                 group.changed += 1
                 changes.append((row, new_cost, priced.pricing_status, priced.price_source))
     result = RepriceResult(

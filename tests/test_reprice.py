@@ -9,8 +9,12 @@ from typing import Any
 import genai_prices
 import pytest
 import sqlalchemy as sa
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.usage import RequestUsage
 
-from pai_usage import PriceTable, TokenPrice, UsageRecord, UsageTracker, set_price_table
+from pai_usage import PriceTable, TokenPrice, TrackUsage, UsageDeps, UsageRecord, UsageTracker, set_price_table
 from pai_usage._cli import cli_logic
 from pai_usage.reprice import REPRICE_AUDIT, reprice
 from pai_usage.table import TOKEN_USAGE
@@ -176,3 +180,33 @@ def test_cli_apply(tracker: UsageTracker, capsys: pytest.CaptureFixture[str]):
 def test_cli_rejects_a_bad_date(capsys: pytest.CaptureFixture[str], sqlite_url: str):
     assert cli_logic(['reprice', '--database-url', sqlite_url, '--since', 'last week']) == 2
     assert '--since' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ('model', 'usage'),
+    [
+        ('gpt-4o', {'input_tokens': 1_000, 'output_tokens': 100}),
+        # Output tokens genai-prices has no price for: free to it and to pydantic-ai, which priced the row.
+        ('text-embedding-3-large', {'input_tokens': 100_000, 'output_tokens': 10}),
+    ],
+)
+def test_costs_pydantic_ai_gave_are_repriced_as_pydantic_ai_prices(
+    tracker: UsageTracker, model: str, usage: dict[str, int]
+) -> None:
+    """With unchanged prices nothing changes: not the cost, not the status (a source text alone is no change)."""
+
+    def answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(
+            parts=[TextPart('ok')], provider_name='openai', usage=RequestUsage(**usage), timestamp=WHEN
+        )
+
+    agent = Agent(FunctionModel(answer, model_name=model), deps_type=UsageDeps, capabilities=[TrackUsage(tracker)])
+    agent.run_sync('hi', deps=UsageDeps(organization_id='acme'))
+    assert tracker.flush()
+    before = _rows(tracker.engine)
+    [row] = [r for r in before.values() if r['operation'] == 'agent_request']
+    assert row['cost_usd'] == _genai(model, 'openai', **usage) > 0
+    result = reprice(tracker.engine, since=SINCE, apply=True)
+    [group] = [g for g in result.groups if g.model == model]
+    assert (group.changed, group.new_total, group.new_unpriced) == (0, group.old_total, 0)
+    assert _rows(tracker.engine) == before
