@@ -33,6 +33,7 @@ from pydantic_ai.models.fallback import FallbackModel
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 from pydantic_ai.usage import RequestUsage, UsageLimits
 
+import pai_usage.budgets._enforce as budgets_enforce
 from pai_usage import PriceTable, TokenPrice, TrackUsage, UsageTracker, usage_context
 from pai_usage.budgets import (
     BUDGET_COUNTERS,
@@ -280,6 +281,41 @@ async def test_cached_spend_and_this_process_writes(fast_tracker: UsageTracker) 
         await agent(enforcer).run('hi', deps=ACME)
     assert queries.count == 2
     assert exc_info.value.spend_usd == Decimal(2 + 1.5 + 1.5)  # refreshed from the database, nothing counted twice
+
+
+@pytest.mark.postgres
+def test_spend_the_writer_has_not_written_stays_counted_however_far_behind_it_is(
+    pg_schema_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More unwritten records than the budget remembers for later counters: the over-limit spend still counts."""
+    monkeypatch.setattr(budgets_enforce, '_RECENT_CAP', 5)  # 200,000 by default: the bound, not a timing knob
+    now = datetime.now(UTC)
+    with UsageTracker(pg_schema_url) as tracker:
+        seed(tracker, (now, 'warmup', '0.01'))
+        clock = Clock(now)
+        enforcer = EnforceBudgets(
+            tracker, budgets=[Budget(organization_id='acme', limit_usd=Decimal(100))], clock=clock
+        )
+        enforcer.check(organization_id='acme')
+        locker = sa.create_engine(pg_schema_url).connect()
+        try:
+            # A maintenance job holds writes back; budget reads still answer.
+            locker.exec_driver_sql('LOCK TABLE token_usage IN EXCLUSIVE MODE')
+            tracker.track(organization_id='acme', provider='openai', model='gpt-4o', cost_usd=Decimal(150))
+            for _ in range(3):
+                for _ in range(20):
+                    tracker.track(organization_id='other', provider='openai', model='gpt-4o', cost_usd=Decimal('0.01'))
+                clock.now += timedelta(seconds=61)  # the next read of the ledger is due
+                with pytest.raises(BudgetExceeded) as exc_info:
+                    enforcer.check(organization_id='acme')
+                assert exc_info.value.spend_usd == Decimal(150)
+        finally:
+            locker.rollback()
+            locker.close()
+        assert tracker.flush(timeout=30)
+        clock.now += timedelta(seconds=61)
+        [status] = enforcer.statuses(organization_id='acme')
+        assert status.spend_usd == Decimal(150), 'written now: counted once, from the ledger'
 
 
 async def test_concurrent_runs(fast_tracker: UsageTracker) -> None:

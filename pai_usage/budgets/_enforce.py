@@ -74,7 +74,7 @@ WARNING_EVENT = 'pai_usage.budget.warning'
 """Name of the OpenTelemetry event a soft limit (`Budget.warn_at`) fires on the current span."""
 
 _log = RateLimitedLog()
-_RECENT_CAP = 200_000  # unwritten records remembered for new counters; more means the writer is far behind
+_RECENT_CAP = 200_000  # unwritten records remembered for counters made later; more means the writer is far behind
 
 # In-process counter key: (dimension, key, period and time zone, period start; None for rolling windows).
 _Key = tuple[Dimension, str | None, Any, datetime | None]
@@ -113,6 +113,8 @@ class _Counter:
     fetched_at: datetime | None = None
     local: dict[UUID, Decimal] = field(default_factory=dict[UUID, Decimal])
     """Records settled in this process that the last read may not have seen."""
+    written: set[UUID] = field(default_factory=set[UUID])
+    """Those of `local` the writer has written since: the next read sees them, and they leave `local`."""
     local_usd: Decimal = Decimal(0)
     reserved: Decimal = Decimal(0)
     """Estimates held by this process's requests in flight."""
@@ -507,7 +509,17 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
     def _written(self, record: UsageRecord) -> None:
         """Tracker listener: the writer wrote this record, so ledger reads from now on include it."""
         with self._lock:
-            self._recent.pop(record.id, None)
+            seen = self._recent.pop(record.id, None)
+            # Said per counter, not inferred from `_recent` (which forgets its oldest past `_RECENT_CAP`): a record
+            # the writer has not written yet stays counted however far behind the writer is. The payer as it was
+            # counted, when still known.
+            payer = (
+                (seen.organization_id, seen.user_id) if seen is not None else (record.organization_id, record.user_id)
+            )
+            for target in _record_targets(*payer):
+                for counter in self._by_target.get(target, ()):
+                    if record.id in counter.local:
+                        counter.written.add(record.id)
 
     def _targets(self, deps: Any, organization_id: str | None, user_id: str | None) -> list[_Target]:
         targets: list[_Target] = []
@@ -572,7 +584,7 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
             with self._lock:
                 # Written before the read begins: in its result. Settled but unwritten: not, so they stay local
                 # (a record written during the read may be counted twice until the next read: the safe side).
-                written = [rid for rid in counter.local if rid not in self._recent]
+                written = list(counter.written)
                 first = counter.fetched_at is None
                 unwritten = (
                     {
@@ -601,9 +613,11 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
                 counter.fetched_at = now
                 for rid in written:
                     counter.local_usd -= counter.local.pop(rid, Decimal(0))
+                    counter.written.discard(rid)
                 if counter.start is None:
                     for rid in [r for r in counter.local if r in self._recent and self._recent[r].created_at < start]:
                         counter.local_usd -= counter.local.pop(rid)
+                        counter.written.discard(rid)
                 for rid, cost in unwritten.items():
                     if rid not in counter.local:
                         counter.local[rid] = cost
