@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 from urllib.parse import quote
 
@@ -95,6 +97,22 @@ def _default_prices() -> Iterator[None]:
     set_price_table(None)
     yield
     set_price_table(None)
+
+
+@pytest.fixture(autouse=True)
+def _close_run_sync_loop() -> Iterator[None]:
+    yield
+    # `agent.run_sync()` in the main thread leaves the loop it made as the current one. Unclosed, it is collected
+    # in whichever later test the GC runs, and that test fails on its ResourceWarning: close it where it was left.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', DeprecationWarning)
+            loop = asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        return
+    if not loop.is_running():
+        loop.close()
+        asyncio.set_event_loop(None)
 
 
 @pytest.fixture
