@@ -46,6 +46,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 
 from ._journal import Journal, Segment
+from ._locks import sqlite_gate, sqlite_gate_paused
 from ._log import RateLimitedLog
 from ._spill import SpillDir, encode, encode_lenient, encode_rejected
 from ._validate import fields_many, record_from_fields
@@ -691,7 +692,8 @@ class Writer:
     def _run(self) -> None:
         """Guarded loop: take batches, validate, price and write them (retrying, spilling); replay and probe."""
         self._next_replay = time.monotonic() + self.replay_interval
-        self._guarded(self._startup)
+        with sqlite_gate(self.engine.dialect.name):
+            self._guarded(self._startup)
         while True:
             try:
                 if self._cycle():
@@ -737,6 +739,11 @@ class Writer:
 
     def _cycle(self) -> bool:
         items = self._take()
+        # Held from here, never while waiting on the queue: a fork waits only for the work in hand.
+        with sqlite_gate(self.engine.dialect.name):
+            return self._cycle_on(items)
+
+    def _cycle_on(self, items: list[object]) -> bool:
         if not items:
             self._maintain()
             return False
@@ -801,7 +808,8 @@ class Writer:
             self._probe_now()
             if not spill.own_pending():
                 break
-            time.sleep(max(min(0.2, deadline - time.monotonic()), 0))
+            with sqlite_gate_paused():
+                time.sleep(max(min(0.2, deadline - time.monotonic()), 0))
             self._next_probe = 0.0
 
     def _take(self) -> list[object]:
@@ -1323,11 +1331,12 @@ class Writer:
         return cap / 2 + random.uniform(0, cap / 2)
 
     def _sleep(self, seconds: float) -> None:
-        if self._stopping:  # `_wake` stays set once stopping: sleep for real, but not past the deadline
-            time.sleep(max(min(seconds, self._deadline - time.monotonic()), 0))
-            return
-        self._wake.wait(seconds)
-        self._wake.clear()
+        with sqlite_gate_paused():
+            if self._stopping:  # `_wake` stays set once stopping: sleep for real, but not past the deadline
+                time.sleep(max(min(seconds, self._deadline - time.monotonic()), 0))
+                return
+            self._wake.wait(seconds)
+            self._wake.clear()
 
     def _notify(self, records: list[UsageRecord]) -> None:
         for listener in self.listeners:

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 import sqlalchemy as sa
 
+from ._locks import sqlite_gate
 from .record import label_filter
 from .table import TOKEN_USAGE as _t
 from .table import cost_sum
@@ -168,7 +169,8 @@ def query_summary(
         stmt = stmt.where(_t.c.user_id == user_id)
     if dims:
         stmt = stmt.group_by(*dims).order_by(*dims)
-    with engine.connect() as conn, _gc_paused():
+    # The gate: summaries run in worker threads too (`aget_usage_summary`, budgets), and a fork must wait for them.
+    with sqlite_gate(engine.dialect.name), engine.connect() as conn, _gc_paused():
         return _summary_of(
             conn.execute(stmt).all(),
             start=start,

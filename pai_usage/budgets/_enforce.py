@@ -27,7 +27,7 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import AgentDepsT, RunContext
 from sqlalchemy.exc import SQLAlchemyError
 
-from .._locks import ForkSafeLock
+from .._locks import ForkSafeLock, sqlite_gate
 from .._log import RateLimitedLog
 from .._validate import stored_fields
 from ..context import current_usage_context, inherited_payer, payer_label, read_attribute
@@ -944,8 +944,9 @@ def _sync_loop(ref: weakref.ref[EnforceBudgets[Any]]) -> None:
         if enforcer is None:
             return
         try:
-            enforcer.sync()
-            enforcer._keep_holds()  # pyright: ignore[reportPrivateUsage]
+            with sqlite_gate(enforcer.tracker.engine.dialect.name):
+                enforcer.sync()
+                enforcer._keep_holds()  # pyright: ignore[reportPrivateUsage]
             backoff = 0.0
         except SQLAlchemyError as exc:
             _log.error('budget-sync', 'pai-usage: could not send budget counters, retrying: %r', exc)
