@@ -56,7 +56,7 @@ from pai_usage.gemini import GeminiService
 from pai_usage.migrate import migrate
 from tests._budget_worker import INPUT_TOKENS, OUTPUT_TOKENS, looping_agent
 from tests._faults import wait_until
-from tests._helpers import LazyDeps, token_usage_rows
+from tests._helpers import LazyDeps, token_usage_rows, watch_fork_gate
 from tests.fake_gemini import FakeGemini, fake_gemini, gemini_client  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.anyio
@@ -777,6 +777,22 @@ async def test_bound_in_hard_mode(database_url: str, delay: float) -> None:
         [reported] = budget_report(tracker.engine, enforcer.budgets)
         assert (reported.spend_usd, reported.reserved_usd) == (spent(rows), 0)
     tracker.engine.dispose()
+
+
+async def test_hard_mode_reaches_sqlite_only_inside_the_fork_gate(sqlite_url: str) -> None:
+    with UsageTracker(sqlite_url) as tracker:
+        outside = watch_fork_gate(tracker.engine)
+        enforcer = EnforceBudgets(
+            tracker, budgets=[Budget(organization_id='acme', limit_usd=Decimal('0.01'))], hard=True, refresh_interval=0
+        )
+        agent = looping_agent(0, [TrackUsage(tracker), enforcer])
+        outcomes = await asyncio.gather(*(agent.run('go', deps=ACME) for _ in range(5)), return_exceptions=True)
+        assert all(isinstance(o, BudgetExceeded) for o in outcomes), outcomes
+        enforcer.sync()
+        enforcer.close()
+        assert len(ledger(tracker)) >= 5
+    tracker.engine.dispose()
+    assert outside == []
 
 
 def test_bound_across_processes_in_hard_mode(pg_schema_url: str, tmp_path: Path) -> None:

@@ -13,11 +13,11 @@ from typing import Any
 
 import genai_prices
 import pytest
-from sqlalchemy import event as sa_event
 
 import pai_usage.tracker as tracker_module
-from pai_usage import TrackerStats, UnknownFieldWarning, UsageRecord, UsageTracker, _locks, configure, get_tracker
-from tests._helpers import token_usage_rows
+from pai_usage import TrackerStats, UnknownFieldWarning, UsageRecord, UsageTracker, configure, get_tracker
+from pai_usage.migrate import migrate
+from tests._helpers import token_usage_rows, watch_fork_gate, writes_held
 from tests._pgproxy import pg_proxy, via_proxy
 from tests.conftest import PG_SERVER_URL
 from tests.test_writer import FAST, event, ids_in_table, rows, wait_until
@@ -182,20 +182,8 @@ def test_fork_gives_the_child_its_own_writer(database_url: str, tmp_path: Path, 
 
 
 def test_the_writer_is_inside_the_fork_gate_for_every_sqlite_call(sqlite_url: str, tmp_path: Path) -> None:
-    # A fork while the writer was inside one of SQLite's C mutexes left about one child in ten hung for good in
-    # `sqlite3.connect`: every connect and statement of the writer must be where a fork waits for it.
-    outside: list[str] = []
     tracker = UsageTracker(sqlite_url, spill_dir=tmp_path, flush_interval=0.01)
-
-    def check(what: str) -> None:
-        if threading.current_thread().name.startswith('pai-usage') and not _locks._gate._local.__dict__.get('depth'):  # pyright: ignore[reportPrivateUsage]
-            outside.append(what)
-
-    def on_statement(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        check(statement)
-
-    sa_event.listen(tracker.engine, 'connect', lambda *_: check('connect'))  # pyright: ignore[reportUnknownLambdaType]
-    sa_event.listen(tracker.engine, 'before_cursor_execute', on_statement)
+    outside = watch_fork_gate(tracker.engine)
     for i in range(300):
         tracker.track(event(i))
     assert tracker.flush(30)
@@ -260,8 +248,9 @@ def test_flush_answers_for_what_was_tracked_before_it_while_others_overflow(
     """Producer threads keep spilling past `max_queue`: each flush waits for its own records, not for theirs."""
     options: dict[str, Any] = {} if max_queue is None else {'max_queue': max_queue}
     tracker = UsageTracker(database_url, spill_dir=tmp_path, **options)
+    migrate(tracker.engine)
     tracked: list[list[str]] = [[] for _ in range(3)]
-    # Bursts: three at once overflow the queue, even the default one (10,000) under a writer that drains fast.
+    # Bursts: three at once overflow the queue, even the default one (10,000), while the writer is held back.
     burst = 4000 if max_queue is not None else 8000
 
     def produce(ids: list[str]) -> None:
@@ -273,10 +262,13 @@ def test_flush_answers_for_what_was_tracked_before_it_while_others_overflow(
             time.sleep(0.3)
 
     threads = [threading.Thread(target=produce, args=(ids,)) for ids in tracked]
-    for thread in threads:
-        thread.start()
     answers: list[tuple[bool, int]] = []
     try:
+        # Held until the queue overflows: a writer that drained the first burst in time left nothing spilled.
+        with writes_held(database_url):
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: tracker.stats().spilled > 0, what='the queue to overflow')
         for _ in range(3):
             time.sleep(0.4)
             before = [ids[: len(ids)] for ids in tracked]
@@ -285,10 +277,11 @@ def test_flush_answers_for_what_was_tracked_before_it_while_others_overflow(
             answers.append((answered, sum(i not in present for ids in before for i in ids)))
     finally:
         for thread in threads:
-            thread.join()
+            if thread.ident is not None:
+                thread.join()
     assert tracker.close(60)
     tracker.engine.dispose()
-    assert tracker.stats().spilled > 0  # the producers did overflow the queue
+    assert tracker.stats().spilled > 0
     assert answers == [(True, 0)] * 3
     assert rows(database_url) == (sum(map(len, tracked)),) * 2
 

@@ -568,8 +568,10 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         return age >= self.refresh_interval or age < 0
 
     def _refresh_all(self, counters: Iterable[_Counter], now: datetime) -> None:
-        for counter in dict.fromkeys(counters):
-            self._refresh(counter, now)
+        # Often in a worker thread (`asyncio.to_thread`): a fork must wait for it to leave SQLite.
+        with sqlite_gate(self.tracker.engine.dialect.name):
+            for counter in dict.fromkeys(counters):
+                self._refresh(counter, now)
 
     def _refresh(self, counter: _Counter, now: datetime) -> None:
         with counter.refresh_lock:
@@ -673,67 +675,70 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         admitted: list[_Counter],
     ) -> bool:
         """Reserve on the database counters too (True: reserved there); undo the local reservation on refusal."""
-        limits: dict[_Counter, Decimal] = {}
-        for (budget, _, _), counter in zip(targets, counters, strict=True):
-            if counter.hard_key is not None:
-                limits[counter] = min(limits.get(counter, budget.limit_usd), budget.limit_usd)
-        if not limits:
-            return False
-        ops: list[_hard.HardOp] = []
-        with self._lock:
-            order = sorted(limits, key=lambda c: repr(c.hard_key))  # one lock order for every process
-            taken: list[tuple[_Counter, Decimal, Decimal]] = []
-            for counter in order:
-                assert counter.hard_key is not None
-                fresh = counter.hard_seen is None
-                ops.append(
-                    _hard.HardOp(
-                        key=counter.hard_key,
-                        limit=limits[counter],
-                        spent_delta=counter.spent_delta,
-                        released=counter.released,
-                        estimate=estimate,
-                        seed=counter.db_usd + counter.local_usd if fresh else Decimal(0),
-                    )
-                )
-                taken.append((counter, counter.spent_delta, counter.released))
-                counter.spent_delta = counter.released = Decimal(0)
-        try:
-            if not self._hard_ready:
-                _hard.ensure_table(self.tracker.engine)
-                self._hard_ready = True
-            refused, seen = _hard.reserve(self.tracker.engine, ops, self._holder())
-        except SQLAlchemyError as exc:
-            self._put_back(taken)
-            if self.fail_open:
-                _log.error('budget-hard', 'pai-usage: budget counters unavailable, enforcing in-process: %r', exc)
+        with sqlite_gate(self.tracker.engine.dialect.name):  # often in a worker thread, like `_refresh_all`
+            limits: dict[_Counter, Decimal] = {}
+            for (budget, _, _), counter in zip(targets, counters, strict=True):
+                if counter.hard_key is not None:
+                    limits[counter] = min(limits.get(counter, budget.limit_usd), budget.limit_usd)
+            if not limits:
                 return False
-            raise  # the caller gives the local hold back
-        if refused is not None:
+            ops: list[_hard.HardOp] = []
+            with self._lock:
+                order = sorted(limits, key=lambda c: repr(c.hard_key))  # one lock order for every process
+                taken: list[tuple[_Counter, Decimal, Decimal]] = []
+                for counter in order:
+                    assert counter.hard_key is not None
+                    fresh = counter.hard_seen is None
+                    ops.append(
+                        _hard.HardOp(
+                            key=counter.hard_key,
+                            limit=limits[counter],
+                            spent_delta=counter.spent_delta,
+                            released=counter.released,
+                            estimate=estimate,
+                            seed=counter.db_usd + counter.local_usd if fresh else Decimal(0),
+                        )
+                    )
+                    taken.append((counter, counter.spent_delta, counter.released))
+                    counter.spent_delta = counter.released = Decimal(0)
             try:
-                if self._reclaim_stale(on_refusal=True):
-                    # A dead process's reservations were in the way. The deltas are sent: ask again without them.
-                    for op in ops:
-                        op.spent_delta = op.released = Decimal(0)
-                    refused, seen = _hard.reserve(self.tracker.engine, ops, self._holder())
-            except SQLAlchemyError as exc:  # the first answer stands
-                _log.error('budget-reclaim', 'pai-usage: could not reclaim stale budget reservations: %r', exc)
-        with self._lock:
-            for counter, row in zip(order, seen, strict=True):
-                counter.hard_seen = row
-            crossed = [w for counter in order for w in self._crossed(counter)]
-        self._fire(crossed)
-        if refused is None:
-            self._start_sync()  # heartbeats this process's holds while its requests run
-            return True
-        counter = order[refused]
-        budget = next(
-            b for (b, _, _), c in zip(targets, counters, strict=True) if c is counter and b.limit_usd == limits[counter]
-        )
-        if self.mode == 'raise':
-            self._release(admitted, estimate, in_db=False)
-        self._refuse(budget, counter, estimate, now)  # raises, or warns and goes on
-        return False
+                if not self._hard_ready:
+                    _hard.ensure_table(self.tracker.engine)
+                    self._hard_ready = True
+                refused, seen = _hard.reserve(self.tracker.engine, ops, self._holder())
+            except SQLAlchemyError as exc:
+                self._put_back(taken)
+                if self.fail_open:
+                    _log.error('budget-hard', 'pai-usage: budget counters unavailable, enforcing in-process: %r', exc)
+                    return False
+                raise  # the caller gives the local hold back
+            if refused is not None:
+                try:
+                    if self._reclaim_stale(on_refusal=True):
+                        # A dead process's reservations were in the way. The deltas are sent: ask again without them.
+                        for op in ops:
+                            op.spent_delta = op.released = Decimal(0)
+                        refused, seen = _hard.reserve(self.tracker.engine, ops, self._holder())
+                except SQLAlchemyError as exc:  # the first answer stands
+                    _log.error('budget-reclaim', 'pai-usage: could not reclaim stale budget reservations: %r', exc)
+            with self._lock:
+                for counter, row in zip(order, seen, strict=True):
+                    counter.hard_seen = row
+                crossed = [w for counter in order for w in self._crossed(counter)]
+            self._fire(crossed)
+            if refused is None:
+                self._start_sync()  # heartbeats this process's holds while its requests run
+                return True
+            counter = order[refused]
+            budget = next(
+                b
+                for (b, _, _), c in zip(targets, counters, strict=True)
+                if c is counter and b.limit_usd == limits[counter]
+            )
+            if self.mode == 'raise':
+                self._release(admitted, estimate, in_db=False)
+            self._refuse(budget, counter, estimate, now)  # raises, or warns and goes on
+            return False
 
     def _refuse(self, budget: Budget, counter: _Counter, estimate: Decimal, now: datetime) -> None:
         status = self._status(budget, counter, now)
