@@ -56,7 +56,7 @@ from pai_usage.gemini import GeminiService
 from pai_usage.migrate import migrate
 from tests._budget_worker import INPUT_TOKENS, OUTPUT_TOKENS, looping_agent
 from tests._faults import wait_until
-from tests._helpers import LazyDeps, token_usage_rows, watch_fork_gate
+from tests._helpers import LazyDeps, token_usage_rows, watch_fork_gate, writes_held
 from tests.fake_gemini import FakeGemini, fake_gemini, gemini_client  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.anyio
@@ -297,10 +297,8 @@ def test_spend_the_writer_has_not_written_stays_counted_however_far_behind_it_is
             tracker, budgets=[Budget(organization_id='acme', limit_usd=Decimal(100))], clock=clock
         )
         enforcer.check(organization_id='acme')
-        locker = sa.create_engine(pg_schema_url).connect()
-        try:
-            # A maintenance job holds writes back; budget reads still answer.
-            locker.exec_driver_sql('LOCK TABLE token_usage IN EXCLUSIVE MODE')
+        # A maintenance job holds writes back; budget reads still answer.
+        with writes_held(pg_schema_url):
             tracker.track(organization_id='acme', provider='openai', model='gpt-4o', cost_usd=Decimal(150))
             for _ in range(3):
                 for _ in range(20):
@@ -309,9 +307,6 @@ def test_spend_the_writer_has_not_written_stays_counted_however_far_behind_it_is
                 with pytest.raises(BudgetExceeded) as exc_info:
                     enforcer.check(organization_id='acme')
                 assert exc_info.value.spend_usd == Decimal(150)
-        finally:
-            locker.rollback()
-            locker.close()
         assert tracker.flush(timeout=30)
         clock.now += timedelta(seconds=61)
         [status] = enforcer.statuses(organization_id='acme')

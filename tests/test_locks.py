@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import warnings
@@ -16,6 +17,25 @@ from pai_usage._locks import late_forks, sqlite_gate, sqlite_gate_paused
 from pai_usage._log import RateLimitedLog
 from pai_usage.budgets import _enforce
 from pai_usage.gemini import _calls
+
+
+def _child_exit_code(check: Callable[[], bool], timeout: float = 10.0) -> int:
+    """Fork; the child exits 0 if `check()` is true there. Returns its exit code, -9 if it hung past `timeout`."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: it must never return into pytest
+        code = 1
+        try:
+            code = 0 if check() else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            done = os.waitpid(pid, 0)
+            break
+        time.sleep(0.01)
+    return os.waitstatus_to_exitcode(done[1])
 
 
 @pytest.mark.skipif(not hasattr(os, 'fork'), reason='POSIX fork')
@@ -33,45 +53,23 @@ def test_a_fork_while_another_thread_holds_our_locks_does_not_hang_the_child() -
             held.set()
             release.wait(10)
 
+    def child() -> bool:  # the holder thread does not exist here
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            log.warning('k', 'from the child')
+            _warnings.warn_once('fork-test', 'from the child', _warnings.UnpricedModelWarning)
+            for lock in locks:
+                with lock:
+                    pass
+        return True
+
     holder = threading.Thread(target=hold)
     holder.start()
     assert held.wait(5)
-    pid = os.fork()
-    if pid == 0:  # the child: the holder thread does not exist here; it must never return into pytest
-        code = 1
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                log.warning('k', 'from the child')
-                _warnings.warn_once('fork-test', 'from the child', _warnings.UnpricedModelWarning)
-                for lock in locks:
-                    with lock:
-                        pass
-            code = 0
-        finally:
-            os._exit(code)
+    code = _child_exit_code(child)
     release.set()
     holder.join()
-    deadline = time.monotonic() + 10
-    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if done == (0, 0):
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, 'the child hung on a lock held at the fork'
-
-
-def _child_exit_code(check: Callable[[], bool]) -> int:
-    """Fork; the child exits 0 if `check()` is true there. Returns the child's exit code."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            code = 0 if check() else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    assert code == 0, 'the child hung on a lock held at the fork'
 
 
 @pytest.mark.skipif(not hasattr(os, 'fork'), reason='POSIX fork')
