@@ -313,6 +313,33 @@ def test_spend_the_writer_has_not_written_stays_counted_however_far_behind_it_is
         assert status.spend_usd == Decimal(150), 'written now: counted once, from the ledger'
 
 
+@pytest.mark.parametrize('hard', [False, True], ids=['default', 'hard'])
+def test_a_restart_counts_the_spend_it_replays_at_once(database_url: str, hard: bool) -> None:
+    """Spend an earlier process left on disk (the database was down as it stopped) counts once it is replayed.
+
+    Not only at the next `refresh_interval` (60 s): before, the new process's first read, made before the
+    replay, let a second limit through for a minute (probe: $0.21 recorded against $0.10, in both modes).
+    """
+    with UsageTracker(database_url) as warm:
+        seed(warm, (datetime.now(UTC), 'warmup', '0.01'))  # the table exists, so that writes can be held
+    with writes_held(database_url):
+        earlier = UsageTracker(database_url)
+        earlier.track(organization_id='acme', provider='openai', model='gpt-4o', cost_usd=Decimal(150))
+        assert not earlier.close(timeout=2), 'the database cannot take it: it goes to the spill file'
+        tracker = UsageTracker(database_url)
+        enforcer = EnforceBudgets(tracker, budgets=[Budget(organization_id='acme', limit_usd=Decimal(100))], hard=hard)
+        enforcer.check(organization_id='acme')  # read before the replay: the ledger has none of it yet
+    try:
+        wait_until(lambda: tracker.stats().replayed >= 1, what="the replay of the earlier process's spill file")
+        with pytest.raises(BudgetExceeded) as exc_info:
+            enforcer.check(organization_id='acme')
+        assert exc_info.value.spend_usd == Decimal(150)
+    finally:
+        tracker.close()
+        tracker.engine.dispose()
+        earlier.engine.dispose()
+
+
 async def test_concurrent_runs(fast_tracker: UsageTracker) -> None:
     now = datetime(2026, 5, 5, tzinfo=UTC)
     seed(fast_tracker, (now, 'acme', '4'))

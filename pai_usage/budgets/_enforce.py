@@ -111,6 +111,8 @@ class _Counter:
     db_usd: Decimal = Decimal(0)
     """The ledger's spend at the last read."""
     fetched_at: datetime | None = None
+    replayed: int = 0
+    """The writer's count of replayed records when the last read began: more since, and the read is stale."""
     local: dict[UUID, Decimal] = field(default_factory=dict[UUID, Decimal])
     """Records settled in this process that the last read may not have seen."""
     written: set[UUID] = field(default_factory=set[UUID])
@@ -565,7 +567,13 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         if counter.fetched_at is None:
             return True
         age = (now - counter.fetched_at).total_seconds()
-        return age >= self.refresh_interval or age < 0
+        # Replayed records (spilled or journalled by a process that stopped or died, perhaps an earlier run of
+        # this one) are spend the last read could not see: a restart after an outage would otherwise let a
+        # second limit through until the next interval.
+        return age >= self.refresh_interval or age < 0 or self._replayed() != counter.replayed
+
+    def _replayed(self) -> int:
+        return self.tracker._writer.stats.replayed  # pyright: ignore[reportPrivateUsage]
 
     def _refresh_all(self, counters: Iterable[_Counter], now: datetime) -> None:
         # Often in a worker thread (`asyncio.to_thread`): a fork must wait for it to leave SQLite.
@@ -583,6 +591,7 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
             else:
                 assert counter.end is not None
                 start, end = counter.start, counter.end
+            replayed = self._replayed()  # before the read: a replay during it makes the next read due
             with self._lock:
                 # Written before the read begins: in its result. Settled but unwritten: not, so they stay local
                 # (a record written during the read may be counted twice until the next read: the safe side).
@@ -607,12 +616,14 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
                     _log.error('budget-read', 'pai-usage: could not read spend for budgets, allowing: %r', exc)
                     with self._lock:
                         counter.fetched_at = now  # keep what is known; try again next interval
+                        counter.replayed = replayed
                     return
                 else:
                     raise
             with self._lock:
                 counter.db_usd = total
                 counter.fetched_at = now
+                counter.replayed = replayed
                 for rid in written:
                     counter.local_usd -= counter.local.pop(rid, Decimal(0))
                     counter.written.discard(rid)
