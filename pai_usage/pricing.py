@@ -568,7 +568,9 @@ def _compiled(found: _Found, when: datetime, context: Mapping[str, str] | None) 
     # genai-prices ignores the request context for a model found through a fallback provider.
     if context and not any(info is m for m in provider.models):
         context = None
-    key = (id(info), when.astimezone(UTC).date(), tuple(sorted(context.items())) if context else ())
+    # A naive time is UTC, as genai-prices reads it (`astimezone` would read it as local time).
+    day = when.date() if when.tzinfo is None else when.astimezone(UTC).date()
+    key = (id(info), day, tuple(sorted(context.items())) if context else ())
     compiled = _compiled_prices.get(key)
     if compiled is not None:
         return compiled

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -622,6 +623,40 @@ def test_the_compiled_prices_equal_genai_prices_without_falling_back():
             compiled_rows += 1
             assert total == expected, vector
     assert compiled_rows > 2_000  # nearly every priced vector, not a handful
+
+
+@pytest.mark.parametrize(
+    ('zone', 'naive'),
+    # Each a naive time whose local reading falls on the other UTC day.
+    [('Pacific/Kiritimati', datetime(2026, 7, 30, 5)), ('America/New_York', datetime(2026, 7, 29, 22))],
+)
+def test_a_naive_timestamp_is_utc_to_the_price_cache_too(
+    monkeypatch: pytest.MonkeyPatch, zone: str, naive: datetime
+) -> None:
+    """A naive time is UTC, as genai-prices reads it, whatever the process's zone: its price is filed under its
+    UTC day, not under the local day, where a later row of that other day would find it (probe: $0.032 stored
+    for a row genai-prices prices at $0.16, at UTC+14)."""
+    monkeypatch.setenv('TZ', zone)
+    time.tzset()
+    monkeypatch.setattr(pricing, '_compiled_prices', {})
+    try:
+        usage = {'input_tokens': 100_000, 'output_tokens': 10_000}
+        # gpt-5.6-luna's price changes on 2026-07-30 (UTC).
+        others = [datetime(2026, 7, 29, 12, tzinfo=UTC), datetime(2026, 7, 30, 12, tzinfo=UTC)]
+
+        def reference(when: datetime) -> Decimal:
+            return genai_prices.calc_price(
+                genai_prices.Usage(**usage), 'gpt-5.6-luna', provider_id='openai', genai_request_timestamp=when
+            ).total_price
+
+        assert reference(others[0]) != reference(others[1]), 'the price must change between the two days'
+        columns = TokenCounts.from_price_values(usage).as_columns()
+        for when in (naive, *others):
+            fields = {'provider': 'openai', 'model': 'gpt-5.6-luna', 'created_at': when, **columns}
+            assert price_fields(fields).cost_usd == reference(when), when
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 _USAGE_KEYS = (
