@@ -9,10 +9,11 @@ await agent.run('Hi', deps=UsageDeps(user_id='u1', organization_id='org1'))
 Rows written for a run (all with `source='agent'`, the run's `run_id` and attribution):
 
 - `agent_request`: one per model response, with the response's own model, provider, provider response id,
-  tokens and pydantic-ai's cost. Attempts a `FallbackModel` (or the `ModelFallback` capability, or any hook
-  raising `RetryModelRequest`) moved on from get a row each with `status='error'`, also when the request then
-  fails, times out or is cancelled. A stream that ends early, fails or times out is a row of what it billed,
-  with its `response_state` in `metadata`.
+  tokens and pydantic-ai's cost, and what it priced the response with: the `service_tier`, and the rest of the
+  price context (Anthropic's fast mode) in `metadata.price_context`, so that a reprice gives the same. Attempts
+  a `FallbackModel` (or the `ModelFallback` capability, or any hook raising `RetryModelRequest`) moved on from
+  get a row each with `status='error'`, also when the request then fails, times out or is cancelled. A stream
+  that ends early, fails or times out is a row of what it billed, with its `response_state` in `metadata`.
 - `agent_run_remainder`: usage pydantic-ai counted in the run's `RunUsage` that no row recorded, e.g. that of
   a delegated sub-agent without this capability. Written when the run ends and every request in flight has
   settled, so the rows of a run (and of the sub-agents sharing its usage) add up to `result.usage`, each token
@@ -61,6 +62,7 @@ from ._log import RateLimitedLog, logger
 from ._warnings import MissingAttributionWarning, PaiUsageWarning, emit, first_for_type
 from .context import UsageContext, current_usage_context, has_attribute, inherited_payer, payer_label, read_attribute
 from .context import _current as _current_context  # pyright: ignore[reportPrivateUsage]
+from .pricing import PRICE_CONTEXT_KEY, response_price_context
 from .tracker import UsageTracker, get_tracker
 from .usage import TokenCounts
 
@@ -579,8 +581,13 @@ class TrackUsage(AbstractCapability[Any]):
             return
         fields = self._row(run, 'agent_request', usage, response.provider_name, response.model_name, status)
         fields['request_id'] = response.provider_response_id
-        if (tier := _service_tier(response.provider_details)) is not None:
+        tier = _service_tier(response.provider_details)
+        if tier is not None:
             fields['service_tier'] = tier  # what pydantic-ai priced it at: a reprice must price the same tier
+        if (context := response_price_context(response.provider_details, tier)) is not None:
+            # The rest of pydantic-ai's price context (Anthropic's fast mode, an OpenRouter route): kept on the
+            # row so that a reprice prices it as pydantic-ai did, not at the context-free price.
+            extra[PRICE_CONTEXT_KEY] = context
         if usage.unmeasured_requests and usage.cost is None:
             # The response omitted its usage: its zero counts say nothing, so no priced zero either.
             fields['pricing_status'] = 'unpriced'

@@ -34,7 +34,7 @@ from genai_prices.units import UnitDef, UnitRegistry
 
 from ._log import RateLimitedLog
 from ._warnings import UnpricedModelWarning, warn_later
-from .record import MAX_COST_USD, PricingStatus
+from .record import MAX_COST_USD, PricingStatus, normalize_label, normalize_service_tier
 from .usage import DETAIL_ALIASES, TOKEN_BUCKETS, USAGE_KEYS, TokenCounts, price_values
 
 __all__ = (
@@ -42,6 +42,7 @@ __all__ = (
     'DEFAULT_UNIT_PRICES',
     'GENAI_PRICES_SOURCE',
     'PRICES_ENV_VAR',
+    'PRICE_CONTEXT_KEY',
     'SERVICE_TIERS',
     'UNIT_USAGE_KEYS',
     'UNPRICED_SOURCE',
@@ -56,7 +57,9 @@ __all__ = (
     'price_fields',
     'price_fields_many',
     'price_usage',
+    'response_price_context',
     'set_price_table',
+    'stored_price_context',
 )
 
 GENAI_PRICES_SOURCE = f'genai-prices {genai_prices.__version__}'
@@ -67,6 +70,8 @@ UNPRICED_SOURCE = 'unpriced'
 """`price_source` prefix of unpriced rows; the reason follows (`unpriced: no price for web_searches`)."""
 PRICES_ENV_VAR = 'PAI_USAGE_PRICES'
 """Environment variable naming a TOML or JSON price file that replaces the default table."""
+PRICE_CONTEXT_KEY = 'price_context'
+"""The `metadata` key of a row's genai-prices price context beyond its `service_tier` (`{'speed': 'fast'}`)."""
 SERVICE_TIERS = ('standard', 'flex', 'priority', 'batch')
 """The service tiers a record can name; others are passed to genai-prices as given."""
 UNIT_USAGE_KEYS: Mapping[str, str] = {
@@ -335,13 +340,61 @@ def _unpriced(reason: str) -> Priced:
     return Priced(None, 'unpriced', f'{UNPRICED_SOURCE}: {reason}'[:_MAX_SOURCE])
 
 
-def price_context(service_tier: str | None) -> dict[str, str] | None:
-    """The genai-prices `price_context` for a service tier: `batch` is a processing mode, the rest tiers."""
+def price_context(service_tier: str | None, extra: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """The genai-prices `price_context` of a row: its service tier over the rest of its context (`extra`).
+
+    `batch` is a processing mode, the other tiers are tiers; `standard` (or None) adds nothing. `extra` is what
+    `stored_price_context` reads from the row's `metadata`; where both name a key, the `service_tier` column wins.
+    """
+    tier: dict[str, str] | None
     if not service_tier or service_tier == 'standard':
+        tier = None
+    elif service_tier == 'batch':
+        tier = {'processing': 'batch'}
+    else:
+        tier = {'service_tier': service_tier}
+    if not extra:
+        return tier
+    return {**extra, **tier} if tier else dict(extra)
+
+
+def stored_price_context(metadata: object) -> dict[str, str] | None:
+    """The price context a row's `metadata` keeps under `price_context` (its string values), or None.
+
+    Rows the capability records keep there what of the response's `provider_details` can change its price
+    (`response_price_context`); a direct `track()` call can pass it too: `metadata={'price_context': {...}}`.
+    """
+    if not metadata or not isinstance(metadata, Mapping):
         return None
-    if service_tier == 'batch':
-        return {'processing': 'batch'}
-    return {'service_tier': service_tier}
+    context = cast(Mapping[Any, Any], metadata).get(PRICE_CONTEXT_KEY)
+    if not context or not isinstance(context, Mapping):
+        return None
+    # genai-prices matches string values only: anything else could never select a price, and must not reach a cache key.
+    kept = {k: v for k, v in cast(Mapping[Any, Any], context).items() if type(k) is str and type(v) is str}
+    return kept or None
+
+
+def response_price_context(details: Mapping[str, Any] | None, service_tier: str | None) -> dict[str, str] | None:
+    """What of a response's `provider_details` a row keeps under `metadata.price_context`, or None.
+
+    pydantic-ai prices a response with its whole `provider_details` as genai-prices' price context (Anthropic's
+    fast mode is `{'speed': 'fast'}`). Only the keys a price variant of genai-prices' data reads can change the
+    price, and only string values can match: those are kept, less what the row's `service_tier` already says,
+    so that a reprice prices the row as pydantic-ai did.
+    """
+    if not details:
+        return None
+    keys = _context_keys()
+    tier = price_context(service_tier) or {}
+    kept = {
+        k: v
+        for k, v in details.items()
+        if k in keys
+        and type(v) is str
+        and tier.get(k) != v
+        and not (k == 'service_tier' and v == service_tier)  # `standard`: the column says it, as no context
+    }
+    return kept or None
 
 
 def price_usage(
@@ -353,12 +406,14 @@ def price_usage(
     unit_type: str | None = None,
     timestamp: datetime | None = None,
     service_tier: str | None = None,
+    context: Mapping[str, str] | None = None,
     table: PriceTable | None = None,
 ) -> Priced:
     """Price one request. Never raises: what cannot be priced gives `Priced(None, 'unpriced', 'unpriced: why')`.
 
-    Tokens are priced by a `TokenPrice` override if one matches, else by genai-prices at `timestamp` and
-    `service_tier`; units by genai-prices when it prices them for the model, else by the table's `UnitPrice`.
+    Tokens are priced by a `TokenPrice` override if one matches, else by genai-prices at `timestamp`,
+    `service_tier` and the rest of the request's price `context` (`{'speed': 'fast'}`, see `price_context`);
+    units by genai-prices when it prices them for the model, else by the table's `UnitPrice`.
     A call with anything billable that has no price is unpriced as a whole, never partly priced or zero.
     """
     if table is None:
@@ -383,9 +438,10 @@ def price_usage(
 
     found = _find_model(provider, model)
     when = timestamp or datetime.now(UTC)
+    request_context = price_context(service_tier, context)
     own_unit: UnitPrice | None = None
     if unit_key is not None and units is not None:
-        if found is not None and _compiled(found, when, price_context(service_tier)).covers(unit_key):
+        if found is not None and _compiled(found, when, request_context).covers(unit_key):
             values[unit_key] = units
         else:
             own_unit = table.unit_price(provider, model, unit_type)
@@ -401,7 +457,7 @@ def price_usage(
         return _checked(units * own_unit.usd_per_unit, 'override', _unit_source(own_unit), provider, model)
     if found is None:
         return _no_price(provider, model, None)
-    result = _genai_cost(found, values, when, service_tier)
+    result = _genai_cost(found, values, when, request_context)
     if isinstance(result, str):
         _log.warning(
             f'unpriced:{provider}:{model}:{result}', 'pai-usage: cannot price %s/%s: %s', provider, model, result
@@ -491,6 +547,7 @@ _MAX_CACHED = 4096
 _found: dict[tuple[str | None, str], _Found | None] = {}
 _compiled_prices: dict[tuple[int, date, tuple[tuple[str, str], ...]], _Compiled] = {}
 _cached_for: list[DataSnapshot | None] = [None]
+_context_keys_of: list[frozenset[str] | None] = [None]
 
 
 def _check_snapshot() -> DataSnapshot:
@@ -498,8 +555,24 @@ def _check_snapshot() -> DataSnapshot:
     if _cached_for[0] is not snapshot:  # new price data (`UpdatePrices`, `set_custom_snapshot`): look again
         _found.clear()
         _compiled_prices.clear()
+        _context_keys_of[0] = None
         _cached_for[0] = snapshot
     return snapshot
+
+
+def _context_keys() -> frozenset[str]:
+    """The price-context keys some price variant of the current data reads (`service_tier`, `speed`, `route`, ...)."""
+    snapshot = _check_snapshot()
+    keys = _context_keys_of[0]
+    if keys is None:
+        keys = _context_keys_of[0] = frozenset(
+            key
+            for provider in snapshot.providers
+            for model in provider.models
+            for variant in model.price_variants or ()
+            for key in variant.when
+        )
+    return keys
 
 
 def _find_model(provider: str | None, model: str) -> _Found | None:
@@ -613,9 +686,11 @@ def _compile(price: ModelPrice, provider: Provider, info: ModelInfo) -> _Compile
     return _Compiled(tuple(terms), tiered, leaves, exact, free=not items, priced=tuple(priced))
 
 
-def _genai_cost(found: _Found, values: dict[str, Any], when: datetime, service_tier: str | None) -> Decimal | str:
-    """The cost genai-prices gives `values`, or the reason there is none."""
-    compiled = _compiled(found, when, price_context(service_tier))
+def _genai_cost(
+    found: _Found, values: dict[str, Any], when: datetime, context: Mapping[str, str] | None
+) -> Decimal | str:
+    """The cost genai-prices gives `values` in the request's price `context`, or the reason there is none."""
+    compiled = _compiled(found, when, context)
     for key, value in values.items():
         if value and not compiled.covers(key):
             return f'no price for {key} of {found[0].id}/{found[1].id}'
@@ -629,7 +704,7 @@ def _genai_cost(found: _Found, values: dict[str, Any], when: datetime, service_t
             genai_prices.Usage(**values),
             provider,
             genai_request_timestamp=when,
-            price_context=price_context(service_tier),
+            price_context=context,
         ).total_price
     except (LookupError, ValueError) as exc:
         return f'genai-prices: {exc}'
@@ -803,8 +878,9 @@ def price_fields(fields: Mapping[str, Any], table: PriceTable | None = None) -> 
     except ValueError as exc:
         _log.error('price-table', 'pai-usage: %s; usage is recorded unpriced until it is fixed', exc)
         return _unpriced('bad price file')
-    provider = fields.get('provider')
-    model = fields.get('model')
+    # Labels as the writer stores them (a raw `track()` mapping is not validated yet): ' gpt-4o ' is `gpt-4o`.
+    provider = normalize_label(fields.get('provider'))
+    model = normalize_label(fields.get('model'))
     cost = fields.get('cost_usd')
     status = fields.get('pricing_status')
     caller_priced = cost is not None or status is not None
@@ -823,9 +899,10 @@ def price_fields(fields: Mapping[str, Any], table: PriceTable | None = None) -> 
         model=model,
         tokens=tokens,
         units=units,
-        unit_type=fields.get('unit_type'),
+        unit_type=normalize_label(fields.get('unit_type')),
         timestamp=created if isinstance(created, datetime) else None,
-        service_tier=fields.get('service_tier'),
+        service_tier=normalize_service_tier(fields.get('service_tier')),
+        context=stored_price_context(fields.get('metadata')),
         table=resolved,
     )
 
@@ -854,7 +931,7 @@ def genai_prices_total(fields: Mapping[str, Any], source: str) -> Priced | None:
             genai_prices.Usage(**price_values(tokens)),
             provider,
             genai_request_timestamp=created if isinstance(created, datetime) else datetime.now(UTC),
-            price_context=price_context(fields.get('service_tier')),
+            price_context=price_context(fields.get('service_tier'), stored_price_context(fields.get('metadata'))),
         ).total_price
     except (LookupError, ValueError):
         return None
@@ -885,20 +962,24 @@ def price_fields_many(rows: Sequence[Mapping[str, Any]], table: PriceTable | Non
         resolved = table if table is not None else get_price_table()
     except ValueError:
         return [price_fields(fields, table) for fields in rows]
-    snapshot = _check_snapshot()
-    kept: dict[tuple[Any, Any], bool] = {}
+    _check_snapshot()  # new price data clears the caches once, before this chunk's plans are made
+    kept: dict[tuple[str | None, str | None], bool] = {}
     plans: dict[tuple[Any, ...], _Compiled | None] = {}
     out: list[Priced] = []
     for fields in rows:
         provider = fields.get('provider')
         model = fields.get('model')
+        tier = fields.get('service_tier')
+        if type(provider) not in _LABEL_TYPES or type(model) not in _LABEL_TYPES or type(tier) not in _LABEL_TYPES:
+            out.append(price_fields(fields, resolved))  # labels no validation has seen: it normalises them
+            continue
         cost = fields.get('cost_usd')
         status = fields.get('pricing_status')
         if cost is not None or status is not None:
             key = (provider, model)
             ours = kept.get(key)
             if ours is None:
-                ours = kept[key] = _table_prices(resolved, provider, model)
+                ours = kept[key] = _table_prices(resolved, normalize_label(provider), normalize_label(model))
             if not ours and not (status == 'priced' and _missed_by_caller(fields)):
                 out.append(_callers_cost(fields, cost, status))
                 continue
@@ -913,30 +994,42 @@ def price_fields_many(rows: Sequence[Mapping[str, Any]], table: PriceTable | Non
             and fields.get('units') is None
             and not fields.get('details')
         ):
-            tier = fields.get('service_tier')
+            metadata = fields.get('metadata')
+            context = stored_price_context(metadata) if metadata else None
             day = created.date() if created.tzinfo is UTC else created.astimezone(UTC).date()
-            plan_key = (provider, model, tier, day)
+            plan_key = (provider, model, tier, tuple(sorted(context.items())) if context else (), day)
             try:
                 compiled = plans[plan_key]
             except KeyError:
-                compiled = plans[plan_key] = _plain_plan(resolved, snapshot, provider, model, created, tier)
+                compiled = plans[plan_key] = _plain_plan(
+                    resolved,
+                    normalize_label(provider),
+                    normalize_label(model),
+                    created,
+                    price_context(normalize_service_tier(tier), context),
+                )
             if compiled is not None:
                 priced = _plain_price(compiled, fields, resolved.resolve_provider(provider), model)
         out.append(priced if priced is not None else price_fields(fields, resolved))
     return out
 
 
+_LABEL_TYPES = frozenset({str, type(None)})
+
+
 def _plain_plan(
-    table: PriceTable, snapshot: DataSnapshot, provider: str | None, model: str, when: datetime, tier: str | None
+    table: PriceTable, provider: str | None, model: str | None, when: datetime, context: Mapping[str, str] | None
 ) -> _Compiled | None:
-    """The compiled genai-prices price every plain row of this model, day and tier is priced with, if exact."""
+    """The compiled genai-prices price every plain row of this model, day and price context is priced with, if exact."""
+    if model is None:
+        return None
     resolved = table.resolve_provider(provider)
     if table.token_price(resolved, model) is not None:
         return None
     found = _find_model(resolved, model)
     if found is None:
         return None
-    compiled = _compiled(found, when, price_context(tier))
+    compiled = _compiled(found, when, context)
     return compiled if compiled.exact else None
 
 

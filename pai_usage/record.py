@@ -25,6 +25,7 @@ __all__ = (
     'Status',
     'UsageRecord',
     'normalize_label',
+    'normalize_service_tier',
     'safe_metadata',
 )
 
@@ -110,10 +111,14 @@ def _operation(value: object) -> object:
     return normalize_label(value) or 'request'
 
 
-def _service_tier(value: object) -> object:
-    # Never reject a billing row for its tier: an unknown one leaves the row unpriced, with the reason.
+def normalize_service_tier(value: object) -> str | None:
+    """The form in which the ledger stores a `service_tier`: a label (`normalize_label`) of at most 32 characters.
+
+    Never a reason to reject a billing row: an unknown tier leaves the row unpriced, with the reason.
+    """
     tier = normalize_label(value)
-    return None if tier is None else tier[:_MAX_TIER_LENGTH]
+    # Shortened after stripping, so stripped again: the model strips what its validator returns.
+    return None if tier is None else tier[:_MAX_TIER_LENGTH].rstrip()
 
 
 def _price_source(value: object) -> str | None:
@@ -264,7 +269,7 @@ class UsageRecord(BaseModel):
     """Provider id as genai-prices knows it (`openai`, `anthropic`, `google-gla`, `google-vertex`, ...)."""
     model: _NullableLabel = None
     """Model name as the provider reported it (the model that served the call, when the response names it)."""
-    service_tier: Annotated[str | None, BeforeValidator(_service_tier)] = None
+    service_tier: Annotated[str | None, BeforeValidator(normalize_service_tier)] = None
     """Tier the call was served at (`standard`, `flex`, `priority`, `batch`), priced as such; None is standard."""
     operation: Annotated[_Label, BeforeValidator(_operation)] = 'request'
     """What the call did: `agent_run`, `generate_image`, `analyze_text`, `text_to_speech`, ..."""

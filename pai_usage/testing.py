@@ -37,7 +37,7 @@ from . import tracker as _tracker
 from ._log import reset_rate_limits as _reset_rate_limits
 from ._warnings import emit_pending, has_pending
 from ._warnings import reset as _reset_warnings
-from .pricing import PriceTable, price_usage
+from .pricing import PriceTable, price_usage, stored_price_context
 from .record import UsageRecord
 from .tracker import UsageTracker
 from .usage import TokenCounts
@@ -154,6 +154,8 @@ def _price(record: UsageRecord, table: PriceTable | None) -> UsageRecord:
         units=record.units,
         unit_type=record.unit_type,
         timestamp=record.created_at,
+        service_tier=record.service_tier,
+        context=stored_price_context(record.metadata),
         table=table,
     )
     return record.model_copy(

@@ -212,6 +212,7 @@ async def test_the_tier_pydantic_ai_priced_is_stored(
     result = await agent.run('q', deps=DEPS, capabilities=[TrackUsage(tracker)])
     [row] = rows(tracker)
     assert (row['service_tier'], row['cost_usd']) == (tier, result.usage.cost)
+    assert 'price_context' not in row['metadata']  # the tier says it all
     unpriced = {**row, 'cost_usd': None, 'pricing_status': None, 'price_source': None}
     assert price_fields(unpriced).cost_usd == row['cost_usd']
 

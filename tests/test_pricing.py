@@ -38,7 +38,10 @@ from pai_usage.pricing import (
     PRICES_ENV_VAR,
     effective_price,
     get_price_table,
+    price_context,
     price_usage,
+    response_price_context,
+    stored_price_context,
 )
 from pai_usage.table import TOKEN_USAGE
 from pai_usage.usage import TokenCounts, price_values
@@ -917,3 +920,84 @@ def test_price_fields_prices_as_the_writer_does(tracker: UsageTracker):
 def test_price_fields_never_raises(bad: dict[str, Any]):
     priced = price_fields({'model': 'gpt-4o', 'provider': 'openai', **bad})
     assert (priced.cost_usd, priced.pricing_status) == (None, 'unpriced')
+
+
+AFTER_TIERS = datetime(2026, 11, 15, 12, tzinfo=UTC)
+"""From 2026-10-12 genai-prices prices gpt-4o's priority tier higher than its standard one."""
+
+
+@pytest.mark.parametrize(
+    'labels',
+    [
+        pytest.param({'provider': 'openai', 'model': ' gpt-4o '}, id='spaces'),
+        pytest.param({'provider': 'openai', 'model': 'gpt-4o\x00'}, id='nul'),
+        pytest.param(
+            {'provider': 'openai', 'model': 'gpt-4o', 'service_tier': ' priority\n', 'created_at': AFTER_TIERS},
+            id='tier',
+        ),
+        pytest.param(
+            {'provider': 'openai', 'model': 'tts-1', 'input_tokens': 0, 'output_tokens': 0, 'units': Decimal(1_000)}
+            | {'unit_type': ' character '},
+            id='unit-type',
+        ),
+        pytest.param({'provider': 'my-gateway ', 'model': 'gpt-4o', 'cost_usd': Decimal('0.5')}, id='gateway'),
+    ],
+)
+def test_price_fields_reads_a_raw_mapping_as_the_writer_stores_it(tracker: UsageTracker, labels: dict[str, Any]):
+    """A raw `track()` mapping is priced with its labels as the ledger will hold them, not as typed."""
+    set_price_table(PriceTable(provider_aliases={'my-gateway': 'openai'}))
+    raw = {'id': uuid4(), 'created_at': WHEN, 'input_tokens': 1_234, 'output_tokens': 56, **labels}
+    priced = price_fields(raw)
+    tracker.track(raw)
+    assert tracker.flush()
+    with tracker.engine.connect() as conn:
+        row = conn.execute(sa.select(TOKEN_USAGE).where(TOKEN_USAGE.c.id == raw['id'])).mappings().one()
+    assert row['pricing_status'] != 'unpriced'
+    assert (priced.cost_usd, priced.pricing_status, priced.price_source) == (
+        row['cost_usd'],
+        row['pricing_status'],
+        row['price_source'],
+    )
+
+
+@pytest.mark.parametrize(
+    ('details', 'tier', 'kept'),
+    [
+        (None, None, None),
+        ({'finish_reason': 'stop', 'downstream_provider': 'Mistral'}, None, None),
+        ({'speed': 'fast', 'finish_reason': 'end_turn'}, None, {'speed': 'fast'}),
+        ({'route': 'mistral/eu', 'cost': 0.08}, None, {'route': 'mistral/eu'}),
+        ({'service_tier': 'priority'}, 'priority', None),
+        ({'service_tier': 'standard'}, 'standard', None),
+        ({'processing': 'batch'}, 'batch', None),
+        ({'processing': 'batch', 'service_tier': 'flex'}, 'batch', {'service_tier': 'flex'}),
+        # Only strings can select a price (pydantic-ai's decision model puts a dict under `route`).
+        ({'route': {'label': 'eu'}, 'speed': 1}, None, None),
+    ],
+)
+def test_response_price_context_keeps_what_sets_the_price(
+    details: dict[str, Any] | None, tier: str | None, kept: dict[str, str] | None
+):
+    assert response_price_context(details, tier) == kept
+
+
+@pytest.mark.parametrize(
+    ('metadata', 'context'),
+    [
+        (None, None),
+        ({}, None),
+        ({'price_context': 'fast'}, None),
+        ({'price_context': {'speed': 'fast', 'n': 1, 2: 'x'}}, {'speed': 'fast'}),
+        ({'price_context': {}}, None),
+    ],
+)
+def test_stored_price_context_reads_only_string_values(metadata: Any, context: dict[str, str] | None):
+    assert stored_price_context(metadata) == context
+
+
+def test_the_service_tier_column_wins_over_the_stored_context():
+    extra = {'service_tier': 'flex', 'speed': 'fast'}
+    assert price_context('priority', extra) == {'service_tier': 'priority', 'speed': 'fast'}
+    assert price_context('batch', extra) == {'service_tier': 'flex', 'speed': 'fast', 'processing': 'batch'}
+    assert price_context(None, extra) == extra
+    assert price_context('standard', None) is None

@@ -16,6 +16,7 @@ from pydantic_ai.usage import RequestUsage
 
 from pai_usage import PriceTable, TokenPrice, TrackUsage, UsageDeps, UsageRecord, UsageTracker, set_price_table
 from pai_usage._cli import cli_logic
+from pai_usage.pricing import price_fields, price_fields_many
 from pai_usage.reprice import REPRICE_AUDIT, reprice
 from pai_usage.table import TOKEN_USAGE
 
@@ -210,3 +211,96 @@ def test_costs_pydantic_ai_gave_are_repriced_as_pydantic_ai_prices(
     [group] = [g for g in result.groups if g.model == model]
     assert (group.changed, group.new_total, group.new_unpriced) == (0, group.old_total, 0)
     assert _rows(tracker.engine) == before
+
+
+def _priced_with(model: str, provider: str, usage: RequestUsage, context: dict[str, Any] | None) -> Decimal:
+    return genai_prices.calc_price(
+        usage, model, provider_id=provider, genai_request_timestamp=WHEN, price_context=context
+    ).total_price
+
+
+@pytest.mark.parametrize(
+    ('provider', 'model', 'details', 'stored'),
+    [
+        pytest.param(
+            'anthropic',
+            'claude-opus-4-8',
+            {'speed': 'fast', 'finish_reason': 'end_turn'},
+            {'speed': 'fast'},
+            id='anthropic-fast-mode',
+        ),
+        pytest.param(
+            'openrouter',
+            'mistralai/mistral-large-4-0',
+            {'route': 'mistral/eu', 'downstream_provider': 'Mistral', 'cost': 0.08, 'is_byok': False},
+            {'route': 'mistral/eu'},
+            id='openrouter-route',
+        ),
+        pytest.param(
+            'anthropic',
+            'claude-opus-4-8',
+            {'processing': 'batch', 'speed': 'fast'},
+            {'speed': 'fast'},  # `batch` is the row's `service_tier`
+            id='batch-and-fast-mode',
+        ),
+    ],
+)
+def test_price_context_pydantic_ai_priced_with_survives_reprice(
+    tracker: UsageTracker,
+    capsys: pytest.CaptureFixture[str],
+    provider: str,
+    model: str,
+    details: dict[str, Any],
+    stored: dict[str, str],
+) -> None:
+    """pydantic-ai prices a response with its whole `provider_details`: the row keeps what of it sets the price."""
+    usage = RequestUsage(input_tokens=100_000, output_tokens=2_000)
+
+    def answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(
+            parts=[TextPart('ok')], provider_name=provider, provider_details=details, usage=usage, timestamp=WHEN
+        )
+
+    agent = Agent(FunctionModel(answer, model_name=model), deps_type=UsageDeps, capabilities=[TrackUsage(tracker)])
+    agent.run_sync('hi', deps=UsageDeps(organization_id='acme'))
+    assert tracker.flush()
+    before = _rows(tracker.engine)
+    [row] = [r for r in before.values() if r['operation'] == 'agent_request']
+    expected = _priced_with(model, provider, usage, details)
+    assert expected != _priced_with(model, provider, usage, None)  # the context changes the price: the test can fail
+    assert row['cost_usd'] == expected
+    assert row['metadata']['price_context'] == stored
+
+    url = tracker.engine.url.render_as_string(hide_password=False)
+    assert cli_logic(['reprice', '--database-url', url, '--since', '2026-06-01']) == 0
+    [total] = [line for line in capsys.readouterr().out.splitlines() if line.startswith('total')]
+    assert total.split()[2] == '0'  # rows changed
+    assert cli_logic(['reprice', '--database-url', url, '--since', '2026-06-01', '--apply']) == 0
+    assert _rows(tracker.engine) == before
+
+    # Priced again from the row alone, as the writer and budgets price it.
+    unpriced = {**row, 'cost_usd': None, 'pricing_status': None, 'price_source': None}
+    assert price_fields(unpriced).cost_usd == expected
+    assert price_fields_many([unpriced]) == [price_fields(unpriced)]
+
+
+def test_a_direct_call_passes_its_price_context_in_metadata(tracker: UsageTracker) -> None:
+    usage = RequestUsage(input_tokens=100_000, output_tokens=2_000)
+    context = {'speed': 'fast'}
+    record = UsageRecord(
+        created_at=WHEN,
+        provider='anthropic',
+        model='claude-opus-4-8',
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        metadata={'price_context': context, 'feature': 'summaries'},
+    )
+    tracker.track(record)
+    assert tracker.flush()
+    row = _rows(tracker.engine)[record.id]
+    expected = _priced_with('claude-opus-4-8', 'anthropic', usage, context)
+    assert expected != _priced_with('claude-opus-4-8', 'anthropic', usage, None)
+    assert (row['cost_usd'], row['pricing_status']) == (expected, 'priced')
+    result = reprice(tracker.engine, since=SINCE, apply=True)
+    assert result.changed == 0
+    assert _rows(tracker.engine)[record.id] == row

@@ -220,6 +220,17 @@ def test_price_fields_many_gives_genai_prices_own_results():
         pytest.param({'created_at': '2026-01-01'}, id='not-a-datetime'),
         pytest.param({'input_tokens': '12'}, id='str-tokens'),
         pytest.param({'input_audio_tokens': 40, 'model': 'gpt-4o-audio-preview'}, id='audio'),
+        pytest.param(
+            {'provider': 'anthropic', 'model': 'claude-opus-4-8', 'metadata': {'price_context': {'speed': 'fast'}}},
+            id='price-context',
+        ),
+        pytest.param(
+            {'provider': 'anthropic', 'model': 'claude-opus-4-8', 'metadata': {'price_context': {'speed': ['fast']}}},
+            id='price-context-not-a-string',
+        ),
+        pytest.param({'provider': ' openai', 'model': 'gpt-4o ', 'service_tier': ' flex'}, id='raw-labels'),
+        pytest.param({'model': ' claude-sonnet-4 ', 'cost_usd': Decimal('0.5')}, id='raw-labels-caller-priced'),
+        pytest.param({'model': ['gpt-4o']}, id='odd-label'),
     ],
 )
 @pytest.mark.parametrize(
