@@ -844,6 +844,117 @@ def test_bound_across_processes_in_hard_mode(pg_schema_url: str, tmp_path: Path)
     tracker.engine.dispose()
 
 
+def attempt(
+    enforcer: EnforceBudgets[Any], org: str, estimate: Decimal, holds: list[BudgetHold], admitted: list[bool]
+) -> None:
+    """Reserve `estimate` for `org`: append the hold to `holds`, and to `admitted` whether it was admitted."""
+    try:
+        holds.append(enforcer.reserve(organization_id=org, estimate=estimate))
+    except BudgetExceeded:
+        admitted.append(False)
+    else:
+        admitted.append(True)
+
+
+@pytest.mark.parametrize('carrier', ['sync thread', 'another reservation'])
+def test_a_reservation_never_commits_before_the_settled_spend_it_follows(database_url: str, carrier: str) -> None:
+    """Hard mode: what a process settled before its next reservation is on the counter row when that one is.
+
+    Process A settles $0.6 of a $1 limit; whoever carries it to the row (the background sync, or another thread's
+    reservation) is held inside its transaction, just before its UPDATE. Meanwhile A reserves again (it knows its
+    own spend, so it may) and process B asks for $0.5. Whichever of the two reaches the row second must see A's
+    $0.6: both admitted means the row let A have two requests uncounted, and processes together went past the
+    documented bound by one request per such window (the independent tester's 8 x 4 runs: $1.275 for $1.24).
+    """
+    settled, asked = Decimal('0.6'), Decimal('0.5')
+    orgs = [f'org-{i}' for i in range(4)]  # the fault, once per counter
+    budgets = [Budget(scope='organization', limit_usd=Decimal(1))]
+    carrier_name = 'pai-usage-budgets' if carrier == 'sync thread' else 'carrier'
+    at_the_row, go = threading.Event(), threading.Event()
+
+    def hold_the_carrier(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if (
+            threading.current_thread().name == carrier_name
+            and statement.lstrip().startswith('UPDATE pai_usage_budget_counters')
+            and not at_the_row.is_set()
+        ):
+            at_the_row.set()
+            go.wait(10)
+
+    with UsageTracker(database_url) as tracker_a, UsageTracker(database_url) as tracker_b:
+        a = EnforceBudgets(tracker_a, budgets=budgets, hard=True)
+        b = EnforceBudgets(tracker_b, budgets=budgets, hard=True)
+        for org in orgs:
+            a.reserve(organization_id=org).release()  # the counter row exists, and A's sync thread runs
+            b.statuses(organization_id=org)  # B has read the ledger: until it reads again, only the row has A's spend
+        if carrier == 'another reservation':
+            a.close()  # no sync thread: the settled spend rides with A's next reservation, from another thread
+        sa.event.listen(tracker_a.engine, 'before_cursor_execute', hold_the_carrier)
+        both_admitted: list[str] = []
+        for org in orgs:
+            at_the_row.clear()
+            go.clear()
+            holds: list[BudgetHold] = []
+            a_admitted: list[bool] = []
+            threads = [
+                threading.Thread(target=attempt, args=(a, org, Decimal(0), holds, a_admitted), name=name)
+                for name in ('carrier', 'next')
+            ]
+            tracker_a.track(organization_id=org, provider='openai', model='gpt-4o', cost_usd=settled)  # settles
+            if carrier == 'another reservation':
+                threads[0].start()
+            assert at_the_row.wait(10), 'the settled spend was sent'
+            threads[1].start()
+            threads[1].join(0.5)  # A's next reservation: before the fix, admitted at once, on a row without $0.6
+            b_outcome: list[bool] = []
+            attempt(b, org, asked, holds, b_outcome)
+            [b_admitted] = b_outcome
+            go.set()
+            for thread in threads:
+                if thread.ident is not None:
+                    thread.join(10)
+            if any(a_admitted) and b_admitted:
+                both_admitted.append(org)
+            for hold in holds:
+                hold.release()
+        a.close()  # the hook stays, disarmed: `at_the_row` is set (removing it races the sync thread's statements)
+        b.close()
+        rows = token_usage_rows(tracker_a.engine) if tracker_a.flush() else []
+        statuses = [s for org in orgs for s in a.statuses(organization_id=org)]
+        assert [(s.spend_usd, s.reserved_usd) for s in statuses] == [(settled, 0)] * len(orgs), 'nothing lost or kept'
+        assert spent(rows) == settled * len(orgs)
+    for engine in (tracker_a.engine, tracker_b.engine):
+        engine.dispose()
+    assert both_admitted == []
+
+
+def test_spend_sent_before_the_counter_row_exists_still_reaches_it(database_url: str) -> None:
+    """Hard mode: settled spend synced while no process has made the row yet waits for the row, and is not lost.
+
+    A new row starts from its creator's ledger read, which need not have this process's unwritten records; so a
+    delta the sync found no row for must go with this process's next reservation, not vanish.
+    """
+    settled = Decimal('0.6')
+    budgets = [Budget(organization_id='acme', limit_usd=Decimal(1))]
+    with UsageTracker(database_url) as tracker_a, UsageTracker(database_url) as tracker_b:
+        migrate(tracker_a.engine)
+        a = EnforceBudgets(tracker_a, budgets=budgets, hard=True)
+        b = EnforceBudgets(tracker_b, budgets=budgets, hard=True)
+        a.statuses(organization_id='acme')  # A has the counter in memory; no row yet
+        b.statuses(organization_id='acme')  # B has read the ledger: $0
+        tracker_a.track(organization_id='acme', provider='openai', model='gpt-4o', cost_usd=settled)
+        a.sync()  # finds no row
+        b.reserve(organization_id='acme').release()  # B makes the row, from its ledger read
+        a.reserve(organization_id='acme').release()  # A's first statement on it carries the $0.6
+        with pytest.raises(BudgetExceeded) as exc_info:
+            b.reserve(organization_id='acme', estimate=Decimal('0.5'))
+        assert exc_info.value.spend_usd == settled
+        a.close()
+        b.close()
+    for engine in (tracker_a.engine, tracker_b.engine):
+        engine.dispose()
+
+
 HOLDER = """
 import sys, time
 from decimal import Decimal

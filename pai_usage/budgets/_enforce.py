@@ -11,6 +11,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -128,6 +129,10 @@ class _Counter:
     """Hard mode: reservations released here and not sent to the counter row yet."""
     hard_seen: tuple[Decimal, Decimal] | None = None
     """Hard mode: the row's spent and reserved after this process's last statement."""
+    send_lock: ForkSafeLock = field(default_factory=ForkSafeLock)
+    """Hard mode: held from taking `spent_delta` and `released` until the statement carrying them has committed
+    or rolled back. Without it, another of this process's statements (a reservation carrying nothing, since the
+    deltas were taken) could commit first, on a row without spend this process settled before it asked."""
 
     def contains(self, moment: datetime) -> bool:
         if self.start is None:
@@ -406,14 +411,25 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
 
     def sync(self) -> None:
         """Hard mode: send settled spend and released reservations to the counter rows now (blocking)."""
-        deltas = self._take_deltas()
-        try:
-            _hard.apply_deltas(
-                self.tracker.engine, [(c.hard_key, s, r) for c, s, r in deltas if c.hard_key], self._holder()
-            )
-        except SQLAlchemyError:
-            self._put_back(deltas)
-            raise
+        with self._lock:
+            dirty = sorted(self._dirty, key=lambda c: repr(c.hard_key))  # the reservations' lock order
+        if not dirty:
+            return
+        with ExitStack() as sending:
+            for counter in dirty:
+                sending.enter_context(counter.send_lock)
+            deltas = self._take_deltas(dirty)
+            try:
+                missing = _hard.apply_deltas(
+                    self.tracker.engine, [(c.hard_key, s, r) for c, s, r in deltas if c.hard_key], self._holder()
+                )
+            except BaseException:
+                self._put_back(deltas)  # rolled back: sent with the next statement instead, never lost
+                raise
+            if missing:
+                # No row yet: kept for this process's next reservation (not dirty: the sync would only find no
+                # row again). A row another process makes meanwhile starts from its ledger read, without them.
+                self._put_back([t for t in deltas if t[0].hard_key in missing], dirty=False)
 
     def close(self) -> None:
         """Stop the hard-mode sync thread after a last sync; the enforcer keeps working without it."""
@@ -693,50 +709,15 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
                     limits[counter] = min(limits.get(counter, budget.limit_usd), budget.limit_usd)
             if not limits:
                 return False
-            ops: list[_hard.HardOp] = []
-            with self._lock:
-                order = sorted(limits, key=lambda c: repr(c.hard_key))  # one lock order for every process
-                taken: list[tuple[_Counter, Decimal, Decimal]] = []
+            order = sorted(limits, key=lambda c: repr(c.hard_key))  # one lock order for every process and thread
+            with ExitStack() as sending:
                 for counter in order:
-                    assert counter.hard_key is not None
-                    fresh = counter.hard_seen is None
-                    ops.append(
-                        _hard.HardOp(
-                            key=counter.hard_key,
-                            limit=limits[counter],
-                            spent_delta=counter.spent_delta,
-                            released=counter.released,
-                            estimate=estimate,
-                            seed=counter.db_usd + counter.local_usd if fresh else Decimal(0),
-                        )
-                    )
-                    taken.append((counter, counter.spent_delta, counter.released))
-                    counter.spent_delta = counter.released = Decimal(0)
-            try:
-                if not self._hard_ready:
-                    _hard.ensure_table(self.tracker.engine)
-                    self._hard_ready = True
-                refused, seen = _hard.reserve(self.tracker.engine, ops, self._holder())
-            except SQLAlchemyError as exc:
-                self._put_back(taken)
-                if self.fail_open:
-                    _log.error('budget-hard', 'pai-usage: budget counters unavailable, enforcing in-process: %r', exc)
-                    return False
-                raise  # the caller gives the local hold back
-            if refused is not None:
-                try:
-                    if self._reclaim_stale(on_refusal=True):
-                        # A dead process's reservations were in the way. The deltas are sent: ask again without them.
-                        for op in ops:
-                            op.spent_delta = op.released = Decimal(0)
-                        refused, seen = _hard.reserve(self.tracker.engine, ops, self._holder())
-                except SQLAlchemyError as exc:  # the first answer stands
-                    _log.error('budget-reclaim', 'pai-usage: could not reclaim stale budget reservations: %r', exc)
-            with self._lock:
-                for counter, row in zip(order, seen, strict=True):
-                    counter.hard_seen = row
-                crossed = [w for counter in order for w in self._crossed(counter)]
-            self._fire(crossed)
+                    sending.enter_context(counter.send_lock)
+                answer = self._send_reservation(order, limits, estimate)
+            if answer is None:
+                return False  # fail open: enforced in-process
+            refused, crossed = answer
+            self._fire(crossed)  # outside the send locks: a callback may reserve
             if refused is None:
                 self._start_sync()  # heartbeats this process's holds while its requests run
                 return True
@@ -750,6 +731,59 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
                 self._release(admitted, estimate, in_db=False)
             self._refuse(budget, counter, estimate, now)  # raises, or warns and goes on
             return False
+
+    def _send_reservation(
+        self, order: list[_Counter], limits: Mapping[_Counter, Decimal], estimate: Decimal
+    ) -> tuple[int | None, list[tuple[BudgetStatus, float]]] | None:
+        """Send the deltas and reserve, in one transaction, with `order`'s send locks held.
+
+        Returns the refusing counter's index (None: reserved) and the soft limits crossed, or None when the
+        counters are unavailable and `fail_open`.
+        """
+        ops: list[_hard.HardOp] = []
+        taken: list[tuple[_Counter, Decimal, Decimal]] = []
+        with self._lock:
+            for counter in order:
+                assert counter.hard_key is not None
+                fresh = counter.hard_seen is None
+                ops.append(
+                    _hard.HardOp(
+                        key=counter.hard_key,
+                        limit=limits[counter],
+                        spent_delta=counter.spent_delta,
+                        released=counter.released,
+                        estimate=estimate,
+                        seed=counter.db_usd + counter.local_usd if fresh else Decimal(0),
+                    )
+                )
+                taken.append((counter, counter.spent_delta, counter.released))
+                counter.spent_delta = counter.released = Decimal(0)
+        try:
+            if not self._hard_ready:
+                _hard.ensure_table(self.tracker.engine)
+                self._hard_ready = True
+            refused, seen = _hard.reserve(self.tracker.engine, ops, self._holder())
+        except BaseException as exc:
+            # Rolled back (or cancelled before the statement): the deltas go with the next statement instead.
+            self._put_back(taken)
+            if isinstance(exc, SQLAlchemyError) and self.fail_open:
+                _log.error('budget-hard', 'pai-usage: budget counters unavailable, enforcing in-process: %r', exc)
+                return None
+            raise  # the caller gives the local hold back
+        if refused is not None:
+            try:
+                if self._reclaim_stale(on_refusal=True):
+                    # A dead process's reservations were in the way. The deltas are sent: ask again without them.
+                    for op in ops:
+                        op.spent_delta = op.released = Decimal(0)
+                    refused, seen = _hard.reserve(self.tracker.engine, ops, self._holder())
+            except SQLAlchemyError as exc:  # the first answer stands
+                _log.error('budget-reclaim', 'pai-usage: could not reclaim stale budget reservations: %r', exc)
+        with self._lock:
+            for counter, row in zip(order, seen, strict=True):
+                counter.hard_seen = row
+            crossed = [w for counter in order for w in self._crossed(counter)]
+        return refused, crossed
 
     def _refuse(self, budget: Budget, counter: _Counter, estimate: Decimal, now: datetime) -> None:
         status = self._status(budget, counter, now)
@@ -853,20 +887,22 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
 
     # --- hard-mode sync -------------------------------------------------------------------------------------
 
-    def _take_deltas(self) -> list[tuple[_Counter, Decimal, Decimal]]:
+    def _take_deltas(self, counters: Sequence[_Counter]) -> list[tuple[_Counter, Decimal, Decimal]]:
+        """Take the deltas of `counters` (their send locks held) to send; counters dirtied since stay dirty."""
         with self._lock:
-            dirty, self._dirty = self._dirty, set()
-            taken = [(c, c.spent_delta, c.released) for c in dirty if c.spent_delta or c.released]
-            for counter in dirty:
+            taken = [(c, c.spent_delta, c.released) for c in counters if c.spent_delta or c.released]
+            for counter in counters:
+                self._dirty.discard(counter)
                 counter.spent_delta = counter.released = Decimal(0)
-        return sorted(taken, key=lambda t: repr(t[0].hard_key))
+        return taken
 
-    def _put_back(self, taken: Iterable[tuple[_Counter, Decimal, Decimal]]) -> None:
+    def _put_back(self, taken: Iterable[tuple[_Counter, Decimal, Decimal]], *, dirty: bool = True) -> None:
+        """Return deltas a statement took but did not apply, to go with the next one."""
         with self._lock:
             for counter, spent_delta, released in taken:
                 counter.spent_delta += spent_delta
                 counter.released += released
-                if spent_delta or released:
+                if dirty and (spent_delta or released):
                     self._dirty.add(counter)
 
     def _wake_sync(self) -> None:

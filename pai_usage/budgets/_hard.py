@@ -211,7 +211,7 @@ def reserve(engine: sa.Engine, ops: Sequence[HardOp], holder: str) -> tuple[int 
                     refused = i
                     break
                 scope, period, start = op.key
-                conn.execute(
+                inserted = conn.execute(
                     _insert(engine)
                     .values(
                         scope=scope,
@@ -222,11 +222,13 @@ def reserve(engine: sa.Engine, ops: Sequence[HardOp], holder: str) -> tuple[int 
                         updated_at=now,
                     )
                     .on_conflict_do_nothing()
-                )
-                # The row now holds `seed`, which already counts this process's settled spend.
-                op.spent_delta = Decimal(0)
-                spent = _C.spent_usd + _money(Decimal(0))
-                admit = sa.and_(spent + reserved + estimate <= limit, spent + reserved < limit)
+                ).rowcount
+                if inserted:
+                    # The row holds `seed`, which already counts this process's settled spend. A row another
+                    # process created since the UPDATE above does not: then the delta still goes on it.
+                    op.spent_delta = Decimal(0)
+                    spent = _C.spent_usd + _money(Decimal(0))
+                    admit = sa.and_(spent + reserved + estimate <= limit, spent + reserved < limit)
                 assert attempt == 0, 'the counter row exists after the insert'
             assert row is not None
             seen.append((Decimal(row[0]), Decimal(row[1])))
@@ -245,14 +247,21 @@ def reserve(engine: sa.Engine, ops: Sequence[HardOp], holder: str) -> tuple[int 
     return refused, seen
 
 
-def apply_deltas(engine: sa.Engine, deltas: Sequence[tuple[CounterKey, Decimal, Decimal]], holder: str) -> None:
-    """Add settled spend and release reservations: `(key, spent_delta, released)` per counter, one transaction."""
+def apply_deltas(
+    engine: sa.Engine, deltas: Sequence[tuple[CounterKey, Decimal, Decimal]], holder: str
+) -> list[CounterKey]:
+    """Add settled spend and release reservations: `(key, spent_delta, released)` per counter, one transaction.
+
+    Returns the keys that have no row yet, whose deltas were not applied: the caller keeps them for its next
+    reservation, which makes the row (from a `seed` that counts them) or finds it made by another process.
+    """
     if not deltas:
-        return
+        return []
     now = datetime.now(UTC)
+    missing: list[CounterKey] = []
     with engine.begin() as conn:
         for key, spent_delta, released in deltas:
-            conn.execute(
+            updated = conn.execute(
                 sa.update(BUDGET_COUNTERS)
                 .where(_where(key))
                 .values(
@@ -260,9 +269,12 @@ def apply_deltas(engine: sa.Engine, deltas: Sequence[tuple[CounterKey, Decimal, 
                     reserved_usd=_floor0(_C.reserved_usd - _money(released)),
                     updated_at=now,
                 )
-            )
-            if released:
+            ).rowcount
+            if not updated:
+                missing.append(key)
+            elif released:
                 _hold(conn, key, holder, -released, now)
+    return missing
 
 
 def heartbeat(engine: sa.Engine, holder: str) -> None:
