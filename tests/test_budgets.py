@@ -928,6 +928,49 @@ def test_a_reservation_never_commits_before_the_settled_spend_it_follows(databas
     assert both_admitted == []
 
 
+def test_a_run_cancelled_while_it_reserves_gives_the_reservation_back(database_url: str) -> None:
+    """Hard mode: a run cancelled while its reservation is in the worker thread releases it once that ends.
+
+    Cancelling the `await` does not stop the thread: its reservation still commits on the counter row. Released
+    as a local hold only, it stayed on the row (heartbeated) until the process exited, and refused others.
+    """
+    orgs = [f'org-{i}' for i in range(3)]  # the fault, three times
+    estimate = Decimal('0.4')
+    at_the_row, go = threading.Event(), threading.Event()
+
+    def hold_the_reservation(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if (
+            threading.current_thread().name.startswith('asyncio')
+            and 'pai_usage_budget_counters' in statement
+            and not at_the_row.is_set()
+        ):
+            at_the_row.set()
+            go.wait(10)
+
+    async def cancel_while_reserving(enforcer: EnforceBudgets[Any], org: str) -> None:
+        run = asyncio.create_task(agent(enforcer).run('hi', deps=UsageDeps(organization_id=org)))
+        assert await asyncio.to_thread(at_the_row.wait, 10), 'the reservation reached the counter row'
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        go.set()
+
+    with UsageTracker(database_url) as tracker:
+        enforcer = EnforceBudgets(tracker, budgets=[Budget(scope='organization', limit_usd=Decimal(1))], hard=True)
+        enforcer.estimate = estimate
+        sa.event.listen(tracker.engine, 'before_cursor_execute', hold_the_reservation)
+        for org in orgs:
+            at_the_row.clear()
+            go.clear()
+            asyncio.run(cancel_while_reserving(enforcer, org))
+            wait_until(lambda org=org: not enforcer.statuses(organization_id=org)[0].reserved_usd, 10, 'the release')
+            at_the_row.set()  # disarmed while this org's status is read
+        held = [s.reserved_usd for org in orgs for s in enforcer.statuses(organization_id=org)]
+        enforcer.close()
+    tracker.engine.dispose()
+    assert held == [0] * len(orgs)
+
+
 def test_spend_sent_before_the_counter_row_exists_still_reaches_it(database_url: str) -> None:
     """Hard mode: settled spend synced while no process has made the row yet waits for the row, and is not lost.
 

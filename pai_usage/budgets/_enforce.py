@@ -335,14 +335,7 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
             await asyncio.to_thread(self._refresh_all, stale, now)
         try:
             admitted = self._admit_local(targets, counters, estimate, now)
-            try:
-                in_db = self.hard and await asyncio.to_thread(
-                    self._admit_hard, targets, counters, estimate, now, admitted
-                )
-            except BaseException as exc:
-                if not isinstance(exc, BudgetExceeded):  # cancelled, or the database failed: give the hold back
-                    self._release(admitted, estimate, in_db=False)
-                raise
+            in_db = self.hard and await self._admit_hard_async(targets, counters, estimate, now, admitted)
         except BudgetExceeded as exc:
             self._record_refusal(
                 exc,
@@ -360,6 +353,60 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
             return await handler(request_context)
         finally:
             self._release(admitted, estimate, in_db=in_db)
+
+    async def _admit_hard_async(
+        self,
+        targets: Sequence[_Target],
+        counters: Sequence[_Counter],
+        estimate: Decimal,
+        now: datetime,
+        admitted: list[_Counter],
+    ) -> bool:
+        """`_admit_hard` in a worker thread; if the run is cancelled meanwhile, the thread gives its outcome back.
+
+        A cancelled `await` does not stop the thread: its reservation may still commit on the counter rows, and
+        released as a local hold only it would stay there, heartbeated, until the process exits. The thread
+        does the release itself, not a callback on the event loop, which may be closing by then.
+        """
+        lock = threading.Lock()
+        handoff: dict[str, object] = {}
+
+        def admit() -> bool:
+            outcome: bool | BaseException
+            try:
+                outcome = self._admit_hard(targets, counters, estimate, now, admitted)
+            except BaseException as exc:
+                outcome = exc
+            with lock:
+                handoff['outcome'] = outcome
+                abandoned = 'abandoned' in handoff
+            if abandoned:
+                self._give_back(outcome, admitted, estimate)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        try:
+            return await asyncio.to_thread(admit)
+        except asyncio.CancelledError:
+            with lock:
+                handoff['abandoned'] = True
+                outcome = handoff.get('outcome')
+            if outcome is not None:  # it ended as the run was cancelled: the thread left it to us
+                self._give_back(cast('bool | BaseException', outcome), admitted, estimate)
+            raise
+        except BudgetExceeded:
+            raise
+        except BaseException:  # the database failed: give the hold back
+            self._release(admitted, estimate, in_db=False)
+            raise
+
+    def _give_back(self, outcome: bool | BaseException, admitted: list[_Counter], estimate: Decimal) -> None:
+        """Release what an abandoned `_admit_hard` reserved: on the counter rows too if it got that far."""
+        if outcome is True:
+            self._release(admitted, estimate, in_db=True)
+        elif not isinstance(outcome, BudgetExceeded):  # a refusal gave its hold back itself
+            self._release(admitted, estimate, in_db=False)
 
     # --- outside agent runs ---------------------------------------------------------------------------------
 
