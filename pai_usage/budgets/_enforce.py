@@ -10,11 +10,12 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
 from uuid import UUID, uuid4
@@ -185,6 +186,28 @@ class BudgetHold:
         self.release()
 
 
+@contextmanager
+def _sending(counters: Iterable[_Counter]) -> Generator[list[_Counter]]:
+    """Hold the send locks of `counters`, taken in one order for every thread; yields the counters in it.
+
+    Statements then lock the counter rows in the same order, so every process and thread takes them alike.
+    """
+    order = sorted(counters, key=lambda c: repr(c.hard_key))
+    with ExitStack() as held:
+        for counter in order:
+            held.enter_context(counter.send_lock)
+        yield order
+
+
+@dataclass
+class _Handoff:
+    """Who gives back a reservation made in a worker thread: the thread once it ends, if its run was cancelled."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    outcome: bool | BaseException | None = None
+    abandoned: bool = False
+
+
 # Enforcers by tracker, for hooks that only know the tracker (direct Gemini calls).
 # Keyed by `id()`: capabilities are dataclasses that compare by value, so they are not hashable.
 _Registry = weakref.WeakValueDictionary[int, 'EnforceBudgets[Any]']
@@ -335,7 +358,9 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
             await asyncio.to_thread(self._refresh_all, stale, now)
         try:
             admitted = self._admit_local(targets, counters, estimate, now)
-            in_db = self.hard and await self._admit_hard_async(targets, counters, estimate, now, admitted)
+            in_db = self.hard and await self._admit_in_thread(
+                partial(self._admit_hard, targets, counters, estimate, now, admitted), admitted, estimate
+            )
         except BudgetExceeded as exc:
             self._record_refusal(
                 exc,
@@ -354,32 +379,24 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
         finally:
             self._release(admitted, estimate, in_db=in_db)
 
-    async def _admit_hard_async(
-        self,
-        targets: Sequence[_Target],
-        counters: Sequence[_Counter],
-        estimate: Decimal,
-        now: datetime,
-        admitted: list[_Counter],
-    ) -> bool:
-        """`_admit_hard` in a worker thread; if the run is cancelled meanwhile, the thread gives its outcome back.
+    async def _admit_in_thread(self, admit: Callable[[], bool], admitted: list[_Counter], estimate: Decimal) -> bool:
+        """Run `admit` (`_admit_hard`) in a worker thread; if the run is cancelled meanwhile, its outcome is given back.
 
         A cancelled `await` does not stop the thread: its reservation may still commit on the counter rows, and
         released as a local hold only it would stay there, heartbeated, until the process exits. The thread
         does the release itself, not a callback on the event loop, which may be closing by then.
         """
-        lock = threading.Lock()
-        handoff: dict[str, object] = {}
+        handoff = _Handoff()
 
-        def admit() -> bool:
+        def in_thread() -> bool:
             outcome: bool | BaseException
             try:
-                outcome = self._admit_hard(targets, counters, estimate, now, admitted)
+                outcome = admit()
             except BaseException as exc:
                 outcome = exc
-            with lock:
-                handoff['outcome'] = outcome
-                abandoned = 'abandoned' in handoff
+            with handoff.lock:
+                handoff.outcome = outcome
+                abandoned = handoff.abandoned
             if abandoned:
                 self._give_back(outcome, admitted, estimate)
             if isinstance(outcome, BaseException):
@@ -387,22 +404,20 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
             return outcome
 
         try:
-            return await asyncio.to_thread(admit)
+            return await asyncio.to_thread(in_thread)
         except asyncio.CancelledError:
-            with lock:
-                handoff['abandoned'] = True
-                outcome = handoff.get('outcome')
+            with handoff.lock:
+                handoff.abandoned = True
+                outcome = handoff.outcome
             if outcome is not None:  # it ended as the run was cancelled: the thread left it to us
-                self._give_back(cast('bool | BaseException', outcome), admitted, estimate)
+                self._give_back(outcome, admitted, estimate)
             raise
-        except BudgetExceeded:
-            raise
-        except BaseException:  # the database failed: give the hold back
-            self._release(admitted, estimate, in_db=False)
+        except BaseException as exc:  # refused, or the database failed
+            self._give_back(exc, admitted, estimate)
             raise
 
     def _give_back(self, outcome: bool | BaseException, admitted: list[_Counter], estimate: Decimal) -> None:
-        """Release what an abandoned `_admit_hard` reserved: on the counter rows too if it got that far."""
+        """Release the hold of an `_admit_hard` whose caller will not: on the counter rows too if it got there."""
         if outcome is True:
             self._release(admitted, estimate, in_db=True)
         elif not isinstance(outcome, BudgetExceeded):  # a refusal gave its hold back itself
@@ -459,13 +474,11 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
     def sync(self) -> None:
         """Hard mode: send settled spend and released reservations to the counter rows now (blocking)."""
         with self._lock:
-            dirty = sorted(self._dirty, key=lambda c: repr(c.hard_key))  # the reservations' lock order
+            dirty = list(self._dirty)
         if not dirty:
             return
-        with ExitStack() as sending:
-            for counter in dirty:
-                sending.enter_context(counter.send_lock)
-            deltas = self._take_deltas(dirty)
+        with _sending(dirty) as order:
+            deltas = self._take_deltas(order)
             try:
                 missing = _hard.apply_deltas(
                     self.tracker.engine, [(c.hard_key, s, r) for c, s, r in deltas if c.hard_key], self._holder()
@@ -756,10 +769,7 @@ class EnforceBudgets(AbstractCapability[AgentDepsT]):
                     limits[counter] = min(limits.get(counter, budget.limit_usd), budget.limit_usd)
             if not limits:
                 return False
-            order = sorted(limits, key=lambda c: repr(c.hard_key))  # one lock order for every process and thread
-            with ExitStack() as sending:
-                for counter in order:
-                    sending.enter_context(counter.send_lock)
+            with _sending(limits) as order:
                 answer = self._send_reservation(order, limits, estimate)
             if answer is None:
                 return False  # fail open: enforced in-process
